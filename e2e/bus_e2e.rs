@@ -1,0 +1,354 @@
+//! End-to-end on loopback: real `amoskys` processes with mTLS, killed with
+//! SIGKILL, stopped with SIGTERM, started with bad configuration.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use amoskys_eventbus::client::{BusClient, ClientOptions};
+use amoskys_proto::event::Payload;
+use amoskys_proto::publish_response::Msg as OutMsg;
+use amoskys_proto::{Event, Filter, Hello, QueryRequest, Severity, SyntheticEvent};
+
+const BIN: &str = env!("CARGO_BIN_EXE_amoskys");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Bus {
+    child: Child,
+    grpc: u16,
+    http: u16,
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pki(dir: &Path) {
+    let st = Command::new(BIN).args(["pki", "init", "--out"]).arg(dir).status().unwrap();
+    assert!(st.success());
+}
+
+fn start_bus(root: &Path, sync: &str, ports: Option<(u16, u16)>) -> Bus {
+    let (grpc, http) = ports.unwrap_or_else(|| (free_port(), free_port()));
+    let child = Command::new(BIN)
+        .arg("bus")
+        .args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--tls-dir")
+        .arg(root.join("pki/bus"))
+        .args(["--sync", sync])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let bus = Bus { child, grpc, http };
+    wait_ready(&bus);
+    bus
+}
+
+fn wait_ready(bus: &Bus) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", bus.http)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("bus did not become ready");
+}
+
+fn opts(bus: &Bus, root: &Path, who: &str) -> ClientOptions {
+    ClientOptions::new(format!("https://127.0.0.1:{}", bus.grpc), root.join("pki").join(who))
+}
+
+fn event(agent: &str, seq: u64) -> Event {
+    Event {
+        agent_id: agent.into(),
+        seq,
+        collector: "synthetic".into(),
+        severity: Severity::Info as i32,
+        observed_at: 1,
+        payload: Some(Payload::Synthetic(SyntheticEvent { n: seq, data: vec![1; 150] })),
+        ..Default::default()
+    }
+}
+
+fn hello(agent: &str) -> Hello {
+    Hello {
+        agent_id: agent.into(),
+        node: "e2e".into(),
+        ..Default::default()
+    }
+}
+
+async fn stored_seqs(bus: &Bus, root: &Path, agent: &str) -> Vec<u64> {
+    let mut r = BusClient::connect(&opts(bus, root, "reader")).await.unwrap();
+    let mut seqs = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = r
+            .query(QueryRequest {
+                from_offset: from,
+                limit: 50_000,
+                filter: Some(Filter {
+                    agent_ids: vec![agent.into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.offset + 1;
+        seqs.extend(page.iter().map(|e| e.seq));
+    }
+    seqs
+}
+
+/// Publishes `agent`'s events from `from` on, as fast as acks allow, until
+/// the stream breaks or `until` is reached; records the highest ack.
+async fn publish_until_broken(o: ClientOptions, agent: &str, from: u64, until: u64, acked: Arc<AtomicU64>) {
+    let Ok(mut c) = BusClient::connect(&o).await else { return };
+    let Ok(mut p) = c.publisher(hello(agent), 32).await else { return };
+    let sender = p.sender();
+    let agent2 = agent.to_string();
+    let producer = tokio::spawn(async move {
+        let mut seq = from;
+        while seq <= until {
+            let hi = (seq + 199).min(until);
+            let batch = (seq..=hi).map(|s| event(&agent2, s)).collect();
+            let req = amoskys_proto::PublishRequest {
+                msg: Some(amoskys_proto::publish_request::Msg::Batch(amoskys_proto::Batch { events: batch })),
+            };
+            if sender.send(req).await.is_err() {
+                return;
+            }
+            seq = hi + 1;
+        }
+    });
+    while let Ok(Some(msg)) = p.next().await {
+        if let OutMsg::Ack(a) = msg {
+            acked.fetch_max(a.acked_seq, Ordering::SeqCst);
+            if a.acked_seq >= until {
+                break;
+            }
+        }
+    }
+    producer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_publishing_loses_nothing_acked_and_stores_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    for sync in ["batch", "never"] {
+        let agent = format!("kill9-{sync}");
+        let mut bus = start_bus(root, sync, None);
+        let acked = Arc::new(AtomicU64::new(0));
+        let total = 2_000_000u64;
+        let pub_task = tokio::spawn(publish_until_broken(opts(&bus, root, "agent"), &agent.clone(), 1, total, acked.clone()));
+        // Let a good amount be acked, then kill the bus mid-stream.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.load(Ordering::SeqCst) < 20_000 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bus.child.kill().unwrap(); // SIGKILL
+        bus.child.wait().unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(10), pub_task).await;
+        let acked_before = acked.load(Ordering::SeqCst);
+        assert!(acked_before >= 20_000, "publishing was under way ({acked_before} acked)");
+
+        let ports = (bus.grpc, bus.http);
+        drop(bus);
+        let bus = start_bus(root, sync, Some(ports));
+        let stored = stored_seqs(&bus, root, &agent).await;
+        assert!(stored.len() as u64 >= acked_before, "every acked event survived: {} < {acked_before}", stored.len());
+        assert_eq!(stored, (1..=stored.len() as u64).collect::<Vec<_>>(), "in order, no gaps, no duplicates");
+
+        // The client resends from what it knew was acked (some are duplicates).
+        let resend_from = acked_before.saturating_sub(500).max(1);
+        let end = stored.len() as u64 + 1000;
+        let acked2 = Arc::new(AtomicU64::new(0));
+        publish_until_broken(opts(&bus, root, "agent"), &agent, resend_from, end, acked2.clone()).await;
+        assert_eq!(acked2.load(Ordering::SeqCst), end);
+        let stored = stored_seqs(&bus, root, &agent).await;
+        assert_eq!(stored, (1..=end).collect::<Vec<_>>(), "resends were not stored twice");
+        eprintln!("sync={sync}: acked before kill {acked_before}, stored after restart {end} exactly once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_acks_and_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let mut bus = start_bus(root, "batch", None);
+    let mut c = BusClient::connect(&opts(&bus, root, "agent")).await.unwrap();
+    let mut p = c.publisher(hello("term"), 64).await.unwrap();
+    for i in 0..50u64 {
+        p.send((i * 100 + 1..=i * 100 + 100).map(|s| event("term", s)).collect()).await.unwrap();
+    }
+    let pid = bus.child.id();
+    let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(st.success());
+    // Whatever the bus acked before closing the stream is durable.
+    let mut acked = 0;
+    while let Ok(Some(msg)) = p.next().await {
+        if let OutMsg::Ack(a) = msg {
+            acked = a.acked_seq;
+        }
+    }
+    let status = bus.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let ports = (bus.grpc, bus.http);
+    drop(bus);
+    let bus = start_bus(root, "batch", Some(ports));
+    let stored = stored_seqs(&bus, root, "term").await;
+    assert!(stored.len() as u64 >= acked, "acked {acked}, stored {}", stored.len());
+    assert_eq!(stored, (1..=stored.len() as u64).collect::<Vec<_>>());
+}
+
+fn run_bus_expecting_failure(args: &[&str], root: &Path) -> String {
+    let out = Command::new(BIN)
+        .arg("bus")
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--tls-dir")
+        .arg(root.join("pki/bus"))
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} must fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_config_or_flag_exits_nonzero_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let cfg = |name: &str, body: &str| -> PathBuf {
+        let p = root.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--sync".into(), "sometimes".into()], "sync"),
+        (vec!["--retention".into(), "forever".into()], "retention"),
+        (vec!["--max-bytes".into(), "12 parsecs".into()], "maxBytes"),
+        (vec!["--max-message-bytes".into(), "1".into()], "maxMessageBytes"),
+        (
+            vec!["--config".into(), cfg("typo.yaml", "retension: 7d\n").display().to_string()],
+            "retension",
+        ),
+        (
+            vec!["--config".into(), cfg("type.yaml", "queueDepth: lots\n").display().to_string()],
+            "queueDepth",
+        ),
+        (
+            vec!["--config".into(), cfg("val.yaml", "shutdownGrace: never\n").display().to_string()],
+            "shutdownGrace",
+        ),
+    ];
+    for (args, field) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = run_bus_expecting_failure(&args, root);
+        assert!(err.contains(field), "{args:?}: error should name {field}: {err}");
+    }
+    // And a missing TLS directory is named too.
+    let out = Command::new(BIN)
+        .args(["bus", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--tls-dir", "/nonexistent/tls"])
+        .arg("--data-dir")
+        .arg(root.join("d2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tls/tls.crt"));
+}
+
+#[test]
+fn pki_init_refuses_to_overwrite_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    pki(&dir);
+    for d in ["ca", "bus", "agent", "reader", "admin"] {
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            assert!(dir.join(d).join(f).is_file(), "{d}/{f}");
+        }
+    }
+    let before = std::fs::read(dir.join("ca/tls.crt")).unwrap();
+    let out = Command::new(BIN).args(["pki", "init", "--out"]).arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(dir.join("ca/tls.crt")).unwrap(), before);
+    let st = Command::new(BIN).args(["pki", "init", "--force", "--out"]).arg(&dir).status().unwrap();
+    assert!(st.success());
+    assert_ne!(std::fs::read(dir.join("ca/tls.crt")).unwrap(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_query_prints_json_lines_with_offsets_and_bench_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let bus = start_bus(root, "batch", None);
+    let url = format!("https://127.0.0.1:{}", bus.grpc);
+    let out = Command::new(BIN)
+        .args(["bench", "--bus", &url, "--events", "5000", "--agents", "2", "--batch", "100"])
+        .arg("--tls-dir")
+        .arg(root.join("pki/agent"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("bench: events=5000 acked=5000 eps="), "{last}");
+    assert!(last.contains("ack_p99_ms="));
+
+    let out = Command::new(BIN)
+        .args(["events", "query", "--bus", &url, "--output", "json", "--limit", "3", "--agent", "bench-1"])
+        .arg("--tls-dir")
+        .arg(root.join("pki/reader"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|v| v["offset"].as_u64().is_some_and(|o| o > 0) && v["agent_id"] == "bench-1"));
+
+    // Tail from offset 1, stopping after 10 events.
+    let out = Command::new(BIN)
+        .args(["events", "tail", "--bus", &url, "--output", "json", "--from-offset", "1", "--limit", "10"])
+        .arg("--tls-dir")
+        .arg(root.join("pki/reader"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let offsets: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, (1..=10).collect::<Vec<_>>());
+}

@@ -1,0 +1,206 @@
+//! `amoskys bench`: publishes synthetic events at a bus over mTLS and reports
+//! durable throughput and ack latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use amoskys_proto::event::Payload;
+use amoskys_proto::publish_response::Msg as OutMsg;
+use amoskys_proto::{Event, Hello, Severity, SyntheticEvent};
+use prost::Message;
+use tokio::sync::Mutex;
+
+use crate::client::{BusClient, ClientOptions};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub client: ClientOptions,
+    pub events: u64,
+    pub event_bytes: usize,
+    pub agents: usize,
+    /// Total events per second across agents; None = as fast as acks allow.
+    pub rate: Option<u64>,
+    pub batch: usize,
+    /// Batches in flight per agent.
+    pub window: usize,
+    pub agent_prefix: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BenchReport {
+    pub events: u64,
+    pub acked: u64,
+    pub seconds: f64,
+    pub eps: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub ack_max_ms: f64,
+    pub errors: Vec<String>,
+}
+
+impl BenchReport {
+    pub fn line(&self) -> String {
+        format!(
+            "bench: events={} acked={} eps={:.0} ack_p50_ms={:.3} ack_p99_ms={:.3}",
+            self.events, self.acked, self.eps, self.ack_p50_ms, self.ack_p99_ms
+        )
+    }
+}
+
+/// A synthetic event whose encoded size is close to `bytes`.
+pub fn synthetic_event(agent: &str, seq: u64, bytes: usize) -> Event {
+    let mut e = Event {
+        agent_id: agent.into(),
+        seq,
+        node: "bench".into(),
+        collector: "synthetic".into(),
+        observed_at: crate::writer::now_ns(),
+        severity: Severity::Info as i32,
+        payload: Some(Payload::Synthetic(SyntheticEvent { n: seq, data: Vec::new() })),
+        ..Default::default()
+    };
+    let overhead = e.encoded_len() + 3;
+    let fill = bytes.saturating_sub(overhead);
+    if let Some(Payload::Synthetic(s)) = &mut e.payload {
+        s.data = (0..fill).map(|i| (i as u64 ^ seq) as u8).collect();
+    }
+    e
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark. A bus failure mid-run ends the affected agents; the
+/// report still counts what was acked before it.
+pub async fn run(opts: BenchOptions) -> BenchReport {
+    let acked = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let per_agent = opts.events / opts.agents.max(1) as u64;
+    let extra = opts.events % opts.agents.max(1) as u64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..opts.agents.max(1) {
+        let n = per_agent + u64::from((i as u64) < extra);
+        let opts = opts.clone();
+        let acked = acked.clone();
+        let latencies = latencies.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let agent = format!("{}-{i}", opts.agent_prefix);
+            let rate = opts.rate.map(|r| (r as f64 / opts.agents.max(1) as f64).max(1.0));
+            match run_agent(&opts, &agent, n, rate, &acked).await {
+                Ok(mut lat) => latencies.lock().await.append(&mut lat),
+                Err((mut lat, e)) => {
+                    latencies.lock().await.append(&mut lat);
+                    errors.lock().await.push(format!("{agent}: {e}"));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *latencies.lock().await);
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let acked = acked.load(Ordering::SeqCst);
+    BenchReport {
+        events: opts.events,
+        acked,
+        seconds,
+        eps: acked as f64 / seconds.max(1e-9),
+        ack_p50_ms: percentile(&lat, 0.50),
+        ack_p99_ms: percentile(&lat, 0.99),
+        ack_max_ms: lat.last().copied().unwrap_or(0.0),
+        errors: std::mem::take(&mut *errors.lock().await),
+    }
+}
+
+type AgentResult = Result<Vec<f64>, (Vec<f64>, String)>;
+
+async fn run_agent(opts: &BenchOptions, agent: &str, n: u64, rate: Option<f64>, acked: &AtomicU64) -> AgentResult {
+    let mut client = BusClient::connect(&opts.client).await.map_err(|e| (Vec::new(), e.to_string()))?;
+    let hello = Hello {
+        agent_id: agent.into(),
+        node: "bench".into(),
+        version: crate::service::VERSION.into(),
+        collectors: vec!["synthetic".into()],
+    };
+    let mut publisher = client
+        .publisher(hello, opts.window)
+        .await
+        .map_err(|e| (Vec::new(), e.to_string()))?;
+    // Continue after what an earlier run of the same agent left durable.
+    let base = publisher.welcome_acked_seq;
+    let sender = publisher.sender();
+    let sent_at: Arc<Mutex<std::collections::VecDeque<(u64, Instant)>>> = Arc::default();
+    let window = Arc::new(tokio::sync::Semaphore::new(opts.window.max(1)));
+    let producer = {
+        let sent_at = sent_at.clone();
+        let window = window.clone();
+        let batch = opts.batch.max(1) as u64;
+        let bytes = opts.event_bytes;
+        let agent = agent.to_string();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut seq = 0u64;
+            while seq < n {
+                let k = batch.min(n - seq);
+                if let Some(r) = rate {
+                    let due = start + Duration::from_secs_f64(seq as f64 / r);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let Ok(permit) = window.acquire().await else { return };
+                permit.forget();
+                let events: Vec<Event> = (1..=k).map(|j| synthetic_event(&agent, base + seq + j, bytes)).collect();
+                seq += k;
+                sent_at.lock().await.push_back((base + seq, Instant::now()));
+                let req = amoskys_proto::PublishRequest {
+                    msg: Some(amoskys_proto::publish_request::Msg::Batch(amoskys_proto::Batch { events })),
+                };
+                if sender.send(req).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut lat = Vec::new();
+    let target = base + n;
+    let mut last = base;
+    while last < target {
+        match publisher.next().await {
+            Ok(Some(OutMsg::Ack(a))) => {
+                let now = Instant::now();
+                let mut q = sent_at.lock().await;
+                while let Some(&(seq, at)) = q.front() {
+                    if seq > a.acked_seq {
+                        break;
+                    }
+                    lat.push(now.duration_since(at).as_secs_f64() * 1e3);
+                    q.pop_front();
+                    window.add_permits(1);
+                }
+                acked.fetch_add(a.acked_seq.saturating_sub(last), Ordering::SeqCst);
+                last = last.max(a.acked_seq);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                producer.abort();
+                return Err((lat, format!("bus ended the stream after acking {}", last - base)));
+            }
+            Err(e) => {
+                producer.abort();
+                return Err((lat, e.to_string()));
+            }
+        }
+    }
+    producer.abort();
+    Ok(lat)
+}

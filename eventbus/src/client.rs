@@ -1,0 +1,213 @@
+//! The client library: mTLS channels to the bus and helpers for publishing,
+//! querying and tailing. Agents, the CLI and the benchmark all use it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use amoskys_proto::admin_client::AdminClient;
+use amoskys_proto::event_bus_client::EventBusClient;
+use amoskys_proto::publish_request::Msg as InMsg;
+use amoskys_proto::publish_response::Msg as OutMsg;
+use amoskys_proto::{Batch, Event, Hello, PublishRequest, PublishResponse, QueryRequest, TailRequest};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bus URL {url:?}: {message}")]
+    Url { url: String, message: String },
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the bus closed the Publish stream: {0}")]
+    Closed(String),
+}
+
+/// How to reach the bus.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub url: String,
+    pub tls_dir: PathBuf,
+    /// Name to verify the bus certificate against; defaults to the URL's host.
+    pub server_name: Option<String>,
+    pub max_message_bytes: usize,
+}
+
+impl ClientOptions {
+    pub fn new(url: impl Into<String>, tls_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            tls_dir: tls_dir.into(),
+            server_name: None,
+            max_message_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+fn read(dir: &Path, name: &str) -> Result<Vec<u8>, ClientError> {
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|source| ClientError::Read { path, source })
+}
+
+/// Opens an mTLS channel, reading the TLS files afresh (so a reconnect after
+/// a rotation uses the new certificate).
+pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientError> {
+    let url_err = |message: String| ClientError::Url {
+        url: opts.url.clone(),
+        message,
+    };
+    let uri: tonic::transport::Uri = opts.url.parse().map_err(|e| url_err(format!("{e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(url_err("must start with https:// (the bus only speaks mTLS)".into()));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| url_err("has no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let identity = Identity::from_pem(read(&opts.tls_dir, "tls.crt")?, read(&opts.tls_dir, "tls.key")?);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&opts.tls_dir, "ca.crt")?))
+        .identity(identity)
+        .domain_name(opts.server_name.clone().unwrap_or(host));
+    let endpoint = Endpoint::from(uri)
+        .tls_config(tls)
+        .map_err(|source| ClientError::Connect {
+            url: opts.url.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    endpoint.connect().await.map_err(|source| ClientError::Connect {
+        url: opts.url.clone(),
+        source,
+    })
+}
+
+/// Typed clients for both services over one channel.
+#[derive(Clone)]
+pub struct BusClient {
+    pub bus: EventBusClient<Channel>,
+    pub admin: AdminClient<Channel>,
+}
+
+impl BusClient {
+    pub async fn connect(opts: &ClientOptions) -> Result<Self, ClientError> {
+        let ch = connect_channel(opts).await?;
+        Ok(Self::from_channel(ch, opts.max_message_bytes))
+    }
+
+    pub fn from_channel(ch: Channel, max: usize) -> Self {
+        Self {
+            bus: EventBusClient::new(ch.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            admin: AdminClient::new(ch)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        }
+    }
+
+    /// Runs a query and collects every event it returns.
+    pub async fn query(&mut self, req: QueryRequest) -> Result<Vec<Event>, ClientError> {
+        let mut stream = self.bus.query(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            out.extend(chunk.events);
+        }
+        Ok(out)
+    }
+
+    pub async fn tail(
+        &mut self,
+        req: TailRequest,
+    ) -> Result<Streaming<amoskys_proto::QueryResponse>, ClientError> {
+        Ok(self.bus.tail(req).await?.into_inner())
+    }
+
+    /// Opens a Publish stream: sends the Hello, waits for the Welcome.
+    pub async fn publisher(&mut self, hello: Hello, window: usize) -> Result<Publisher, ClientError> {
+        let (tx, rx) = mpsc::channel(window.max(1));
+        tx.send(PublishRequest {
+            msg: Some(InMsg::Hello(hello)),
+        })
+        .await
+        .map_err(|_| ClientError::Closed("before hello".into()))?;
+        let mut inbound = self
+            .bus
+            .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let acked_seq = match inbound.message().await? {
+            Some(PublishResponse {
+                msg: Some(OutMsg::Welcome(w)),
+            }) => w.acked_seq,
+            other => {
+                return Err(ClientError::Closed(format!("expected a Welcome, got {other:?}")));
+            }
+        };
+        Ok(Publisher {
+            tx,
+            inbound,
+            welcome_acked_seq: acked_seq,
+        })
+    }
+}
+
+/// One open Publish stream.
+pub struct Publisher {
+    tx: mpsc::Sender<PublishRequest>,
+    pub inbound: Streaming<PublishResponse>,
+    /// What the bus already held for this agent when the stream opened.
+    pub welcome_acked_seq: u64,
+}
+
+impl Publisher {
+    /// Queues a batch; waits only when the send window is full.
+    pub async fn send(&self, events: Vec<Event>) -> Result<(), ClientError> {
+        self.send_raw(PublishRequest {
+            msg: Some(InMsg::Batch(Batch { events })),
+        })
+        .await
+    }
+
+    pub async fn send_raw(&self, req: PublishRequest) -> Result<(), ClientError> {
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| ClientError::Closed("while sending".into()))
+    }
+
+    /// A sender handle for use from another task.
+    pub fn sender(&self) -> mpsc::Sender<PublishRequest> {
+        self.tx.clone()
+    }
+
+    /// The next message from the bus; `None` when the bus ended the stream.
+    pub async fn next(&mut self) -> Result<Option<OutMsg>, ClientError> {
+        match self.inbound.message().await? {
+            Some(PublishResponse { msg }) => Ok(msg),
+            None => Ok(None),
+        }
+    }
+
+    /// Half-closes the stream: the bus acks what it has, then ends it.
+    pub fn close(self) -> Streaming<PublishResponse> {
+        self.inbound
+    }
+}

@@ -1,0 +1,321 @@
+//! Bus configuration: a YAML file (`--config`) overridden by flags.
+//!
+//! Every key is checked when loaded; an unknown key or a bad value is an
+//! error naming the key, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// When a group of writes is fsynced before its acks go out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// Every client batch is written and fsynced on its own.
+    Always,
+    /// One fsync for each group commit (all batches the writer drained at once).
+    Batch,
+    /// No fsync: acked events survive a process crash (they are in the OS page
+    /// cache) but not a power loss.
+    Never,
+}
+
+impl SyncPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncPolicy::Always => "always",
+            SyncPolicy::Batch => "batch",
+            SyncPolicy::Never => "never",
+        }
+    }
+}
+
+impl std::str::FromStr for SyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(SyncPolicy::Always),
+            "batch" => Ok(SyncPolicy::Batch),
+            "never" => Ok(SyncPolicy::Never),
+            other => Err(format!("{other:?} is not one of always, batch, never")),
+        }
+    }
+}
+
+/// The YAML file's shape; all keys optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BusConfigFile {
+    pub listen: Option<String>,
+    pub http: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub tls_dir: Option<PathBuf>,
+    pub retention: Option<String>,
+    pub max_bytes: Option<String>,
+    pub sync: Option<String>,
+    pub max_message_bytes: Option<String>,
+    pub queue_depth: Option<usize>,
+    pub max_group_events: Option<usize>,
+    pub max_query_limit: Option<u32>,
+    pub retention_check_interval: Option<String>,
+    pub tls_reload_interval: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// The bus's resolved, validated configuration.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    pub listen: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub retention: Duration,
+    /// 0 means no size cap.
+    pub max_bytes: u64,
+    pub sync: SyncPolicy,
+    pub max_message_bytes: usize,
+    /// Client batches waiting for the writer; beyond it, publishers wait.
+    pub queue_depth: usize,
+    /// Upper bound on events folded into one group commit.
+    pub max_group_events: usize,
+    pub max_query_limit: u32,
+    pub retention_check_interval: Duration,
+    pub tls_reload_interval: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl BusConfig {
+    pub fn defaults(data_dir: PathBuf, tls_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            http: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            data_dir,
+            tls_dir,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 0,
+            sync: SyncPolicy::Batch,
+            max_message_bytes: 4 * 1024 * 1024,
+            queue_depth: 1024,
+            max_group_events: 65_536,
+            max_query_limit: 100_000,
+            retention_check_interval: Duration::from_secs(30),
+            tls_reload_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Values given on the command line; each wins over the file.
+#[derive(Debug, Default, Clone)]
+pub struct BusOverrides {
+    pub listen: Option<String>,
+    pub http: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub tls_dir: Option<PathBuf>,
+    pub retention: Option<String>,
+    pub max_bytes: Option<String>,
+    pub sync: Option<String>,
+    pub max_message_bytes: Option<String>,
+    pub queue_depth: Option<usize>,
+}
+
+pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if text.trim().is_empty() {
+        return Ok(BusConfigFile::default());
+    }
+    serde_saphyr::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Parses "7d", "90m", "30s" (humantime) into a duration.
+pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| invalid(key, format!("{s:?} is not a duration like 30s, 15m, 7d ({e})")))
+}
+
+/// Parses "512MiB", "2GB", "1048576" into bytes.
+pub fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not a size like 512MiB or 2GB")))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0f64.powi(4),
+        other => return Err(invalid(key, format!("unknown size unit {other:?} in {s:?}"))),
+    };
+    Ok((n * mult) as u64)
+}
+
+fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not an address like 127.0.0.1:7443")))
+}
+
+/// Merges file and flags over the defaults and validates the result.
+pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, ConfigError> {
+    let data_dir = flags
+        .data_dir
+        .or(file.data_dir)
+        .ok_or_else(|| invalid("dataDir", "required (flag --data-dir or key dataDir)"))?;
+    let tls_dir = flags
+        .tls_dir
+        .or(file.tls_dir)
+        .ok_or_else(|| invalid("tlsDir", "required (flag --tls-dir or key tlsDir)"))?;
+    let mut c = BusConfig::defaults(data_dir, tls_dir);
+    if let Some(v) = flags.listen.or(file.listen) {
+        c.listen = parse_addr("listen", &v)?;
+    }
+    if let Some(v) = flags.http.or(file.http) {
+        c.http = parse_addr("http", &v)?;
+    }
+    if let Some(v) = flags.retention.or(file.retention) {
+        c.retention = parse_duration("retention", &v)?;
+        if c.retention.is_zero() {
+            return Err(invalid("retention", "must be greater than zero"));
+        }
+    }
+    if let Some(v) = flags.max_bytes.or(file.max_bytes) {
+        c.max_bytes = parse_bytes("maxBytes", &v)?;
+    }
+    if let Some(v) = flags.sync.or(file.sync) {
+        c.sync = v.parse().map_err(|m: String| invalid("sync", m))?;
+    }
+    if let Some(v) = flags.max_message_bytes.or(file.max_message_bytes) {
+        let n = parse_bytes("maxMessageBytes", &v)?;
+        if !(1024..=256 * 1024 * 1024).contains(&n) {
+            return Err(invalid("maxMessageBytes", format!("{n} is outside 1KiB..256MiB")));
+        }
+        c.max_message_bytes = n as usize;
+    }
+    if let Some(v) = flags.queue_depth.or(file.queue_depth) {
+        if v == 0 {
+            return Err(invalid("queueDepth", "must be at least 1"));
+        }
+        c.queue_depth = v;
+    }
+    if let Some(v) = file.max_group_events {
+        if v == 0 {
+            return Err(invalid("maxGroupEvents", "must be at least 1"));
+        }
+        c.max_group_events = v;
+    }
+    if let Some(v) = file.max_query_limit {
+        if v == 0 {
+            return Err(invalid("maxQueryLimit", "must be at least 1"));
+        }
+        c.max_query_limit = v;
+    }
+    if let Some(v) = file.retention_check_interval {
+        c.retention_check_interval = parse_duration("retentionCheckInterval", &v)?;
+    }
+    if let Some(v) = file.tls_reload_interval {
+        c.tls_reload_interval = parse_duration("tlsReloadInterval", &v)?;
+    }
+    if let Some(v) = file.shutdown_grace {
+        c.shutdown_grace = parse_duration("shutdownGrace", &v)?;
+    }
+    if let Some(v) = file.log_format
+        && v != "text"
+        && v != "json"
+    {
+        return Err(invalid("logFormat", format!("{v:?} is not text or json")));
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> BusOverrides {
+        BusOverrides {
+            data_dir: Some("/d".into()),
+            tls_dir: Some("/t".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_bytes("k", "512MiB").unwrap(), 512 * 1024 * 1024);
+        assert_eq!(parse_bytes("k", "2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("k", "1048576").unwrap(), 1_048_576);
+        assert!(parse_bytes("k", "12 parsecs").is_err());
+        assert_eq!(parse_duration("k", "7d").unwrap(), Duration::from_secs(604_800));
+        assert!(parse_duration("k", "soon").is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: BusConfigFile =
+            serde_saphyr::from_str("sync: never\nretention: 1h\nlisten: 127.0.0.1:1\n").unwrap();
+        let mut flags = base();
+        flags.sync = Some("always".into());
+        let c = resolve(file, flags).unwrap();
+        assert_eq!(c.sync, SyncPolicy::Always);
+        assert_eq!(c.retention, Duration::from_secs(3600));
+        assert_eq!(c.listen.port(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = serde_saphyr::from_str::<BusConfigFile>("retension: 1h\n").unwrap_err();
+        assert!(bad.to_string().contains("retension"), "{bad}");
+        let e = resolve(
+            BusConfigFile {
+                sync: Some("sometimes".into()),
+                ..Default::default()
+            },
+            base(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("sync:"), "{e}");
+        let e = resolve(
+            BusConfigFile {
+                retention: Some("forever".into()),
+                ..Default::default()
+            },
+            base(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("retention:"), "{e}");
+        let e = resolve(BusConfigFile::default(), BusOverrides::default()).unwrap_err();
+        assert!(e.to_string().starts_with("dataDir:"), "{e}");
+    }
+}

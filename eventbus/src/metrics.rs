@@ -1,0 +1,112 @@
+//! The bus's Prometheus metrics (OpenMetrics text via prometheus-client).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub fn reason(r: &str) -> ReasonLabel {
+    ReasonLabel { reason: r.to_string() }
+}
+
+pub struct BusMetrics {
+    pub registry: Registry,
+    pub events_received: Counter,
+    pub events_stored: Counter,
+    pub duplicates: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub batch_events: Histogram,
+    pub group_events: Histogram,
+    pub fsync_seconds: Histogram,
+    pub ack_latency_seconds: Histogram,
+    pub wal_bytes: Gauge,
+    pub stored_events: Gauge,
+    pub connected_agents: Gauge,
+    pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+    pub tls_reloads: Counter,
+    pub tls_reload_errors: Counter,
+    pub wal_write_errors: Counter,
+    pub writable: Gauge,
+    pub queue_depth: Gauge,
+    pub queue_capacity: Gauge,
+    pub max_message_bytes: Gauge,
+    pub retention_deleted: Family<ReasonLabel, Counter>,
+    pub tail_subscribers: Gauge,
+    pub tail_lagged: Counter,
+}
+
+impl BusMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("amoskys_bus");
+        let m = Self {
+            events_received: Counter::default(),
+            events_stored: Counter::default(),
+            duplicates: Counter::default(),
+            rejected: Family::default(),
+            batch_events: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            group_events: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            ack_latency_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            wal_bytes: Gauge::default(),
+            stored_events: Gauge::default(),
+            connected_agents: Gauge::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Counter::default(),
+            tls_reload_errors: Counter::default(),
+            wal_write_errors: Counter::default(),
+            writable: Gauge::default(),
+            queue_depth: Gauge::default(),
+            queue_capacity: Gauge::default(),
+            max_message_bytes: Gauge::default(),
+            retention_deleted: Family::default(),
+            tail_subscribers: Gauge::default(),
+            tail_lagged: Counter::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("events_received", "Events received from publishers", m.events_received.clone());
+        r.register("events_stored", "Events made durable in the WAL", m.events_stored.clone());
+        r.register("duplicates", "Events dropped as already stored (agent_id, seq)", m.duplicates.clone());
+        r.register("rejected", "Messages or events rejected, by reason", m.rejected.clone());
+        r.register("batch_events", "Events per client batch", m.batch_events.clone());
+        r.register("group_events", "Events per group commit", m.group_events.clone());
+        r.register("wal_write_seconds", "Time to write and (per sync policy) fsync one group", m.fsync_seconds.clone());
+        r.register("ack_latency_seconds", "From batch received to its ack sent", m.ack_latency_seconds.clone());
+        r.register("wal_bytes", "Bytes the WAL store occupies on disk", m.wal_bytes.clone());
+        r.register("stored_event_count", "Events currently held (next offset minus first offset)", m.stored_events.clone());
+        r.register("connected_agents", "Publish streams currently open", m.connected_agents.clone());
+        r.register("tls_handshake_failures", "Failed TLS handshakes, by reason", m.tls_handshake_failures.clone());
+        r.register("tls_reloads", "Certificate reloads applied", m.tls_reloads.clone());
+        r.register("tls_reload_errors", "Certificate reloads refused (old files kept)", m.tls_reload_errors.clone());
+        r.register("wal_write_errors", "Failed WAL writes (acks withheld until they succeed)", m.wal_write_errors.clone());
+        r.register("writable", "1 when the WAL accepts writes", m.writable.clone());
+        r.register("queue_depth", "Client batches waiting for the writer", m.queue_depth.clone());
+        r.register("queue_capacity", "Limit on client batches waiting for the writer", m.queue_capacity.clone());
+        r.register("max_message_bytes", "Largest accepted gRPC message", m.max_message_bytes.clone());
+        r.register("retention_deleted", "Events removed by retention, by reason (age, size)", m.retention_deleted.clone());
+        r.register("tail_subscribers", "Open Tail streams", m.tail_subscribers.clone());
+        r.register("tail_lagged", "Times a Tail subscriber fell behind live and was served from the store", m.tail_lagged.clone());
+        Self { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for BusMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

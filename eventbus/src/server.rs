@@ -1,0 +1,271 @@
+//! Starting, running and stopping a bus: wires the store, writer, TLS
+//! listener, gRPC services, HTTP endpoints and retention together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use amoskys_proto::admin_server::AdminServer;
+use amoskys_proto::event_bus_server::EventBusServer;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::BusConfig;
+use crate::http;
+use crate::metrics::{BusMetrics, reason};
+use crate::registry::Registry;
+use crate::service::{AdminService, BusState, EventBusService};
+use crate::store::{Store, StoreError};
+use crate::tls::{ReloadingTls, TlsError};
+use crate::writer::{self, Writer, WriterMsg, now_ns};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Health the HTTP endpoints report.
+#[derive(Default)]
+pub struct Health {
+    pub recovering: AtomicBool,
+    pub serving: AtomicBool,
+}
+
+/// A bus that is running; `shutdown` stops it cleanly.
+pub struct RunningBus {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub metrics: Arc<BusMetrics>,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<Result<(), BusError>>,
+}
+
+impl RunningBus {
+    /// Stops accepting, drains in-flight batches, acks what became durable,
+    /// closes RocksDB. Returns once the bus is fully down.
+    pub async fn shutdown(self) -> Result<(), BusError> {
+        self.stop.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the bus stops (after `stop_token().cancel()` or a fatal error).
+    pub async fn wait(self) -> Result<(), BusError> {
+        self.done
+            .await
+            .map_err(|e| BusError::Other(format!("bus task failed: {e}")))?
+    }
+
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// Starts a bus with `cfg`; returns once both listeners are bound and the
+/// store is open.
+pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
+    let metrics = Arc::new(BusMetrics::new());
+    metrics.max_message_bytes.set(cfg.max_message_bytes as i64);
+    let stop = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    health.recovering.store(true, Ordering::SeqCst);
+
+    let tls = ReloadingTls::load(&cfg.tls_dir, metrics.clone())?;
+    tls.spawn_watcher(cfg.tls_reload_interval, stop.clone());
+
+    let http_listener = TcpListener::bind(cfg.http).await.map_err(|source| BusError::Bind {
+        what: "http",
+        addr: cfg.http,
+        source,
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|source| BusError::Bind {
+        what: "http",
+        addr: cfg.http,
+        source,
+    })?;
+    let grpc_listener = TcpListener::bind(cfg.listen).await.map_err(|source| BusError::Bind {
+        what: "grpc",
+        addr: cfg.listen,
+        source,
+    })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| BusError::Bind {
+        what: "grpc",
+        addr: cfg.listen,
+        source,
+    })?;
+
+    let writable = Arc::new(AtomicBool::new(true));
+    // /readyz answers (false) while RocksDB replays its log.
+    let http_state = Arc::new(http::HttpState {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        writable: writable.clone(),
+        store: std::sync::OnceLock::new(),
+        registry: std::sync::OnceLock::new(),
+    });
+    let http_task = tokio::spawn(http::serve(http_listener, http_state.clone(), stop.clone()));
+
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        BusError::Other(format!("data dir {}: {e}", cfg.data_dir.display()))
+    })?;
+    let data_dir = cfg.data_dir.clone();
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let store = Store::open(&data_dir)?;
+        let agents = store.load_agents()?;
+        Ok((store, agents))
+    })
+    .await
+    .map_err(|e| BusError::Other(format!("opening the store: {e}")))?;
+    let (store, agents) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            stop.cancel();
+            let _ = http_task.await;
+            return Err(e.into());
+        }
+    };
+    let store = Arc::new(store);
+    let registry = Arc::new(Registry::with_records(agents));
+    let _ = http_state.store.set(store.clone());
+    let _ = http_state.registry.set(registry.clone());
+    info!(
+        data_dir = %cfg.data_dir.display(),
+        first_offset = store.first_offset(),
+        next_offset = store.next_offset(),
+        agents = registry.list().len(),
+        "store open"
+    );
+
+    let (tail_tx, _) = broadcast::channel(1024);
+    let (writer_tx, writer_thread) = writer::spawn(
+        Writer {
+            store: store.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            tail: tail_tx.clone(),
+            writable: writable.clone(),
+            sync: cfg.sync,
+            max_group_events: cfg.max_group_events,
+        },
+        cfg.queue_depth,
+    )
+    .map_err(|e| BusError::Other(format!("starting the WAL writer: {e}")))?;
+
+    let state = Arc::new(BusState {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        registry,
+        metrics: metrics.clone(),
+        writer: writer_tx.clone(),
+        tail: tail_tx,
+        writable,
+        stop: stop.clone(),
+        next_control_id: AtomicU64::new(0),
+    });
+
+    spawn_retention(state.clone());
+
+    let incoming = crate::tls::incoming(grpc_listener, tls, metrics.clone(), stop.clone());
+    let max = cfg.max_message_bytes;
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(
+            EventBusServer::new(EventBusService(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max.max(16 * 1024 * 1024)),
+        )
+        .add_service(AdminServer::new(AdminService(state.clone())).max_decoding_message_size(max));
+
+    health.recovering.store(false, Ordering::SeqCst);
+    health.serving.store(true, Ordering::SeqCst);
+    info!(grpc = %grpc_addr, http = %http_addr, sync = cfg.sync.as_str(), "bus serving");
+
+    let grace = cfg.shutdown_grace;
+    let stop2 = stop.clone();
+    let done = tokio::spawn(async move {
+        let serve = router.serve_with_incoming_shutdown(incoming, stop2.clone().cancelled_owned());
+        let served = tokio::select! {
+            r = serve => r.map_err(BusError::from),
+            // Past the grace period, streams still open are cut.
+            _ = async { stop2.cancelled().await; tokio::time::sleep(grace).await } => {
+                warn!(?grace, "shutdown grace elapsed; closing remaining connections");
+                Ok(())
+            }
+        };
+        health.serving.store(false, Ordering::SeqCst);
+        drop(state);
+        let _ = writer_tx.send(WriterMsg::Stop).await;
+        drop(writer_tx);
+        let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            error!("the WAL writer thread did not exit cleanly");
+        }
+        let closed = tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(|e| BusError::Other(format!("closing the store: {e}")))?;
+        let _ = http_task.await;
+        info!("bus stopped");
+        served?;
+        closed.map_err(BusError::from)
+    });
+
+    Ok(RunningBus {
+        grpc_addr,
+        http_addr,
+        metrics,
+        stop,
+        done,
+    })
+}
+
+fn spawn_retention(state: Arc<BusState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(state.cfg.retention_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = state.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let s = state.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                s.store
+                    .enforce_retention(now_ns(), s.cfg.retention, s.cfg.max_bytes)
+            })
+            .await;
+            match res {
+                Ok(Ok(r)) => {
+                    let m = &state.metrics;
+                    if r.deleted_by_age > 0 {
+                        m.retention_deleted.get_or_create(&reason("age")).inc_by(r.deleted_by_age);
+                        info!(events = r.deleted_by_age, "retention: dropped events past their age");
+                    }
+                    if r.deleted_by_size > 0 {
+                        m.retention_deleted.get_or_create(&reason("size")).inc_by(r.deleted_by_size);
+                        info!(events = r.deleted_by_size, "retention: dropped oldest events over the size cap");
+                    }
+                }
+                Ok(Err(StoreError::Unavailable)) => {}
+                Ok(Err(e)) => warn!(error = %e, "retention pass failed"),
+                Err(_) => return,
+            }
+        }
+    });
+}

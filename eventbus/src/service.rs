@@ -1,0 +1,551 @@
+//! The gRPC services: `EventBus` (Publish, Query, Tail) and `Admin`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use amoskys_proto::admin_server::Admin;
+use amoskys_proto::event_bus_server::EventBus;
+use amoskys_proto::publish_request::Msg as InMsg;
+use amoskys_proto::publish_response::Msg as OutMsg;
+use amoskys_proto::{
+    Ack, Batch, ControlRequest, ControlResponse, Event, Hello, ListAgentsRequest, ListAgentsResponse,
+    PublishRequest, PublishResponse, QueryRequest, QueryResponse, Severity, StatsRequest, StatsResponse,
+    TailRequest, Welcome, control,
+};
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::auth::{Permission, authorize};
+use crate::config::BusConfig;
+use crate::filter::EventFilter;
+use crate::metrics::{BusMetrics, reason};
+use crate::registry::Registry;
+use crate::store::{QuerySpec, Store, StoreError};
+use crate::writer::{TailSender, WriteOutcome, WriteRequest, WriterMsg, now_ns};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Batches one Publish stream may have waiting for acks before the bus stops
+/// reading from it (and HTTP/2 flow control pushes back on the agent).
+const MAX_PENDING_BATCHES: usize = 64;
+const DEFAULT_QUERY_LIMIT: u32 = 1000;
+const QUERY_CHUNK: usize = 512;
+const TAIL_CHUNK: usize = 1024;
+
+/// Everything the services share.
+pub struct BusState {
+    pub cfg: BusConfig,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<BusMetrics>,
+    pub writer: mpsc::Sender<WriterMsg>,
+    pub tail: TailSender,
+    pub writable: Arc<AtomicBool>,
+    pub stop: CancellationToken,
+    pub next_control_id: AtomicU64,
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Unavailable => Status::unavailable(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+#[derive(Clone)]
+pub struct EventBusService(pub Arc<BusState>);
+
+#[derive(Clone)]
+pub struct AdminService(pub Arc<BusState>);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Checks a batch against its stream's Hello and fills defaults; the error
+/// names the offending event and field.
+pub fn validate_batch(hello: &Hello, batch: &mut Batch, max_events: usize) -> Result<(), String> {
+    if batch.events.len() > max_events {
+        return Err(format!(
+            "batch.events: {} events exceed the limit of {max_events} per batch",
+            batch.events.len()
+        ));
+    }
+    let mut prev = 0u64;
+    for (i, e) in batch.events.iter_mut().enumerate() {
+        if e.agent_id.is_empty() {
+            e.agent_id = hello.agent_id.clone();
+        } else if e.agent_id != hello.agent_id {
+            return Err(format!(
+                "events[{i}].agent_id: {:?} does not match the stream's agent {:?}",
+                e.agent_id, hello.agent_id
+            ));
+        }
+        if e.seq == 0 {
+            return Err(format!("events[{i}].seq: must be at least 1"));
+        }
+        if e.seq <= prev {
+            return Err(format!(
+                "events[{i}].seq: {} is not greater than the previous event's {prev}",
+                e.seq
+            ));
+        }
+        prev = e.seq;
+        if e.collector.is_empty() {
+            return Err(format!("events[{i}].collector: missing"));
+        }
+        if e.payload.is_none() {
+            return Err(format!("events[{i}].payload: missing"));
+        }
+        if Severity::try_from(e.severity).is_err() {
+            return Err(format!("events[{i}].severity: {} is not a known severity", e.severity));
+        }
+        if e.node.is_empty() {
+            e.node = hello.node.clone();
+        }
+        e.offset = 0;
+        e.stored_at = 0;
+    }
+    Ok(())
+}
+
+fn validate_hello(h: &Hello) -> Result<(), Status> {
+    if h.agent_id.is_empty() {
+        return Err(Status::invalid_argument("hello.agent_id: missing"));
+    }
+    if h.agent_id.len() > 253 || h.agent_id.chars().any(|c| c.is_control()) {
+        return Err(Status::invalid_argument(
+            "hello.agent_id: at most 253 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+struct Pending {
+    reply: oneshot::Receiver<WriteOutcome>,
+    received: Instant,
+}
+
+impl BusState {
+    /// Serves one Publish stream after its Hello until the agent closes it,
+    /// it sends something invalid, or the bus stops.
+    async fn publish_session(
+        self: Arc<Self>,
+        hello: Hello,
+        mut inbound: Streaming<PublishRequest>,
+        out: mpsc::Sender<Result<PublishResponse, Status>>,
+        mut control_rx: mpsc::Receiver<amoskys_proto::Control>,
+    ) {
+        let metrics = &self.metrics;
+        let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
+        let mut ending: Option<Status> = None;
+        let mut reading = true;
+        loop {
+            if !reading && pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some((res, received)) = pending.next(), if !pending.is_empty() => {
+                    let res: Result<WriteOutcome, oneshot::error::RecvError> = res;
+                    let received: Instant = received;
+                    let Ok(o) = res else {
+                        // The writer is gone (bus stopping): nothing more is acked.
+                        break;
+                    };
+                    let ack = PublishResponse { msg: Some(OutMsg::Ack(Ack { acked_seq: o.acked_seq, duplicates: o.duplicates as u64 })) };
+                    if out.send(Ok(ack)).await.is_err() {
+                        break;
+                    }
+                    metrics.ack_latency_seconds.observe(received.elapsed().as_secs_f64());
+                }
+                _ = self.stop.cancelled(), if reading => {
+                    reading = false;
+                }
+                Some(c) = control_rx.recv(), if reading => {
+                    let msg = PublishResponse { msg: Some(OutMsg::Control(c)) };
+                    if out.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                msg = inbound.message(), if reading && pending.len() < MAX_PENDING_BATCHES => {
+                    match msg {
+                        Ok(Some(PublishRequest { msg: Some(InMsg::Batch(mut batch)) })) => {
+                            metrics.events_received.inc_by(batch.events.len() as u64);
+                            metrics.batch_events.observe(batch.events.len() as f64);
+                            if let Err(m) = validate_batch(&hello, &mut batch, self.cfg.max_group_events) {
+                                metrics.rejected.get_or_create(&reason("invalid_batch")).inc();
+                                warn!(agent = %hello.agent_id, error = %m, "rejecting malformed batch");
+                                ending = Some(Status::invalid_argument(format!("Publish: {m}")));
+                                reading = false;
+                                continue;
+                            }
+                            let (tx, rx) = oneshot::channel();
+                            let received = Instant::now();
+                            let req = WriteRequest { agent_id: hello.agent_id.clone(), events: batch.events, reply: tx };
+                            if self.writer.send(WriterMsg::Write(req)).await.is_err() {
+                                ending = Some(Status::unavailable("Publish: the bus is shutting down"));
+                                reading = false;
+                                continue;
+                            }
+                            pending.push_back(async move { (rx.await, received) });
+                        }
+                        Ok(Some(PublishRequest { msg: Some(InMsg::ControlResult(r)) })) => {
+                            info!(agent = %hello.agent_id, control_id = r.control_id, ok = r.ok, message = %r.message, "agent answered control");
+                            self.registry.set_control_result(&hello.agent_id, r);
+                        }
+                        Ok(Some(PublishRequest { msg: Some(InMsg::Hello(_)) })) => {
+                            metrics.rejected.get_or_create(&reason("invalid_batch")).inc();
+                            ending = Some(Status::invalid_argument("Publish: a second Hello on one stream"));
+                            reading = false;
+                        }
+                        Ok(Some(PublishRequest { msg: None })) => {
+                            metrics.rejected.get_or_create(&reason("invalid_batch")).inc();
+                            ending = Some(Status::invalid_argument("Publish: empty message (no hello, batch or control_result)"));
+                            reading = false;
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            let why = match status.code() {
+                                Code::OutOfRange | Code::ResourceExhausted => "too_large",
+                                Code::Internal | Code::InvalidArgument => "malformed",
+                                _ => "stream_error",
+                            };
+                            metrics.rejected.get_or_create(&reason(why)).inc();
+                            debug!(agent = %hello.agent_id, %status, "publish stream ended with an error");
+                            if why == "too_large" {
+                                ending = Some(Status::new(status.code(), format!(
+                                    "Publish: message larger than the bus's max message size of {} bytes ({})",
+                                    self.cfg.max_message_bytes, status.message())));
+                            } else if why == "malformed" {
+                                ending = Some(Status::invalid_argument(format!("Publish: undecodable message: {}", status.message())));
+                            }
+                            reading = false;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(status) = ending {
+            let _ = out.send(Err(status)).await;
+        }
+    }
+
+    fn query_spec(&self, q: &QueryRequest) -> Result<QuerySpec, Status> {
+        let limit = match q.limit {
+            0 => DEFAULT_QUERY_LIMIT.min(self.cfg.max_query_limit),
+            n if n > self.cfg.max_query_limit => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: {n} exceeds the maximum of {}",
+                    self.cfg.max_query_limit
+                )));
+            }
+            n => n,
+        };
+        if q.to_offset != 0 && q.from_offset > q.to_offset {
+            return Err(Status::invalid_argument(format!(
+                "from_offset: {} is after to_offset {}",
+                q.from_offset, q.to_offset
+            )));
+        }
+        if q.from_time < 0 || q.to_time < 0 {
+            return Err(Status::invalid_argument("from_time/to_time: must not be negative"));
+        }
+        if q.to_time != 0 && q.from_time > q.to_time {
+            return Err(Status::invalid_argument(format!(
+                "from_time: {} is after to_time {}",
+                q.from_time, q.to_time
+            )));
+        }
+        let filter = EventFilter::from_wire(q.filter.as_ref()).map_err(Status::invalid_argument)?;
+        Ok(QuerySpec {
+            from_offset: q.from_offset,
+            to_offset: q.to_offset,
+            from_time: q.from_time,
+            to_time: q.to_time,
+            filter,
+            limit: limit as usize,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl EventBus for EventBusService {
+    type PublishStream = BoxStream<PublishResponse>;
+    type QueryStream = BoxStream<QueryResponse>;
+    type TailStream = BoxStream<QueryResponse>;
+
+    async fn publish(
+        &self,
+        req: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let peer = authorize(&req, Permission::Publish, "Publish")?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(PublishRequest {
+                msg: Some(InMsg::Hello(h)),
+            }) => h,
+            _ => {
+                self.0.metrics.rejected.get_or_create(&reason("no_hello")).inc();
+                return Err(Status::invalid_argument(
+                    "Publish: the first message must be a Hello",
+                ));
+            }
+        };
+        validate_hello(&hello)?;
+        let state = self.0.clone();
+        let (out_tx, out_rx) = mpsc::channel(MAX_PENDING_BATCHES + 8);
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let welcome = PublishResponse {
+            msg: Some(OutMsg::Welcome(Welcome {
+                acked_seq: state.registry.last_seq(&hello.agent_id),
+                bus_version: VERSION.into(),
+            })),
+        };
+        let _ = out_tx.send(Ok(welcome)).await;
+        info!(agent = %hello.agent_id, node = %hello.node, cert = %peer.common_name, "agent connected");
+        tokio::spawn(async move {
+            let conn = state.registry.connect(&hello, control_tx, now_ns());
+            state.metrics.connected_agents.set(state.registry.connected_count() as i64);
+            let agent = hello.agent_id.clone();
+            state.clone().publish_session(hello, inbound, out_tx, control_rx).await;
+            drop(conn);
+            state.metrics.connected_agents.set(state.registry.connected_count() as i64);
+            info!(%agent, "agent stream closed");
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+    }
+
+    async fn query(&self, req: Request<QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
+        authorize(&req, Permission::Read, "Query")?;
+        let spec = self.0.query_spec(req.get_ref())?;
+        let store = self.0.store.clone();
+        let events = tokio::task::spawn_blocking(move || store.query(&spec))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        let chunks: Vec<Result<QueryResponse, Status>> = events
+            .chunks(QUERY_CHUNK)
+            .map(|c| Ok(QueryResponse { events: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn tail(&self, req: Request<TailRequest>) -> Result<Response<Self::TailStream>, Status> {
+        authorize(&req, Permission::Read, "Tail")?;
+        let t = req.into_inner();
+        let filter = EventFilter::from_wire(t.filter.as_ref()).map_err(Status::invalid_argument)?;
+        let state = self.0.clone();
+        // Subscribe before reading history so nothing falls in between.
+        let live = state.tail.subscribe();
+        let start = if t.from_now {
+            state.store.next_offset()
+        } else {
+            t.from_offset.max(state.store.first_offset())
+        };
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            state.metrics.tail_subscribers.inc();
+            tail_loop(&state, live, start, &filter, &tx).await;
+            state.metrics.tail_subscribers.dec();
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves history from the store, then live groups from the writer; falls
+/// back to the store whenever the subscriber lags or sees a gap.
+async fn tail_loop(
+    state: &Arc<BusState>,
+    mut live: broadcast::Receiver<Arc<Vec<Event>>>,
+    mut cursor: u64,
+    filter: &EventFilter,
+    tx: &mpsc::Sender<Result<QueryResponse, Status>>,
+) {
+    let send = |events: Vec<Event>| async move {
+        if events.is_empty() {
+            return true;
+        }
+        tx.send(Ok(QueryResponse { events })).await.is_ok()
+    };
+    loop {
+        // Catch up from the store.
+        loop {
+            let store = state.store.clone();
+            let from = cursor;
+            let chunk = match tokio::task::spawn_blocking(move || store.read_from(from, TAIL_CHUNK)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(store_status(e))).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let full = chunk.len() == TAIL_CHUNK;
+            if let Some(last) = chunk.last() {
+                cursor = last.offset + 1;
+            }
+            if !send(chunk.into_iter().filter(|e| filter.matches(e)).collect()).await {
+                return;
+            }
+            if !full {
+                break;
+            }
+        }
+        // Live.
+        loop {
+            tokio::select! {
+                _ = state.stop.cancelled() => return,
+                _ = tx.closed() => return,
+                r = live.recv() => match r {
+                    Ok(group) => {
+                        let Some(first) = group.first() else { continue };
+                        if first.offset > cursor {
+                            break; // missed a group: read it from the store
+                        }
+                        let events: Vec<Event> = group
+                            .iter()
+                            .filter(|e| e.offset >= cursor && filter.matches(e))
+                            .cloned()
+                            .collect();
+                        if let Some(last) = group.last() {
+                            cursor = cursor.max(last.offset + 1);
+                        }
+                        if !send(events).await {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        state.metrics.tail_lagged.inc();
+                        break;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_agents(
+        &self,
+        req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        authorize(&req, Permission::Admin, "Admin.ListAgents")?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: self.0.registry.list(),
+        }))
+    }
+
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        authorize(&req, Permission::Admin, "Admin.Stats")?;
+        let s = &self.0;
+        let store = s.store.clone();
+        let (wal_bytes, oldest) = tokio::task::spawn_blocking(move || (store.wal_bytes(), store.oldest_stored_at()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let rejected: u64 = ["invalid_batch", "too_large", "malformed", "no_hello", "stream_error"]
+            .iter()
+            .map(|r| s.metrics.rejected.get_or_create(&reason(r)).get())
+            .sum();
+        Ok(Response::new(StatsResponse {
+            events_stored: s.store.event_count(),
+            first_offset: s.store.first_offset(),
+            next_offset: s.store.next_offset(),
+            wal_bytes,
+            connected_agents: s.registry.connected_count() as u32,
+            events_received: s.metrics.events_received.get(),
+            duplicates: s.metrics.duplicates.get(),
+            rejected,
+            writable: s.writable.load(Ordering::SeqCst),
+            sync_policy: s.cfg.sync.as_str().into(),
+            oldest_stored_at: oldest.unwrap_or(0),
+            version: VERSION.into(),
+        }))
+    }
+
+    async fn control(&self, req: Request<ControlRequest>) -> Result<Response<ControlResponse>, Status> {
+        let peer = authorize(&req, Permission::Admin, "Admin.Control")?;
+        let r = req.into_inner();
+        if r.agent_id.is_empty() {
+            return Err(Status::invalid_argument("agent_id: missing"));
+        }
+        let Some(mut c) = r.control else {
+            return Err(Status::invalid_argument("control: missing"));
+        };
+        match control::Action::try_from(c.action) {
+            Ok(control::Action::Pause | control::Action::Resume) => {}
+            Ok(control::Action::SetInterval) if c.interval_ms > 0 => {}
+            Ok(control::Action::SetInterval) => {
+                return Err(Status::invalid_argument("control.interval_ms: must be greater than 0"));
+            }
+            _ => return Err(Status::invalid_argument(format!("control.action: {} is not a known action", c.action))),
+        }
+        if c.collector.is_empty() {
+            return Err(Status::invalid_argument("control.collector: missing"));
+        }
+        c.control_id = self.0.next_control_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = c.control_id;
+        info!(agent = %r.agent_id, by = %peer.common_name, collector = %c.collector, action = c.action, interval_ms = c.interval_ms, control_id = id, "control requested");
+        let delivered = match self.0.registry.control_sender(&r.agent_id) {
+            Some(tx) => tx.send(c).await.is_ok(),
+            None => false,
+        };
+        Ok(Response::new(ControlResponse {
+            delivered,
+            control_id: id,
+            message: if delivered {
+                "delivered to the agent's stream".into()
+            } else {
+                format!("agent {:?} is not connected", r.agent_id)
+            },
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amoskys_proto::SyntheticEvent;
+    use amoskys_proto::event::Payload;
+
+    fn ev(seq: u64) -> Event {
+        Event {
+            seq,
+            collector: "synthetic".into(),
+            payload: Some(Payload::Synthetic(SyntheticEvent::default())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batch_validation_names_the_field() {
+        let hello = Hello {
+            agent_id: "a".into(),
+            node: "n".into(),
+            ..Default::default()
+        };
+        let mut ok = Batch { events: vec![ev(1), ev(2)] };
+        validate_batch(&hello, &mut ok, 10).unwrap();
+        assert_eq!(ok.events[0].agent_id, "a");
+        assert_eq!(ok.events[0].node, "n");
+
+        let cases: Vec<(Batch, &str)> = vec![
+            (Batch { events: vec![ev(2), ev(2)] }, "events[1].seq"),
+            (Batch { events: vec![ev(0)] }, "events[0].seq"),
+            (Batch { events: vec![Event { payload: None, ..ev(1) }] }, "events[0].payload"),
+            (Batch { events: vec![Event { collector: String::new(), ..ev(1) }] }, "events[0].collector"),
+            (Batch { events: vec![Event { agent_id: "b".into(), ..ev(1) }] }, "events[0].agent_id"),
+            (Batch { events: vec![Event { severity: 99, ..ev(1) }] }, "events[0].severity"),
+            (Batch { events: (1..=11).map(ev).collect() }, "batch.events"),
+        ];
+        for (mut b, field) in cases {
+            let e = validate_batch(&hello, &mut b, 10).unwrap_err();
+            assert!(e.starts_with(field), "{e} should name {field}");
+        }
+    }
+}

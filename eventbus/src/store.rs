@@ -1,0 +1,528 @@
+//! The durable event store: RocksDB column families on one data directory.
+//!
+//! - `events`: offset (u64 big-endian) -> encoded `Event` (offset and stored_at set)
+//! - `tindex`: stored_at ns ++ first offset of a group -> empty; maps time to offsets
+//!   so time-range queries and age retention touch only the range they need
+//! - `agents`: agent_id -> encoded `AgentRecord` (last durable seq lives here,
+//!   written in the same atomic batch as the events: dedupe survives restarts)
+//! - `meta`: `next_offset`, `first_offset`
+//!
+//! Only the writer thread calls [`Store::commit`]; reads go straight to RocksDB.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use amoskys_proto::{AgentRecord, Event};
+use prost::Message;
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+
+use crate::filter::EventFilter;
+
+const CF_EVENTS: &str = "events";
+const CF_TINDEX: &str = "tindex";
+const CF_AGENTS: &str = "agents";
+const CF_META: &str = "meta";
+const KEY_NEXT: &[u8] = b"next_offset";
+const KEY_FIRST: &[u8] = b"first_offset";
+
+/// Events observed before they reach the bus can trail its clock; a time query
+/// starts this far before its lower bound so such events are not missed.
+const TIME_QUERY_SLACK_NS: i64 = 10 * 60 * 1_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb at {path}: {source}")]
+    Rocks {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("stored record at offset {offset} is corrupt: {message}")]
+    Corrupt { offset: u64, message: String },
+    #[error("the store is closed while it recovers from a write failure")]
+    Unavailable,
+}
+
+/// One client batch after dedupe, ready to be written.
+#[derive(Debug, Default)]
+pub struct PreparedGroup {
+    pub batch_events: Vec<Event>,
+    pub agents: HashMap<String, AgentRecord>,
+    pub next_offset: u64,
+    pub stored_at: i64,
+}
+
+/// Query bounds and filters, already validated.
+#[derive(Clone, Debug, Default)]
+pub struct QuerySpec {
+    pub from_offset: u64,
+    /// Inclusive; 0 = unbounded.
+    pub to_offset: u64,
+    pub from_time: i64,
+    pub to_time: i64,
+    pub filter: EventFilter,
+    pub limit: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub deleted_by_age: u64,
+    pub deleted_by_size: u64,
+}
+
+pub struct Store {
+    path: PathBuf,
+    db: RwLock<Option<Arc<DB>>>,
+    next_offset: AtomicU64,
+    first_offset: AtomicU64,
+}
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    // Bounded memory: the bus must stay small at full load.
+    o.set_write_buffer_size(32 * 1024 * 1024);
+    o.set_max_write_buffer_number(3);
+    o.set_max_total_wal_size(256 * 1024 * 1024);
+    o.set_max_background_jobs(2);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o
+}
+
+fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+fn read_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let s = Self {
+            path: path.to_path_buf(),
+            db: RwLock::new(None),
+            next_offset: AtomicU64::new(1),
+            first_offset: AtomicU64::new(1),
+        };
+        s.reopen()?;
+        Ok(s)
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Closes and opens the database again. RocksDB refuses writes after a
+    /// failed WAL write until it is reopened; reopening replays its WAL.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = guard.take() {
+            // Readers hold clones only for the length of one call.
+            let mut old = old;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(again) => {
+                        old = again;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        let cfs = [CF_EVENTS, CF_TINDEX, CF_AGENTS, CF_META]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
+        let db = DB::open_cf_descriptors(&db_options(), &self.path, cfs).map_err(|e| self.rocks(e))?;
+        let meta = db.cf_handle(CF_META).ok_or(StoreError::Unavailable)?;
+        let next = db
+            .get_cf(meta, KEY_NEXT)
+            .map_err(|e| self.rocks(e))?
+            .and_then(|v| read_u64(&v))
+            .unwrap_or(1);
+        let first = db
+            .get_cf(meta, KEY_FIRST)
+            .map_err(|e| self.rocks(e))?
+            .and_then(|v| read_u64(&v))
+            .unwrap_or(1);
+        self.next_offset.store(next, Ordering::SeqCst);
+        self.first_offset.store(first.min(next), Ordering::SeqCst);
+        *guard = Some(Arc::new(db));
+        Ok(())
+    }
+
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::SeqCst)
+    }
+
+    pub fn first_offset(&self) -> u64 {
+        self.first_offset.load(Ordering::SeqCst)
+    }
+
+    pub fn event_count(&self) -> u64 {
+        self.next_offset().saturating_sub(self.first_offset())
+    }
+
+    /// Every agent record, as last committed.
+    pub fn load_agents(&self) -> Result<HashMap<String, AgentRecord>, StoreError> {
+        let db = self.db()?;
+        let cf = db.cf_handle(CF_AGENTS).ok_or(StoreError::Unavailable)?;
+        let mut out = HashMap::new();
+        for item in db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let rec = AgentRecord::decode(&*v).map_err(|e| StoreError::Corrupt {
+                offset: 0,
+                message: format!("agent record {:?}: {e}", String::from_utf8_lossy(&k)),
+            })?;
+            out.insert(rec.agent_id.clone(), rec);
+        }
+        Ok(out)
+    }
+
+    /// Writes one group atomically. Offsets in `group.batch_events` must run
+    /// from the current next offset up to `group.next_offset - 1`.
+    pub fn commit(&self, group: &PreparedGroup, sync: bool) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let (Some(ev), Some(ti), Some(ag), Some(meta)) = (
+            db.cf_handle(CF_EVENTS),
+            db.cf_handle(CF_TINDEX),
+            db.cf_handle(CF_AGENTS),
+            db.cf_handle(CF_META),
+        ) else {
+            return Err(StoreError::Unavailable);
+        };
+        let mut wb = WriteBatch::default();
+        let mut buf = Vec::with_capacity(512);
+        if let Some(first) = group.batch_events.first() {
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&be(group.stored_at as u64));
+            key[8..].copy_from_slice(&be(first.offset));
+            wb.put_cf(ti, key, []);
+        }
+        for e in &group.batch_events {
+            buf.clear();
+            e.encode(&mut buf).map_err(|err| StoreError::Corrupt {
+                offset: e.offset,
+                message: err.to_string(),
+            })?;
+            wb.put_cf(ev, be(e.offset), &buf);
+        }
+        for (id, rec) in &group.agents {
+            wb.put_cf(ag, id.as_bytes(), rec.encode_to_vec());
+        }
+        wb.put_cf(meta, KEY_NEXT, be(group.next_offset));
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        db.write_opt(wb, &wo).map_err(|e| self.rocks(e))?;
+        self.next_offset.store(group.next_offset, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Events from `from` on (offset order), at most `max`.
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>, StoreError> {
+        self.scan(from, u64::MAX, max, |_| true)
+    }
+
+    fn scan(
+        &self,
+        from: u64,
+        to_inclusive: u64,
+        max: usize,
+        mut keep: impl FnMut(&Event) -> bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        let db = self.db()?;
+        let cf = db.cf_handle(CF_EVENTS).ok_or(StoreError::Unavailable)?;
+        let start = be(from.max(self.first_offset()));
+        let mut out = Vec::new();
+        for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let off = read_u64(&k).unwrap_or(0);
+            if off > to_inclusive || out.len() >= max {
+                break;
+            }
+            let e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
+                offset: off,
+                message: err.to_string(),
+            })?;
+            if keep(&e) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// First offset of the first group stored at or after `t` (ns).
+    fn offset_at_time(&self, t: i64) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let cf = db.cf_handle(CF_TINDEX).ok_or(StoreError::Unavailable)?;
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&be(t.max(0) as u64));
+        let mut it = db.iterator_cf(cf, IteratorMode::From(&key, Direction::Forward));
+        match it.next() {
+            Some(item) => {
+                let (k, _) = item.map_err(|e| self.rocks(e))?;
+                Ok(k.get(8..).and_then(read_u64).unwrap_or_else(|| self.next_offset()))
+            }
+            None => Ok(self.next_offset()),
+        }
+    }
+
+    pub fn query(&self, q: &QuerySpec) -> Result<Vec<Event>, StoreError> {
+        let mut from = q.from_offset;
+        if q.from_time > 0 {
+            from = from.max(self.offset_at_time(q.from_time.saturating_sub(TIME_QUERY_SLACK_NS))?);
+        }
+        let to = if q.to_offset == 0 { u64::MAX } else { q.to_offset };
+        self.scan(from, to, q.limit, |e| {
+            (q.from_time == 0 || e.observed_at >= q.from_time)
+                && (q.to_time == 0 || e.observed_at <= q.to_time)
+                && q.filter.matches(e)
+        })
+    }
+
+    /// Bytes on disk for stored events: SST files plus memtables (whose
+    /// contents sit in RocksDB's own log until flushed).
+    pub fn wal_bytes(&self) -> u64 {
+        let Ok(db) = self.db() else { return 0 };
+        let Some(cf) = db.cf_handle(CF_EVENTS) else { return 0 };
+        let sst = db
+            .property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let mem = db
+            .property_int_value_cf(cf, rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        sst + mem
+    }
+
+    /// stored_at of the oldest event still held, if any.
+    pub fn oldest_stored_at(&self) -> Option<i64> {
+        self.read_from(self.first_offset(), 1)
+            .ok()?
+            .first()
+            .map(|e| e.stored_at)
+    }
+
+    /// Drops events stored before `now - max_age`, then, while the store is
+    /// over `max_bytes` (0 = no cap), the oldest ones. Deletes whole offset
+    /// ranges with range tombstones and compacts them away, so the cost does
+    /// not depend on how many events go.
+    pub fn enforce_retention(
+        &self,
+        now_ns: i64,
+        max_age: std::time::Duration,
+        max_bytes: u64,
+    ) -> Result<RetentionReport, StoreError> {
+        let mut report = RetentionReport::default();
+        let cutoff = now_ns.saturating_sub(max_age.as_nanos().min(i64::MAX as u128) as i64);
+        let age_cut = self.offset_at_time(cutoff)?;
+        let first = self.first_offset();
+        if age_cut > first {
+            self.drop_before(age_cut, cutoff)?;
+            report.deleted_by_age = age_cut - first;
+        }
+        if max_bytes > 0 {
+            // Each pass removes the share of events that puts the store ~10%
+            // under the cap; a few passes absorb estimation error.
+            for _ in 0..8 {
+                let size = self.wal_bytes();
+                let count = self.event_count();
+                if size <= max_bytes || count == 0 {
+                    break;
+                }
+                let target = max_bytes - max_bytes / 10;
+                let excess = size - target.min(size);
+                let per_event = (size / count).max(1);
+                let n = (excess / per_event).clamp(1, count);
+                let first = self.first_offset();
+                let cut = first + n;
+                let cut_time = self
+                    .read_from(cut, 1)?
+                    .first()
+                    .map(|e| e.stored_at)
+                    .unwrap_or(now_ns);
+                self.drop_before(cut, cut_time)?;
+                report.deleted_by_size += n;
+                self.flush()?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn drop_before(&self, cut: u64, time_cut: i64) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let (Some(ev), Some(ti), Some(meta)) = (
+            db.cf_handle(CF_EVENTS),
+            db.cf_handle(CF_TINDEX),
+            db.cf_handle(CF_META),
+        ) else {
+            return Err(StoreError::Unavailable);
+        };
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(ev, be(0), be(cut));
+        let mut tcut = [0u8; 16];
+        tcut[..8].copy_from_slice(&be(time_cut.max(0) as u64));
+        wb.delete_range_cf(ti, [0u8; 16], tcut);
+        wb.put_cf(meta, KEY_FIRST, be(cut));
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo).map_err(|e| self.rocks(e))?;
+        self.first_offset.store(cut, Ordering::SeqCst);
+        db.compact_range_cf(ev, None::<&[u8]>, Some(&be(cut)[..]));
+        Ok(())
+    }
+
+    /// Flushes memtables to SST files (fast restart, accurate sizes).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        db.flush_wal(true).map_err(|e| self.rocks(e))?;
+        db.flush().map_err(|e| self.rocks(e))
+    }
+
+    /// Closes the database after flushing; later calls get `Unavailable`.
+    pub fn close(&self) -> Result<(), StoreError> {
+        let flushed = self.flush();
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = guard.take() {
+            let mut db = db;
+            while let Err(again) = Arc::try_unwrap(db) {
+                db = again;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        flushed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amoskys_proto::event::Payload;
+    use amoskys_proto::SyntheticEvent;
+
+    fn ev(agent: &str, seq: u64, offset: u64, stored_at: i64, size: usize) -> Event {
+        Event {
+            agent_id: agent.into(),
+            seq,
+            offset,
+            stored_at,
+            observed_at: stored_at,
+            collector: "synthetic".into(),
+            payload: Some(Payload::Synthetic(SyntheticEvent {
+                n: seq,
+                data: (0..size).map(|i| (i as u64 * 2_654_435_761 + seq) as u8).collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn write(store: &Store, n: u64, stored_at: i64, size: usize) {
+        let start = store.next_offset();
+        let events: Vec<Event> = (0..n).map(|i| ev("a", start + i, start + i, stored_at, size)).collect();
+        store
+            .commit(
+                &PreparedGroup {
+                    batch_events: events,
+                    agents: HashMap::new(),
+                    next_offset: start + n,
+                    stored_at,
+                },
+                false,
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn offsets_survive_reopen_and_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        write(&s, 10, 1_000, 10);
+        assert_eq!(s.next_offset(), 11);
+        s.enforce_retention(2_000 + 60_000_000_000, std::time::Duration::from_secs(60), 0)
+            .unwrap();
+        assert_eq!(s.first_offset(), 11, "everything was older than the limit");
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!((s.first_offset(), s.next_offset()), (11, 11));
+        write(&s, 1, 5_000, 10);
+        assert_eq!(s.read_from(0, 10).unwrap()[0].offset, 11, "offsets never reused");
+    }
+
+    #[test]
+    fn age_retention_keeps_what_is_young() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let sec = 1_000_000_000i64;
+        write(&s, 5, 100 * sec, 10);
+        write(&s, 5, 200 * sec, 10);
+        write(&s, 5, 300 * sec, 10);
+        let r = s
+            .enforce_retention(320 * sec, std::time::Duration::from_secs(150), 0)
+            .unwrap();
+        assert_eq!(r.deleted_by_age, 5);
+        let left = s.read_from(0, 100).unwrap();
+        assert_eq!(left.len(), 10);
+        assert!(left.iter().all(|e| e.stored_at >= 200 * sec));
+    }
+
+    #[test]
+    fn size_cap_drops_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let now = 1_000_000_000_000i64;
+        for _ in 0..20 {
+            write(&s, 500, now, 1000);
+        }
+        s.flush().unwrap();
+        let before = s.wal_bytes();
+        assert!(before > 8_000_000, "wrote ~10MB, store holds {before}");
+        let cap = 2_000_000;
+        let r = s.enforce_retention(now, std::time::Duration::from_secs(3600), cap).unwrap();
+        assert!(r.deleted_by_size > 0);
+        assert!(s.wal_bytes() <= cap, "store at {} over cap {cap}", s.wal_bytes());
+        let left = s.read_from(0, usize::MAX).unwrap();
+        assert_eq!(left.last().map(|e| e.offset), Some(10_000), "newest kept");
+        assert_eq!(left.first().map(|e| e.offset), Some(s.first_offset()));
+        assert_eq!(left.len() as u64, s.event_count());
+    }
+
+    #[test]
+    fn time_query_filters_on_observed_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let sec = 1_000_000_000i64;
+        for t in [100, 200, 300] {
+            write(&s, 3, t * sec, 5);
+        }
+        let got = s
+            .query(&QuerySpec {
+                from_time: 150 * sec,
+                to_time: 250 * sec,
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|e| e.observed_at == 200 * sec));
+    }
+}

@@ -1,0 +1,379 @@
+//! mTLS for the bus: certificate loading, hot reload, the accept loop that
+//! hands authenticated connections to tonic, and client configuration.
+//!
+//! The server keeps its `rustls::ServerConfig` behind a lock and rebuilds it
+//! whenever `tls.crt`, `tls.key` or `ca.crt` change on disk. New handshakes
+//! take the current config; established connections keep the one they were
+//! made with, so streams in flight never notice a rotation.
+
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
+use tracing::{info, warn};
+
+use crate::auth::PeerIdentity;
+use crate::metrics::{BusMetrics, reason};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("TLS configuration from {dir}: {source}")]
+    Rustls {
+        dir: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client verifier from {dir}: {message}")]
+    Verifier { dir: PathBuf, message: String },
+}
+
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses every certificate in a PEM buffer.
+pub fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate found".into());
+    }
+    Ok(certs)
+}
+
+/// The three files of a cert-manager style TLS directory, read once.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub dir: PathBuf,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub ca_pem: Vec<u8>,
+}
+
+impl TlsMaterial {
+    pub fn read(dir: &Path) -> Result<Self, TlsError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cert_pem: read("tls.crt")?,
+            key_pem: read("tls.key")?,
+            ca_pem: read("ca.crt")?,
+        })
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&self.cert_pem, &self.key_pem, &self.ca_pem).hash(&mut h);
+        h.finish()
+    }
+
+    fn pem_err(&self, file: &str, message: String) -> TlsError {
+        TlsError::Pem {
+            path: self.dir.join(file),
+            message,
+        }
+    }
+
+    pub fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        pem_certs(&self.cert_pem).map_err(|m| self.pem_err("tls.crt", m))
+    }
+
+    pub fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| self.pem_err("tls.key", format!("bad PEM private key: {e}")))
+    }
+
+    pub fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in pem_certs(&self.ca_pem).map_err(|m| self.pem_err("ca.crt", m))? {
+            roots
+                .add(c)
+                .map_err(|e| self.pem_err("ca.crt", format!("unusable CA certificate: {e}")))?;
+        }
+        Ok(roots)
+    }
+
+    /// A server config that requires a client certificate chaining to ca.crt.
+    pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
+        let provider = crypto_provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Verifier {
+                dir: self.dir.clone(),
+                message: e.to_string(),
+            })?;
+        let rustls_err = |source| TlsError::Rustls {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut cfg = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(rustls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.certs()?, self.key()?)
+            .map_err(rustls_err)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
+    }
+
+    /// Serial (hex) of the leaf certificate, for status and logs.
+    pub fn leaf_serial(&self) -> Option<String> {
+        let der = self.certs().ok()?.into_iter().next()?;
+        PeerIdentity::from_der(&der).ok().map(|p| p.serial)
+    }
+}
+
+/// The server's TLS config, rebuilt when its files change.
+pub struct ReloadingTls {
+    dir: PathBuf,
+    current: RwLock<Arc<ServerConfig>>,
+    fingerprint: Mutex<u64>,
+    serial: RwLock<String>,
+    metrics: Arc<BusMetrics>,
+}
+
+impl ReloadingTls {
+    pub fn load(dir: &Path, metrics: Arc<BusMetrics>) -> Result<Arc<Self>, TlsError> {
+        let m = TlsMaterial::read(dir)?;
+        let cfg = m.server_config()?;
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            current: RwLock::new(Arc::new(cfg)),
+            fingerprint: Mutex::new(m.fingerprint()),
+            serial: RwLock::new(m.leaf_serial().unwrap_or_default()),
+            metrics,
+        }))
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Serial of the server certificate now in use.
+    pub fn serial(&self) -> String {
+        self.serial.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the files; swaps the config when they changed and are valid.
+    /// A half-written or inconsistent set is refused and the old config kept
+    /// (the next check tries again).
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let m = TlsMaterial::read(&self.dir)?;
+        let fp = m.fingerprint();
+        let mut last = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == fp {
+            return Ok(false);
+        }
+        let cfg = m.server_config()?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+        *self.serial.write().unwrap_or_else(|p| p.into_inner()) = m.leaf_serial().unwrap_or_default();
+        *last = fp;
+        Ok(true)
+    }
+
+    /// Checks the files every `every` until `stop` fires.
+    pub fn spawn_watcher(self: &Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut last_err = String::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let me2 = me.clone();
+                match tokio::task::spawn_blocking(move || me2.reload_if_changed()).await {
+                    Ok(Ok(true)) => {
+                        me.metrics.tls_reloads.inc();
+                        last_err.clear();
+                        info!(dir = %me.dir.display(), serial = %me.serial(), "reloaded TLS certificate, key and CA bundle");
+                    }
+                    Ok(Ok(false)) => last_err.clear(),
+                    Ok(Err(e)) => {
+                        let msg = e.to_string();
+                        if msg != last_err {
+                            me.metrics.tls_reload_errors.inc();
+                            warn!(error = %msg, "TLS files changed but cannot be used yet; keeping the current ones");
+                            last_err = msg;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+}
+
+/// Connection info tonic attaches to each request on a TLS connection.
+#[derive(Clone, Debug)]
+pub struct TlsConnectInfo {
+    pub peer: PeerIdentity,
+    pub remote: SocketAddr,
+}
+
+/// An authenticated TLS connection.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: TlsConnectInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = TlsConnectInfo;
+    fn connect_info(&self) -> TlsConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Why a handshake failed, as a metric label.
+pub fn classify_handshake_error(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError, Error as R};
+    let Some(r) = e.get_ref().and_then(|inner| inner.downcast_ref::<R>()) else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => "closed",
+            io::ErrorKind::InvalidData => "protocol",
+            _ => "io",
+        };
+    };
+    match r {
+        R::NoCertificatesPresented => "no_client_cert",
+        R::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        R::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => "expired",
+        R::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
+            "not_yet_valid"
+        }
+        R::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        R::InvalidCertificate(_) => "bad_certificate",
+        R::AlertReceived(_) => "peer_alert",
+        R::NoApplicationProtocol => "no_alpn",
+        _ => "protocol",
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections, completes TLS handshakes concurrently, and
+/// yields authenticated connections until `stop` fires.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadingTls>,
+    metrics: Arc<BusMetrics>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(tls.current());
+            let tx = tx.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let why = classify_handshake_error(&e);
+                        metrics.tls_handshake_failures.get_or_create(&reason(why)).inc();
+                        tracing::debug!(%remote, reason = why, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failures.get_or_create(&reason("timeout")).inc();
+                        return;
+                    }
+                };
+                let peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|der| PeerIdentity::from_der(der));
+                let peer = match peer {
+                    Some(Ok(p)) => p,
+                    Some(Err(msg)) => {
+                        metrics.tls_handshake_failures.get_or_create(&reason("bad_certificate")).inc();
+                        warn!(%remote, error = %msg, "client certificate unreadable");
+                        return;
+                    }
+                    None => {
+                        metrics.tls_handshake_failures.get_or_create(&reason("no_client_cert")).inc();
+                        return;
+                    }
+                };
+                let _ = tx
+                    .send(Ok(TlsConn {
+                        inner: stream,
+                        info: TlsConnectInfo { peer, remote },
+                    }))
+                    .await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,9 @@
+//! The AMOSKYS wire contract: `amoskys.v1` messages and the `EventBus` and
+//! `Admin` gRPC services, generated from `proto/amoskys/v1/*.proto`.
+
+pub mod v1 {
+    #![allow(clippy::large_enum_variant, clippy::doc_overindented_list_items)]
+    tonic::include_proto!("amoskys.v1");
+}
+
+pub use v1::*;

@@ -1,0 +1,451 @@
+//! `amoskys`: the one multi-call binary. It parses flags and calls the crates.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use amoskys_eventbus::bench::{self, BenchOptions};
+use amoskys_eventbus::client::{BusClient, ClientOptions};
+use amoskys_eventbus::config::{self, BusOverrides};
+use amoskys_eventbus::pki::{self, DevPkiOptions};
+use amoskys_proto::{Filter, QueryRequest, Severity, TailRequest};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod output;
+
+#[derive(Parser)]
+#[command(name = "amoskys", version, about = "AMOSKYS security telemetry platform")]
+struct Cli {
+    /// Log format: text for terminals, json for clusters (default: json when
+    /// running in Kubernetes, text otherwise).
+    #[arg(long, global = true, value_enum, env = "AMOSKYS_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run everything locally: a dev PKI and the bus (agents join with their crate).
+    Up(UpArgs),
+    /// Run the EventBus.
+    Bus(BusArgs),
+    /// Certificates for local use.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Read events from a bus.
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Publish synthetic events and report durable throughput and ack latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where the PKI and the WAL live (default: the user's data directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    http: String,
+}
+
+#[derive(Args)]
+struct BusArgs {
+    /// YAML config file; flags override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC (mTLS) address.
+    #[arg(long)]
+    listen: Option<String>,
+    /// HTTP address for /metrics, /healthz, /readyz.
+    #[arg(long)]
+    http: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory with tls.crt, tls.key and ca.crt (reloaded when they change).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Keep events this long (e.g. 7d, 12h).
+    #[arg(long)]
+    retention: Option<String>,
+    /// Cap on stored bytes (e.g. 20GiB); oldest events go first.
+    #[arg(long)]
+    max_bytes: Option<String>,
+    /// always | batch | never: when writes are fsynced before acks.
+    #[arg(long)]
+    sync: Option<String>,
+    /// Largest gRPC message accepted (e.g. 4MiB).
+    #[arg(long)]
+    max_message_bytes: Option<String>,
+    /// Client batches that may wait for the writer.
+    #[arg(long)]
+    queue_depth: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA and bus/agent/reader/admin certificates (cert-manager layout).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS names for the bus certificate (localhost is always there).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Extra IPs for the bus certificate (127.0.0.1 and ::1 are always there).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Overwrite an existing PKI in --out.
+        #[arg(long)]
+        force: bool,
+        /// Leaf certificate lifetime (e.g. 90d).
+        #[arg(long, default_value = "90d")]
+        validity: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    #[arg(long, default_value = "https://127.0.0.1:7443", env = "AMOSKYS_BUS")]
+    bus: String,
+    /// Directory with this client's tls.crt, tls.key and ca.crt.
+    #[arg(long, env = "AMOSKYS_TLS_DIR")]
+    tls_dir: PathBuf,
+    /// Name to verify the bus certificate against (default: the URL's host).
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+impl Conn {
+    fn options(&self) -> ClientOptions {
+        let mut o = ClientOptions::new(self.bus.clone(), self.tls_dir.clone());
+        o.server_name = self.server_name.clone();
+        o
+    }
+}
+
+#[derive(Args, Clone)]
+struct FilterArgs {
+    #[arg(long)]
+    collector: Vec<String>,
+    #[arg(long)]
+    agent: Vec<String>,
+    /// debug | info | notice | warning | error | critical: this and above.
+    #[arg(long)]
+    severity: Option<String>,
+    /// Case-insensitive text to find in the event.
+    #[arg(long)]
+    text: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    output: output::Format,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> Result<Filter> {
+        let min_severity = match &self.severity {
+            None => Severity::Unspecified,
+            Some(s) => Severity::from_str_name(&format!("SEVERITY_{}", s.to_ascii_uppercase()))
+                .with_context(|| format!("--severity: {s:?} is not one of debug, info, notice, warning, error, critical"))?,
+        };
+        Ok(Filter {
+            collectors: self.collector.clone(),
+            agent_ids: self.agent.clone(),
+            min_severity: min_severity as i32,
+            text: self.text.clone().unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Stored events by offset or time range.
+    Query {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, default_value_t = 0)]
+        from_offset: u64,
+        #[arg(long, default_value_t = 0)]
+        to_offset: u64,
+        /// RFC 3339 time or a duration ago (e.g. 15m).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Follow events as they are stored.
+    Tail {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Start at this offset instead of now.
+        #[arg(long)]
+        from_offset: Option<u64>,
+        /// Stop after this many events (0 = never).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 200)]
+    event_bytes: usize,
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Total events per second (default: as fast as acks allow).
+    #[arg(long)]
+    rate: Option<u64>,
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    #[arg(long, default_value = "bench")]
+    agent_prefix: String,
+}
+
+fn init_logging(fmt: Option<LogFormat>) {
+    let json = match fmt {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMOSKYS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn parse_time(flag: &str, s: &str) -> Result<i64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64);
+    }
+    let ago = humantime::parse_duration(s)
+        .with_context(|| format!("{flag}: {s:?} is neither an RFC 3339 time nor a duration like 15m"))?;
+    let t = std::time::SystemTime::now() - ago;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64)
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        r = tokio::signal::ctrl_c() => { r?; tracing::info!("interrupt: draining"); }
+    }
+    Ok(())
+}
+
+async fn run_bus(cfg: amoskys_eventbus::BusConfig) -> Result<()> {
+    let bus = amoskys_eventbus::start(cfg).await?;
+    let stop = bus.stop_token();
+    tokio::spawn(async move {
+        if let Err(e) = wait_for_signal().await {
+            tracing::error!(error = %e, "signal handling failed; stopping");
+        }
+        stop.cancel();
+    });
+    bus.wait().await?;
+    Ok(())
+}
+
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(d).join("amoskys"));
+    }
+    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/amoskys"))
+}
+
+async fn up(a: UpArgs) -> Result<()> {
+    let dir = match a.data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let pki_dir = dir.join("pki");
+    if pki::dev_pki_exists(&pki_dir) {
+        tracing::info!(dir = %pki_dir.display(), "reusing dev PKI");
+    } else {
+        pki::init_dev_pki(&DevPkiOptions::new(&pki_dir))?;
+        tracing::info!(dir = %pki_dir.display(), "created dev PKI");
+    }
+    let cfg = config::resolve(
+        config::BusConfigFile::default(),
+        BusOverrides {
+            listen: Some(a.listen.clone()),
+            http: Some(a.http.clone()),
+            data_dir: Some(dir.join("bus")),
+            tls_dir: Some(pki_dir.join("bus")),
+            ..Default::default()
+        },
+    )?;
+    let bus = amoskys_eventbus::start(cfg).await?;
+    let admin = pki_dir.join("admin");
+    println!("AMOSKYS is up.");
+    println!("  bus (gRPC, mTLS): https://{}", bus.grpc_addr);
+    println!("  metrics:          http://{}/metrics", bus.http_addr);
+    println!("  readiness:        http://{}/readyz", bus.http_addr);
+    println!("  query events:     amoskys events query --bus https://{} --tls-dir {}", bus.grpc_addr, admin.display());
+    println!("  follow events:    amoskys events tail --bus https://{} --tls-dir {}", bus.grpc_addr, admin.display());
+    println!("  load test:        amoskys bench --bus https://{} --tls-dir {} --events 100000", bus.grpc_addr, pki_dir.join("agent").display());
+    println!("Ctrl-C stops everything.");
+    let stop = bus.stop_token();
+    tokio::spawn(async move {
+        let _ = wait_for_signal().await;
+        stop.cancel();
+    });
+    bus.wait().await?;
+    Ok(())
+}
+
+async fn events(cmd: EventsCmd) -> Result<()> {
+    match cmd {
+        EventsCmd::Query {
+            conn,
+            filter,
+            from_offset,
+            to_offset,
+            since,
+            until,
+            limit,
+        } => {
+            let req = QueryRequest {
+                from_offset,
+                to_offset,
+                from_time: since.as_deref().map(|s| parse_time("--since", s)).transpose()?.unwrap_or(0),
+                to_time: until.as_deref().map(|s| parse_time("--until", s)).transpose()?.unwrap_or(0),
+                filter: Some(filter.filter()?),
+                limit,
+            };
+            let mut client = BusClient::connect(&conn.options()).await?;
+            let events = client.query(req).await?;
+            let mut out = output::Printer::new(filter.output);
+            for e in &events {
+                out.print(e)?;
+            }
+        }
+        EventsCmd::Tail {
+            conn,
+            filter,
+            from_offset,
+            limit,
+        } => {
+            let req = TailRequest {
+                from_offset: from_offset.unwrap_or(0),
+                from_now: from_offset.is_none(),
+                filter: Some(filter.filter()?),
+            };
+            let mut client = BusClient::connect(&conn.options()).await?;
+            let mut stream = client.tail(req).await?;
+            let mut out = output::Printer::new(filter.output);
+            let mut seen = 0u64;
+            while let Some(chunk) = stream.message().await? {
+                for e in &chunk.events {
+                    out.print(e)?;
+                    seen += 1;
+                    if limit > 0 && seen >= limit {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.agents == 0 || a.batch == 0 || a.window == 0 {
+        bail!("--agents, --batch and --window must be at least 1");
+    }
+    let report = bench::run(BenchOptions {
+        client: a.conn.options(),
+        events: a.events,
+        event_bytes: a.event_bytes,
+        agents: a.agents,
+        rate: a.rate,
+        batch: a.batch,
+        window: a.window,
+        agent_prefix: a.agent_prefix,
+    })
+    .await;
+    for e in &report.errors {
+        println!("bench: error: {e}");
+    }
+    if report.acked < report.events {
+        println!(
+            "bench: the bus failed mid-run: {} of {} events were acked (durable) before it did",
+            report.acked, report.events
+        );
+    }
+    println!("{}", report.line());
+    if report.acked == 0 && !report.errors.is_empty() {
+        bail!("no event was acked");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Up(a) => up(a).await,
+        Cmd::Bus(a) => {
+            let file = match &a.config {
+                Some(p) => config::read_config_file(p)?,
+                None => config::BusConfigFile::default(),
+            };
+            let cfg = config::resolve(
+                file,
+                BusOverrides {
+                    listen: a.listen,
+                    http: a.http,
+                    data_dir: a.data_dir,
+                    tls_dir: a.tls_dir,
+                    retention: a.retention,
+                    max_bytes: a.max_bytes,
+                    sync: a.sync,
+                    max_message_bytes: a.max_message_bytes,
+                    queue_depth: a.queue_depth,
+                },
+            )?;
+            run_bus(cfg).await
+        }
+        Cmd::Pki(PkiCmd::Init {
+            out,
+            dns,
+            ip,
+            force,
+            validity,
+        }) => {
+            let mut o = DevPkiOptions::new(out);
+            o.dns = dns;
+            o.ips = ip;
+            o.force = force;
+            o.leaf_validity = config::parse_duration("--validity", &validity)?;
+            pki::init_dev_pki(&o)?;
+            println!("wrote a CA and bus, agent, reader, admin certificates under {}", o.out.display());
+            Ok(())
+        }
+        Cmd::Events(cmd) => events(cmd).await,
+        Cmd::Bench(a) => bench_cmd(a).await,
+    }
+}
