@@ -16,7 +16,11 @@ use amoskys_proto::{Event, Filter, Hello, QueryRequest, Severity, SyntheticEvent
 const BIN: &str = env!("CARGO_BIN_EXE_amoskys");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Bus {
@@ -33,7 +37,11 @@ impl Drop for Bus {
 }
 
 fn pki(dir: &Path) {
-    let st = Command::new(BIN).args(["pki", "init", "--out"]).arg(dir).status().unwrap();
+    let st = Command::new(BIN)
+        .args(["pki", "init", "--out"])
+        .arg(dir)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -48,6 +56,7 @@ fn start_bus(root: &Path, sync: &str, ports: Option<(u16, u16)>) -> Bus {
         .arg("--tls-dir")
         .arg(root.join("pki/bus"))
         .args(["--sync", sync])
+        .env("AMOSKYS_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -75,7 +84,10 @@ fn wait_ready(bus: &Bus) {
 }
 
 fn opts(bus: &Bus, root: &Path, who: &str) -> ClientOptions {
-    ClientOptions::new(format!("https://127.0.0.1:{}", bus.grpc), root.join("pki").join(who))
+    ClientOptions::new(
+        format!("https://127.0.0.1:{}", bus.grpc),
+        root.join("pki").join(who),
+    )
 }
 
 fn event(agent: &str, seq: u64) -> Event {
@@ -85,7 +97,10 @@ fn event(agent: &str, seq: u64) -> Event {
         collector: "synthetic".into(),
         severity: Severity::Info as i32,
         observed_at: 1,
-        payload: Some(Payload::Synthetic(SyntheticEvent { n: seq, data: vec![1; 150] })),
+        payload: Some(Payload::Synthetic(SyntheticEvent {
+            n: seq,
+            data: vec![1; 150],
+        })),
         ..Default::default()
     }
 }
@@ -99,7 +114,9 @@ fn hello(agent: &str) -> Hello {
 }
 
 async fn stored_seqs(bus: &Bus, root: &Path, agent: &str) -> Vec<u64> {
-    let mut r = BusClient::connect(&opts(bus, root, "reader")).await.unwrap();
+    let mut r = BusClient::connect(&opts(bus, root, "reader"))
+        .await
+        .unwrap();
     let mut seqs = Vec::new();
     let mut from = 0;
     loop {
@@ -124,18 +141,30 @@ async fn stored_seqs(bus: &Bus, root: &Path, agent: &str) -> Vec<u64> {
 
 /// Publishes `agent`'s events from `from` on, as fast as acks allow, until
 /// the stream breaks or `until` is reached; records the highest ack.
-async fn publish_until_broken(o: ClientOptions, agent: &str, from: u64, until: u64, acked: Arc<AtomicU64>) {
-    let Ok(mut c) = BusClient::connect(&o).await else { return };
-    let Ok(mut p) = c.publisher(hello(agent), 32).await else { return };
+async fn publish_until_broken(
+    o: ClientOptions,
+    agent: String,
+    from: u64,
+    until: u64,
+    acked: Arc<AtomicU64>,
+) {
+    let Ok(mut c) = BusClient::connect(&o).await else {
+        return;
+    };
+    let Ok(mut p) = c.publisher(hello(&agent), 32).await else {
+        return;
+    };
     let sender = p.sender();
-    let agent2 = agent.to_string();
+    let agent2 = agent.clone();
     let producer = tokio::spawn(async move {
         let mut seq = from;
         while seq <= until {
             let hi = (seq + 199).min(until);
             let batch = (seq..=hi).map(|s| event(&agent2, s)).collect();
             let req = amoskys_proto::PublishRequest {
-                msg: Some(amoskys_proto::publish_request::Msg::Batch(amoskys_proto::Batch { events: batch })),
+                msg: Some(amoskys_proto::publish_request::Msg::Batch(
+                    amoskys_proto::Batch { events: batch },
+                )),
             };
             if sender.send(req).await.is_err() {
                 return;
@@ -164,7 +193,13 @@ async fn kill_9_during_publishing_loses_nothing_acked_and_stores_once() {
         let mut bus = start_bus(root, sync, None);
         let acked = Arc::new(AtomicU64::new(0));
         let total = 2_000_000u64;
-        let pub_task = tokio::spawn(publish_until_broken(opts(&bus, root, "agent"), &agent.clone(), 1, total, acked.clone()));
+        let pub_task = tokio::spawn(publish_until_broken(
+            opts(&bus, root, "agent"),
+            agent.clone(),
+            1,
+            total,
+            acked.clone(),
+        ));
         // Let a good amount be acked, then kill the bus mid-stream.
         let deadline = Instant::now() + Duration::from_secs(60);
         while acked.load(Ordering::SeqCst) < 20_000 && Instant::now() < deadline {
@@ -174,24 +209,48 @@ async fn kill_9_during_publishing_loses_nothing_acked_and_stores_once() {
         bus.child.wait().unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(10), pub_task).await;
         let acked_before = acked.load(Ordering::SeqCst);
-        assert!(acked_before >= 20_000, "publishing was under way ({acked_before} acked)");
+        assert!(
+            acked_before >= 20_000,
+            "publishing was under way ({acked_before} acked)"
+        );
 
         let ports = (bus.grpc, bus.http);
         drop(bus);
         let bus = start_bus(root, sync, Some(ports));
         let stored = stored_seqs(&bus, root, &agent).await;
-        assert!(stored.len() as u64 >= acked_before, "every acked event survived: {} < {acked_before}", stored.len());
-        assert_eq!(stored, (1..=stored.len() as u64).collect::<Vec<_>>(), "in order, no gaps, no duplicates");
+        assert!(
+            stored.len() as u64 >= acked_before,
+            "every acked event survived: {} < {acked_before}",
+            stored.len()
+        );
+        assert_eq!(
+            stored,
+            (1..=stored.len() as u64).collect::<Vec<_>>(),
+            "in order, no gaps, no duplicates"
+        );
 
         // The client resends from what it knew was acked (some are duplicates).
         let resend_from = acked_before.saturating_sub(500).max(1);
         let end = stored.len() as u64 + 1000;
         let acked2 = Arc::new(AtomicU64::new(0));
-        publish_until_broken(opts(&bus, root, "agent"), &agent, resend_from, end, acked2.clone()).await;
+        publish_until_broken(
+            opts(&bus, root, "agent"),
+            agent.clone(),
+            resend_from,
+            end,
+            acked2.clone(),
+        )
+        .await;
         assert_eq!(acked2.load(Ordering::SeqCst), end);
         let stored = stored_seqs(&bus, root, &agent).await;
-        assert_eq!(stored, (1..=end).collect::<Vec<_>>(), "resends were not stored twice");
-        eprintln!("sync={sync}: acked before kill {acked_before}, stored after restart {end} exactly once");
+        assert_eq!(
+            stored,
+            (1..=end).collect::<Vec<_>>(),
+            "resends were not stored twice"
+        );
+        eprintln!(
+            "sync={sync}: acked before kill {acked_before}, stored after restart {end} exactly once"
+        );
     }
 }
 
@@ -201,13 +260,24 @@ async fn sigterm_drains_acks_and_exits_zero() {
     let root = tmp.path();
     pki(&root.join("pki"));
     let mut bus = start_bus(root, "batch", None);
-    let mut c = BusClient::connect(&opts(&bus, root, "agent")).await.unwrap();
+    let mut c = BusClient::connect(&opts(&bus, root, "agent"))
+        .await
+        .unwrap();
     let mut p = c.publisher(hello("term"), 64).await.unwrap();
     for i in 0..50u64 {
-        p.send((i * 100 + 1..=i * 100 + 100).map(|s| event("term", s)).collect()).await.unwrap();
+        p.send(
+            (i * 100 + 1..=i * 100 + 100)
+                .map(|s| event("term", s))
+                .collect(),
+        )
+        .await
+        .unwrap();
     }
     let pid = bus.child.id();
-    let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     // Whatever the bus acked before closing the stream is durable.
     let mut acked = 0;
@@ -222,7 +292,11 @@ async fn sigterm_drains_acks_and_exits_zero() {
     drop(bus);
     let bus = start_bus(root, "batch", Some(ports));
     let stored = stored_seqs(&bus, root, "term").await;
-    assert!(stored.len() as u64 >= acked, "acked {acked}, stored {}", stored.len());
+    assert!(
+        stored.len() as u64 >= acked,
+        "acked {acked}, stored {}",
+        stored.len()
+    );
     assert_eq!(stored, (1..=stored.len() as u64).collect::<Vec<_>>());
 }
 
@@ -255,28 +329,53 @@ fn bad_config_or_flag_exits_nonzero_naming_the_field() {
         (vec!["--sync".into(), "sometimes".into()], "sync"),
         (vec!["--retention".into(), "forever".into()], "retention"),
         (vec!["--max-bytes".into(), "12 parsecs".into()], "maxBytes"),
-        (vec!["--max-message-bytes".into(), "1".into()], "maxMessageBytes"),
         (
-            vec!["--config".into(), cfg("typo.yaml", "retension: 7d\n").display().to_string()],
+            vec!["--max-message-bytes".into(), "1".into()],
+            "maxMessageBytes",
+        ),
+        (
+            vec![
+                "--config".into(),
+                cfg("typo.yaml", "retension: 7d\n").display().to_string(),
+            ],
             "retension",
         ),
         (
-            vec!["--config".into(), cfg("type.yaml", "queueDepth: lots\n").display().to_string()],
+            vec![
+                "--config".into(),
+                cfg("type.yaml", "queueDepth: lots\n").display().to_string(),
+            ],
             "queueDepth",
         ),
         (
-            vec!["--config".into(), cfg("val.yaml", "shutdownGrace: never\n").display().to_string()],
+            vec![
+                "--config".into(),
+                cfg("val.yaml", "shutdownGrace: never\n")
+                    .display()
+                    .to_string(),
+            ],
             "shutdownGrace",
         ),
     ];
     for (args, field) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let err = run_bus_expecting_failure(&args, root);
-        assert!(err.contains(field), "{args:?}: error should name {field}: {err}");
+        assert!(
+            err.contains(field),
+            "{args:?}: error should name {field}: {err}"
+        );
     }
     // And a missing TLS directory is named too.
     let out = Command::new(BIN)
-        .args(["bus", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--tls-dir", "/nonexistent/tls"])
+        .args([
+            "bus",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--tls-dir",
+            "/nonexistent/tls",
+        ])
         .arg("--data-dir")
         .arg(root.join("d2"))
         .output()
@@ -296,11 +395,19 @@ fn pki_init_refuses_to_overwrite_without_force() {
         }
     }
     let before = std::fs::read(dir.join("ca/tls.crt")).unwrap();
-    let out = Command::new(BIN).args(["pki", "init", "--out"]).arg(&dir).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["pki", "init", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(std::fs::read(dir.join("ca/tls.crt")).unwrap(), before);
-    let st = Command::new(BIN).args(["pki", "init", "--force", "--out"]).arg(&dir).status().unwrap();
+    let st = Command::new(BIN)
+        .args(["pki", "init", "--force", "--out"])
+        .arg(&dir)
+        .status()
+        .unwrap();
     assert!(st.success());
     assert_ne!(std::fs::read(dir.join("ca/tls.crt")).unwrap(), before);
 }
@@ -313,34 +420,65 @@ async fn cli_query_prints_json_lines_with_offsets_and_bench_reports() {
     let bus = start_bus(root, "batch", None);
     let url = format!("https://127.0.0.1:{}", bus.grpc);
     let out = Command::new(BIN)
-        .args(["bench", "--bus", &url, "--events", "5000", "--agents", "2", "--batch", "100"])
+        .args([
+            "bench", "--bus", &url, "--events", "5000", "--agents", "2", "--batch", "100",
+        ])
         .arg("--tls-dir")
         .arg(root.join("pki/agent"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("bench: events=5000 acked=5000 eps="), "{last}");
+    assert!(
+        last.starts_with("bench: events=5000 acked=5000 eps="),
+        "{last}"
+    );
     assert!(last.contains("ack_p99_ms="));
 
     let out = Command::new(BIN)
-        .args(["events", "query", "--bus", &url, "--output", "json", "--limit", "3", "--agent", "bench-1"])
+        .args([
+            "events", "query", "--bus", &url, "--output", "json", "--limit", "3", "--agent",
+            "bench-1",
+        ])
         .arg("--tls-dir")
         .arg(root.join("pki/reader"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3);
-    assert!(lines.iter().all(|v| v["offset"].as_u64().is_some_and(|o| o > 0) && v["agent_id"] == "bench-1"));
+    assert!(
+        lines
+            .iter()
+            .all(|v| v["offset"].as_u64().is_some_and(|o| o > 0) && v["agent_id"] == "bench-1")
+    );
 
     // Tail from offset 1, stopping after 10 events.
     let out = Command::new(BIN)
-        .args(["events", "tail", "--bus", &url, "--output", "json", "--from-offset", "1", "--limit", "10"])
+        .args([
+            "events",
+            "tail",
+            "--bus",
+            &url,
+            "--output",
+            "json",
+            "--from-offset",
+            "1",
+            "--limit",
+            "10",
+        ])
         .arg("--tls-dir")
         .arg(root.join("pki/reader"))
         .output()
@@ -348,7 +486,11 @@ async fn cli_query_prints_json_lines_with_offsets_and_bench_reports() {
     assert!(out.status.success());
     let offsets: Vec<u64> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(offsets, (1..=10).collect::<Vec<_>>());
 }

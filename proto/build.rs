@@ -6,10 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // JSON for the CLI and the dashboard API.
         .type_attribute(".", "#[derive(serde::Serialize)]")
-        .compile_protos(
-        &["amoskys/v1/events.proto", "amoskys/v1/bus.proto"],
-        &["."],
-    )?;
+        .compile_protos(&["amoskys/v1/events.proto", "amoskys/v1/bus.proto"], &["."])?;
     println!("cargo:rerun-if-changed=amoskys");
     Ok(())
 }

@@ -11,10 +11,16 @@ use amoskys_proto::{Filter, QueryRequest, Severity, TailRequest};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+#[cfg(feature = "nats-anchor")]
+mod nats_anchor;
 mod output;
 
 #[derive(Parser)]
-#[command(name = "amoskys", version, about = "AMOSKYS security telemetry platform")]
+#[command(
+    name = "amoskys",
+    version,
+    about = "AMOSKYS security telemetry platform"
+)]
 struct Cli {
     /// Log format: text for terminals, json for clusters (default: json when
     /// running in Kubernetes, text otherwise).
@@ -217,6 +223,10 @@ struct BenchArgs {
     window: usize,
     #[arg(long, default_value = "bench")]
     agent_prefix: String,
+    /// Run the same workload against NATS JetStream at this URL instead
+    /// (the benchmark anchor; needs a build with `--features nats-anchor`).
+    #[arg(long)]
+    nats: Option<String>,
 }
 
 fn init_logging(fmt: Option<LogFormat>) {
@@ -227,7 +237,9 @@ fn init_logging(fmt: Option<LogFormat>) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("AMOSKYS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -239,8 +251,9 @@ fn parse_time(flag: &str, s: &str) -> Result<i64> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64);
     }
-    let ago = humantime::parse_duration(s)
-        .with_context(|| format!("{flag}: {s:?} is neither an RFC 3339 time nor a duration like 15m"))?;
+    let ago = humantime::parse_duration(s).with_context(|| {
+        format!("{flag}: {s:?} is neither an RFC 3339 time nor a duration like 15m")
+    })?;
     let t = std::time::SystemTime::now() - ago;
     Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64)
 }
@@ -271,7 +284,8 @@ fn default_data_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return Ok(PathBuf::from(d).join("amoskys"));
     }
-    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
     Ok(PathBuf::from(home).join(".local/share/amoskys"))
 }
 
@@ -303,9 +317,21 @@ async fn up(a: UpArgs) -> Result<()> {
     println!("  bus (gRPC, mTLS): https://{}", bus.grpc_addr);
     println!("  metrics:          http://{}/metrics", bus.http_addr);
     println!("  readiness:        http://{}/readyz", bus.http_addr);
-    println!("  query events:     amoskys events query --bus https://{} --tls-dir {}", bus.grpc_addr, admin.display());
-    println!("  follow events:    amoskys events tail --bus https://{} --tls-dir {}", bus.grpc_addr, admin.display());
-    println!("  load test:        amoskys bench --bus https://{} --tls-dir {} --events 100000", bus.grpc_addr, pki_dir.join("agent").display());
+    println!(
+        "  query events:     amoskys events query --bus https://{} --tls-dir {}",
+        bus.grpc_addr,
+        admin.display()
+    );
+    println!(
+        "  follow events:    amoskys events tail --bus https://{} --tls-dir {}",
+        bus.grpc_addr,
+        admin.display()
+    );
+    println!(
+        "  load test:        amoskys bench --bus https://{} --tls-dir {} --events 100000",
+        bus.grpc_addr,
+        pki_dir.join("agent").display()
+    );
     println!("Ctrl-C stops everything.");
     let stop = bus.stop_token();
     tokio::spawn(async move {
@@ -330,8 +356,16 @@ async fn events(cmd: EventsCmd) -> Result<()> {
             let req = QueryRequest {
                 from_offset,
                 to_offset,
-                from_time: since.as_deref().map(|s| parse_time("--since", s)).transpose()?.unwrap_or(0),
-                to_time: until.as_deref().map(|s| parse_time("--until", s)).transpose()?.unwrap_or(0),
+                from_time: since
+                    .as_deref()
+                    .map(|s| parse_time("--since", s))
+                    .transpose()?
+                    .unwrap_or(0),
+                to_time: until
+                    .as_deref()
+                    .map(|s| parse_time("--until", s))
+                    .transpose()?
+                    .unwrap_or(0),
                 filter: Some(filter.filter()?),
                 limit,
             };
@@ -375,6 +409,9 @@ async fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.agents == 0 || a.batch == 0 || a.window == 0 {
         bail!("--agents, --batch and --window must be at least 1");
     }
+    if let Some(url) = &a.nats {
+        return nats_bench(&a, url).await;
+    }
     let report = bench::run(BenchOptions {
         client: a.conn.options(),
         events: a.events,
@@ -400,6 +437,30 @@ async fn bench_cmd(a: BenchArgs) -> Result<()> {
         bail!("no event was acked");
     }
     Ok(())
+}
+
+#[cfg(feature = "nats-anchor")]
+async fn nats_bench(a: &BenchArgs, url: &str) -> Result<()> {
+    let report = nats_anchor::run(nats_anchor::NatsBench {
+        url,
+        tls_dir: &a.conn.tls_dir,
+        events: a.events,
+        event_bytes: a.event_bytes,
+        agents: a.agents,
+        rate: a.rate,
+        in_flight: a.batch * a.window,
+    })
+    .await?;
+    for e in &report.errors {
+        println!("bench: error: {e}");
+    }
+    println!("{}", report.line().replacen("bench:", "bench(nats):", 1));
+    Ok(())
+}
+
+#[cfg(not(feature = "nats-anchor"))]
+async fn nats_bench(_: &BenchArgs, _: &str) -> Result<()> {
+    bail!("--nats: this build has no NATS client; rebuild with `--features nats-anchor`")
 }
 
 #[tokio::main]
@@ -442,7 +503,10 @@ async fn main() -> Result<()> {
             o.force = force;
             o.leaf_validity = config::parse_duration("--validity", &validity)?;
             pki::init_dev_pki(&o)?;
-            println!("wrote a CA and bus, agent, reader, admin certificates under {}", o.out.display());
+            println!(
+                "wrote a CA and bus, agent, reader, admin certificates under {}",
+                o.out.display()
+            );
             Ok(())
         }
         Cmd::Events(cmd) => events(cmd).await,

@@ -25,23 +25,39 @@ fn ts(ns: i64) -> String {
 
 fn severity(s: i32) -> String {
     amoskys_proto::Severity::try_from(s)
-        .map(|v| v.as_str_name().trim_start_matches("SEVERITY_").to_ascii_lowercase())
+        .map(|v| {
+            v.as_str_name()
+                .trim_start_matches("SEVERITY_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|_| s.to_string())
 }
 
 /// A one-line human summary of the payload.
 fn summary(e: &Event) -> String {
     match &e.payload {
-        Some(Payload::Process(p)) => format!("{:?} pid={} ppid={} {}", p.kind(), p.pid, p.ppid, p.cmdline.join(" ")),
+        Some(Payload::Process(p)) => format!(
+            "{:?} pid={} ppid={} {}",
+            p.kind(),
+            p.pid,
+            p.ppid,
+            p.cmdline.join(" ")
+        ),
         Some(Payload::Flow(f)) => format!(
             "{}:{} -> {}:{} proto={} pkts={} bytes={}",
             f.src_ip, f.src_port, f.dst_ip, f.dst_port, f.protocol, f.packets, f.bytes
         ),
         Some(Payload::Snmp(s)) => format!("{:?} {} {}", s.kind(), s.target, s.sys_name),
         Some(Payload::Inventory(i)) => format!("{:?}", i.kind()),
-        Some(Payload::Heartbeat(h)) => format!("heartbeat produced={} spool={}B dropped={}", h.produced, h.spool_bytes, h.dropped),
+        Some(Payload::Heartbeat(h)) => format!(
+            "heartbeat produced={} spool={}B dropped={}",
+            h.produced, h.spool_bytes, h.dropped
+        ),
         Some(Payload::Alert(a)) => format!("{}: {}", a.rule, a.summary),
-        Some(Payload::Gap(g)) => format!("gap dropped={} seq {}..{} ({})", g.dropped, g.first_seq, g.last_seq, g.reason),
+        Some(Payload::Gap(g)) => format!(
+            "gap dropped={} seq {}..{} ({})",
+            g.dropped, g.first_seq, g.last_seq, g.reason
+        ),
         Some(Payload::Synthetic(s)) => format!("synthetic n={} {}B", s.n, s.data.len()),
         None => String::new(),
     }
@@ -58,7 +74,10 @@ fn payload_json(e: &Event) -> Value {
 
 impl Printer {
     pub fn new(format: Format) -> Self {
-        Self { format, header: false }
+        Self {
+            format,
+            header: false,
+        }
     }
 
     pub fn print(&mut self, e: &Event) -> std::io::Result<()> {
@@ -82,7 +101,11 @@ impl Printer {
             }
             Format::Table => {
                 if !self.header {
-                    writeln!(out, "{:>10}  {:<24}  {:<20}  {:<10}  {:<8}  SUMMARY", "OFFSET", "OBSERVED", "AGENT", "COLLECTOR", "SEVERITY")?;
+                    writeln!(
+                        out,
+                        "{:>10}  {:<24}  {:<20}  {:<10}  {:<8}  SUMMARY",
+                        "OFFSET", "OBSERVED", "AGENT", "COLLECTOR", "SEVERITY"
+                    )?;
                     self.header = true;
                 }
                 writeln!(

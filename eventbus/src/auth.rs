@@ -50,7 +50,9 @@ impl Permission {
     pub fn allowed(self, role: Role) -> bool {
         matches!(
             (self, role),
-            (_, Role::Admin) | (Permission::Publish, Role::Agent) | (Permission::Read, Role::Reader)
+            (_, Role::Admin)
+                | (Permission::Publish, Role::Agent)
+                | (Permission::Read, Role::Reader)
         )
     }
 }
@@ -66,8 +68,8 @@ pub struct PeerIdentity {
 impl PeerIdentity {
     /// Reads role, CN and serial from a DER client certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, String> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| format!("unparsable client certificate: {e}"))?;
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| format!("unparsable client certificate: {e}"))?;
         let common_name = cert
             .subject()
             .iter_common_name()
@@ -118,7 +120,11 @@ pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<PeerIdentity, Status> {
 }
 
 /// Checks `needed` for the caller of `req`.
-pub fn authorize<T>(req: &tonic::Request<T>, needed: Permission, rpc: &str) -> Result<PeerIdentity, Status> {
+pub fn authorize<T>(
+    req: &tonic::Request<T>,
+    needed: Permission,
+    rpc: &str,
+) -> Result<PeerIdentity, Status> {
     let peer = peer_of(req)?;
     peer.check(needed, rpc)?;
     Ok(peer)
@@ -130,15 +136,18 @@ mod tests {
 
     #[test]
     fn role_matrix() {
-        use Permission::*;
-        use Role::*;
-        assert!(Publish.allowed(Agent));
-        assert!(!Read.allowed(Agent));
-        assert!(!Admin.allowed(Agent));
-        assert!(!Publish.allowed(Reader));
-        assert!(Read.allowed(Reader));
-        assert!(!Admin.allowed(Reader));
-        assert!(Publish.allowed(Role::Admin) && Read.allowed(Role::Admin) && Admin.allowed(Role::Admin));
+        use Permission as P;
+        assert!(P::Publish.allowed(Role::Agent));
+        assert!(!P::Read.allowed(Role::Agent));
+        assert!(!P::Admin.allowed(Role::Agent));
+        assert!(!P::Publish.allowed(Role::Reader));
+        assert!(P::Read.allowed(Role::Reader));
+        assert!(!P::Admin.allowed(Role::Reader));
+        assert!(
+            [P::Publish, P::Read, P::Admin]
+                .iter()
+                .all(|p| p.allowed(Role::Admin))
+        );
     }
 
     #[test]
@@ -150,9 +159,15 @@ mod tests {
         .unwrap();
         for role in [Role::Agent, Role::Reader, Role::Admin] {
             let c = ca
-                .issue_client("who", role, crate::pki::Validity::from_now(std::time::Duration::from_secs(60)))
+                .issue_client(
+                    "who",
+                    role,
+                    crate::pki::Validity::from_now(std::time::Duration::from_secs(60)),
+                )
                 .unwrap();
-            let der = crate::tls::pem_certs(c.cert_pem.as_bytes()).unwrap().remove(0);
+            let der = crate::tls::pem_certs(c.cert_pem.as_bytes())
+                .unwrap()
+                .remove(0);
             let id = PeerIdentity::from_der(&der).unwrap();
             assert_eq!(id.role, Some(role));
             assert_eq!(id.common_name, "who");

@@ -57,7 +57,10 @@ pub fn synthetic_event(agent: &str, seq: u64, bytes: usize) -> Event {
         collector: "synthetic".into(),
         observed_at: crate::writer::now_ns(),
         severity: Severity::Info as i32,
-        payload: Some(Payload::Synthetic(SyntheticEvent { n: seq, data: Vec::new() })),
+        payload: Some(Payload::Synthetic(SyntheticEvent {
+            n: seq,
+            data: Vec::new(),
+        })),
         ..Default::default()
     };
     let overhead = e.encoded_len() + 3;
@@ -94,7 +97,9 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
         let errors = errors.clone();
         tasks.push(tokio::spawn(async move {
             let agent = format!("{}-{i}", opts.agent_prefix);
-            let rate = opts.rate.map(|r| (r as f64 / opts.agents.max(1) as f64).max(1.0));
+            let rate = opts
+                .rate
+                .map(|r| (r as f64 / opts.agents.max(1) as f64).max(1.0));
             match run_agent(&opts, &agent, n, rate, &acked).await {
                 Ok(mut lat) => latencies.lock().await.append(&mut lat),
                 Err((mut lat, e)) => {
@@ -125,8 +130,16 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
 
 type AgentResult = Result<Vec<f64>, (Vec<f64>, String)>;
 
-async fn run_agent(opts: &BenchOptions, agent: &str, n: u64, rate: Option<f64>, acked: &AtomicU64) -> AgentResult {
-    let mut client = BusClient::connect(&opts.client).await.map_err(|e| (Vec::new(), e.to_string()))?;
+async fn run_agent(
+    opts: &BenchOptions,
+    agent: &str,
+    n: u64,
+    rate: Option<f64>,
+    acked: &AtomicU64,
+) -> AgentResult {
+    let mut client = BusClient::connect(&opts.client)
+        .await
+        .map_err(|e| (Vec::new(), e.to_string()))?;
     let hello = Hello {
         agent_id: agent.into(),
         node: "bench".into(),
@@ -157,13 +170,19 @@ async fn run_agent(opts: &BenchOptions, agent: &str, n: u64, rate: Option<f64>, 
                     let due = start + Duration::from_secs_f64(seq as f64 / r);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let Ok(permit) = window.acquire().await else { return };
+                let Ok(permit) = window.acquire().await else {
+                    return;
+                };
                 permit.forget();
-                let events: Vec<Event> = (1..=k).map(|j| synthetic_event(&agent, base + seq + j, bytes)).collect();
+                let events: Vec<Event> = (1..=k)
+                    .map(|j| synthetic_event(&agent, base + seq + j, bytes))
+                    .collect();
                 seq += k;
                 sent_at.lock().await.push_back((base + seq, Instant::now()));
                 let req = amoskys_proto::PublishRequest {
-                    msg: Some(amoskys_proto::publish_request::Msg::Batch(amoskys_proto::Batch { events })),
+                    msg: Some(amoskys_proto::publish_request::Msg::Batch(
+                        amoskys_proto::Batch { events },
+                    )),
                 };
                 if sender.send(req).await.is_err() {
                     return;
@@ -193,7 +212,10 @@ async fn run_agent(opts: &BenchOptions, agent: &str, n: u64, rate: Option<f64>, 
             Ok(Some(_)) => {}
             Ok(None) => {
                 producer.abort();
-                return Err((lat, format!("bus ended the stream after acking {}", last - base)));
+                return Err((
+                    lat,
+                    format!("bus ended the stream after acking {}", last - base),
+                ));
             }
             Err(e) => {
                 producer.abort();

@@ -8,7 +8,9 @@ use amoskys_proto::admin_client::AdminClient;
 use amoskys_proto::event_bus_client::EventBusClient;
 use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
-use amoskys_proto::{Batch, Event, Hello, PublishRequest, PublishResponse, QueryRequest, TailRequest};
+use amoskys_proto::{
+    Batch, Event, Hello, PublishRequest, PublishResponse, QueryRequest, TailRequest,
+};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -70,7 +72,9 @@ pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientErro
     };
     let uri: tonic::transport::Uri = opts.url.parse().map_err(|e| url_err(format!("{e}")))?;
     if uri.scheme_str() != Some("https") {
-        return Err(url_err("must start with https:// (the bus only speaks mTLS)".into()));
+        return Err(url_err(
+            "must start with https:// (the bus only speaks mTLS)".into(),
+        ));
     }
     let host = uri
         .host()
@@ -78,7 +82,10 @@ pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientErro
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let identity = Identity::from_pem(read(&opts.tls_dir, "tls.crt")?, read(&opts.tls_dir, "tls.key")?);
+    let identity = Identity::from_pem(
+        read(&opts.tls_dir, "tls.crt")?,
+        read(&opts.tls_dir, "tls.key")?,
+    );
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&opts.tls_dir, "ca.crt")?))
         .identity(identity)
@@ -93,10 +100,13 @@ pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientErro
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    endpoint.connect().await.map_err(|source| ClientError::Connect {
-        url: opts.url.clone(),
-        source,
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: opts.url.clone(),
+            source,
+        })
 }
 
 /// Typed clients for both services over one channel.
@@ -141,7 +151,11 @@ impl BusClient {
     }
 
     /// Opens a Publish stream: sends the Hello, waits for the Welcome.
-    pub async fn publisher(&mut self, hello: Hello, window: usize) -> Result<Publisher, ClientError> {
+    pub async fn publisher(
+        &mut self,
+        hello: Hello,
+        window: usize,
+    ) -> Result<Publisher, ClientError> {
         let (tx, rx) = mpsc::channel(window.max(1));
         tx.send(PublishRequest {
             msg: Some(InMsg::Hello(hello)),
@@ -158,7 +172,9 @@ impl BusClient {
                 msg: Some(OutMsg::Welcome(w)),
             }) => w.acked_seq,
             other => {
-                return Err(ClientError::Closed(format!("expected a Welcome, got {other:?}")));
+                return Err(ClientError::Closed(format!(
+                    "expected a Welcome, got {other:?}"
+                )));
             }
         };
         Ok(Publisher {

@@ -72,6 +72,7 @@ pub struct BusConfigFile {
     pub sync: Option<String>,
     pub max_message_bytes: Option<String>,
     pub queue_depth: Option<usize>,
+    pub write_buffer_bytes: Option<String>,
     pub max_group_events: Option<usize>,
     pub max_query_limit: Option<u32>,
     pub retention_check_interval: Option<String>,
@@ -94,6 +95,8 @@ pub struct BusConfig {
     pub max_message_bytes: usize,
     /// Client batches waiting for the writer; beyond it, publishers wait.
     pub queue_depth: usize,
+    /// RocksDB memtable size: bounds memory and the size of each log file.
+    pub write_buffer_bytes: usize,
     /// Upper bound on events folded into one group commit.
     pub max_group_events: usize,
     pub max_query_limit: u32,
@@ -114,6 +117,7 @@ impl BusConfig {
             sync: SyncPolicy::Batch,
             max_message_bytes: 4 * 1024 * 1024,
             queue_depth: 1024,
+            write_buffer_bytes: crate::store::DEFAULT_WRITE_BUFFER_BYTES,
             max_group_events: 65_536,
             max_query_limit: 100_000,
             retention_check_interval: Duration::from_secs(30),
@@ -153,8 +157,12 @@ pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
 
 /// Parses "7d", "90m", "30s" (humantime) into a duration.
 pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| invalid(key, format!("{s:?} is not a duration like 30s, 15m, 7d ({e})")))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a duration like 30s, 15m, 7d ({e})"),
+        )
+    })
 }
 
 /// Parses "512MiB", "2GB", "1048576" into bytes.
@@ -177,7 +185,12 @@ pub fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
         "mi" | "mib" => 1024.0 * 1024.0,
         "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "ti" | "tib" => 1024.0f64.powi(4),
-        other => return Err(invalid(key, format!("unknown size unit {other:?} in {s:?}"))),
+        other => {
+            return Err(invalid(
+                key,
+                format!("unknown size unit {other:?} in {s:?}"),
+            ));
+        }
     };
     Ok((n * mult) as u64)
 }
@@ -219,7 +232,10 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
     if let Some(v) = flags.max_message_bytes.or(file.max_message_bytes) {
         let n = parse_bytes("maxMessageBytes", &v)?;
         if !(1024..=256 * 1024 * 1024).contains(&n) {
-            return Err(invalid("maxMessageBytes", format!("{n} is outside 1KiB..256MiB")));
+            return Err(invalid(
+                "maxMessageBytes",
+                format!("{n} is outside 1KiB..256MiB"),
+            ));
         }
         c.max_message_bytes = n as usize;
     }
@@ -228,6 +244,16 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
             return Err(invalid("queueDepth", "must be at least 1"));
         }
         c.queue_depth = v;
+    }
+    if let Some(v) = file.write_buffer_bytes {
+        let n = parse_bytes("writeBufferBytes", &v)?;
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&n) {
+            return Err(invalid(
+                "writeBufferBytes",
+                format!("{n} is outside 64KiB..1GiB"),
+            ));
+        }
+        c.write_buffer_bytes = n as usize;
     }
     if let Some(v) = file.max_group_events {
         if v == 0 {
@@ -277,7 +303,10 @@ mod tests {
         assert_eq!(parse_bytes("k", "2GB").unwrap(), 2_000_000_000);
         assert_eq!(parse_bytes("k", "1048576").unwrap(), 1_048_576);
         assert!(parse_bytes("k", "12 parsecs").is_err());
-        assert_eq!(parse_duration("k", "7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(
+            parse_duration("k", "7d").unwrap(),
+            Duration::from_secs(604_800)
+        );
         assert!(parse_duration("k", "soon").is_err());
     }
 

@@ -15,13 +15,28 @@ pub struct EventFilter {
 impl EventFilter {
     /// Checks a wire filter; an unknown severity is an error naming the field.
     pub fn from_wire(f: Option<&Filter>) -> Result<Self, String> {
-        let Some(f) = f else { return Ok(Self::default()) };
+        let Some(f) = f else {
+            return Ok(Self::default());
+        };
         if Severity::try_from(f.min_severity).is_err() {
-            return Err(format!("filter.min_severity: {} is not a known severity", f.min_severity));
+            return Err(format!(
+                "filter.min_severity: {} is not a known severity",
+                f.min_severity
+            ));
         }
         Ok(Self {
-            collectors: f.collectors.iter().filter(|c| !c.is_empty()).cloned().collect(),
-            agent_ids: f.agent_ids.iter().filter(|c| !c.is_empty()).cloned().collect(),
+            collectors: f
+                .collectors
+                .iter()
+                .filter(|c| !c.is_empty())
+                .cloned()
+                .collect(),
+            agent_ids: f
+                .agent_ids
+                .iter()
+                .filter(|c| !c.is_empty())
+                .cloned()
+                .collect(),
             min_severity: f.min_severity,
             text: f.text.to_lowercase(),
         })
@@ -46,20 +61,36 @@ fn text_matches(e: &Event, needle: &str) -> bool {
     }
     match &e.payload {
         Some(Payload::Process(p)) => {
-            hit(&p.name) || hit(&p.exe) || hit(&p.user) || p.cmdline.iter().any(|a| hit(a)) || hit(&p.pod_uid) || hit(&p.container_id)
+            hit(&p.name)
+                || hit(&p.exe)
+                || hit(&p.user)
+                || p.cmdline.iter().any(|a| hit(a))
+                || hit(&p.pod_uid)
+                || hit(&p.container_id)
         }
         Some(Payload::Flow(f)) => hit(&f.src_ip) || hit(&f.dst_ip) || hit(&f.interface),
         Some(Payload::Snmp(s)) => {
-            hit(&s.target) || hit(&s.sys_name) || hit(&s.sys_descr) || hit(&s.error) || s.interfaces.iter().any(|i| hit(&i.name) || hit(&i.descr))
+            hit(&s.target)
+                || hit(&s.sys_name)
+                || hit(&s.sys_descr)
+                || hit(&s.error)
+                || s.interfaces.iter().any(|i| hit(&i.name) || hit(&i.descr))
         }
         Some(Payload::Inventory(i)) => {
             hit(&i.discovered_ip)
-                || i.host.as_ref().is_some_and(|h| hit(&h.hostname) || hit(&h.os) || hit(&h.kernel))
-                || i.listeners.iter().any(|l| hit(&l.address) || hit(&l.process))
+                || i.host
+                    .as_ref()
+                    .is_some_and(|h| hit(&h.hostname) || hit(&h.os) || hit(&h.kernel))
+                || i.listeners
+                    .iter()
+                    .any(|l| hit(&l.address) || hit(&l.process))
                 || i.neighbors.iter().any(|n| hit(&n.ip) || hit(&n.mac))
         }
         Some(Payload::Alert(a)) => {
-            hit(&a.rule) || hit(&a.summary) || hit(&a.description) || a.attributes.values().any(|v| hit(v))
+            hit(&a.rule)
+                || hit(&a.summary)
+                || hit(&a.description)
+                || a.attributes.values().any(|v| hit(v))
         }
         Some(Payload::Gap(g)) => hit(&g.reason),
         Some(Payload::Heartbeat(h)) => hit(&h.version),

@@ -1,8 +1,8 @@
 //! The bus's HTTP side: `/metrics`, `/healthz`, `/readyz`.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::extract::State;
@@ -69,7 +69,10 @@ async fn healthz() -> &'static str {
 async fn readyz(State(s): State<Arc<HttpState>>) -> (StatusCode, String) {
     match s.not_ready() {
         None => (StatusCode::OK, "ready\n".into()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

@@ -13,7 +13,9 @@ pub struct ReasonLabel {
 }
 
 pub fn reason(r: &str) -> ReasonLabel {
-    ReasonLabel { reason: r.to_string() }
+    ReasonLabel {
+        reason: r.to_string(),
+    }
 }
 
 pub struct BusMetrics {
@@ -71,28 +73,116 @@ impl BusMetrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("events_received", "Events received from publishers", m.events_received.clone());
-        r.register("events_stored", "Events made durable in the WAL", m.events_stored.clone());
-        r.register("duplicates", "Events dropped as already stored (agent_id, seq)", m.duplicates.clone());
-        r.register("rejected", "Messages or events rejected, by reason", m.rejected.clone());
-        r.register("batch_events", "Events per client batch", m.batch_events.clone());
-        r.register("group_events", "Events per group commit", m.group_events.clone());
-        r.register("wal_write_seconds", "Time to write and (per sync policy) fsync one group", m.fsync_seconds.clone());
-        r.register("ack_latency_seconds", "From batch received to its ack sent", m.ack_latency_seconds.clone());
-        r.register("wal_bytes", "Bytes the WAL store occupies on disk", m.wal_bytes.clone());
-        r.register("stored_event_count", "Events currently held (next offset minus first offset)", m.stored_events.clone());
-        r.register("connected_agents", "Publish streams currently open", m.connected_agents.clone());
-        r.register("tls_handshake_failures", "Failed TLS handshakes, by reason", m.tls_handshake_failures.clone());
-        r.register("tls_reloads", "Certificate reloads applied", m.tls_reloads.clone());
-        r.register("tls_reload_errors", "Certificate reloads refused (old files kept)", m.tls_reload_errors.clone());
-        r.register("wal_write_errors", "Failed WAL writes (acks withheld until they succeed)", m.wal_write_errors.clone());
-        r.register("writable", "1 when the WAL accepts writes", m.writable.clone());
-        r.register("queue_depth", "Client batches waiting for the writer", m.queue_depth.clone());
-        r.register("queue_capacity", "Limit on client batches waiting for the writer", m.queue_capacity.clone());
-        r.register("max_message_bytes", "Largest accepted gRPC message", m.max_message_bytes.clone());
-        r.register("retention_deleted", "Events removed by retention, by reason (age, size)", m.retention_deleted.clone());
-        r.register("tail_subscribers", "Open Tail streams", m.tail_subscribers.clone());
-        r.register("tail_lagged", "Times a Tail subscriber fell behind live and was served from the store", m.tail_lagged.clone());
+        r.register(
+            "events_received",
+            "Events received from publishers",
+            m.events_received.clone(),
+        );
+        r.register(
+            "events_stored",
+            "Events made durable in the WAL",
+            m.events_stored.clone(),
+        );
+        r.register(
+            "duplicates",
+            "Events dropped as already stored (agent_id, seq)",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "rejected",
+            "Messages or events rejected, by reason",
+            m.rejected.clone(),
+        );
+        r.register(
+            "batch_events",
+            "Events per client batch",
+            m.batch_events.clone(),
+        );
+        r.register(
+            "group_events",
+            "Events per group commit",
+            m.group_events.clone(),
+        );
+        r.register(
+            "wal_write_seconds",
+            "Time to write and (per sync policy) fsync one group",
+            m.fsync_seconds.clone(),
+        );
+        r.register(
+            "ack_latency_seconds",
+            "From batch received to its ack sent",
+            m.ack_latency_seconds.clone(),
+        );
+        r.register(
+            "wal_bytes",
+            "Bytes the WAL store occupies on disk",
+            m.wal_bytes.clone(),
+        );
+        r.register(
+            "stored_event_count",
+            "Events currently held (next offset minus first offset)",
+            m.stored_events.clone(),
+        );
+        r.register(
+            "connected_agents",
+            "Publish streams currently open",
+            m.connected_agents.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason",
+            m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Certificate reloads applied",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "tls_reload_errors",
+            "Certificate reloads refused (old files kept)",
+            m.tls_reload_errors.clone(),
+        );
+        r.register(
+            "wal_write_errors",
+            "Failed WAL writes (acks withheld until they succeed)",
+            m.wal_write_errors.clone(),
+        );
+        r.register(
+            "writable",
+            "1 when the WAL accepts writes",
+            m.writable.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Client batches waiting for the writer",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_capacity",
+            "Limit on client batches waiting for the writer",
+            m.queue_capacity.clone(),
+        );
+        r.register(
+            "max_message_bytes",
+            "Largest accepted gRPC message",
+            m.max_message_bytes.clone(),
+        );
+        r.register(
+            "retention_deleted",
+            "Events removed by retention, by reason (age, size)",
+            m.retention_deleted.clone(),
+        );
+        r.register(
+            "tail_subscribers",
+            "Open Tail streams",
+            m.tail_subscribers.clone(),
+        );
+        r.register(
+            "tail_lagged",
+            "Times a Tail subscriber fell behind live and was served from the store",
+            m.tail_lagged.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -36,8 +36,7 @@ pub enum PkiError {
 pub struct CertAuthority {
     pub cert_pem: String,
     pub key_pem: String,
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
 }
 
 /// One issued leaf in PEM form.
@@ -94,20 +93,17 @@ impl CertAuthority {
         Ok(Self {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
-            params,
-            key,
+            issuer: Issuer::new(params, key),
         })
     }
 
     /// Loads a CA from its PEM certificate and key (as written by `write_dir`).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let params = CertificateParams::from_ca_cert_pem(cert_pem)?;
         Ok(Self {
             cert_pem: cert_pem.to_string(),
             key_pem: key_pem.to_string(),
-            params,
-            key,
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
         })
     }
 
@@ -175,8 +171,7 @@ impl CertAuthority {
         params.not_after = validity.not_after;
         params.serial_number = Some(random_serial());
         let key = KeyPair::generate()?;
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -202,7 +197,11 @@ pub fn write_secret_dir(dir: &Path, crt: &str, key: &str, ca: &str) -> Result<()
         move |source| PkiError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for (name, body, private) in [("ca.crt", ca, false), ("tls.key", key, true), ("tls.crt", crt, false)] {
+    for (name, body, private) in [
+        ("ca.crt", ca, false),
+        ("tls.key", key, true),
+        ("tls.crt", crt, false),
+    ] {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, body).map_err(io(&tmp))?;
@@ -276,7 +275,12 @@ pub fn init_dev_pki(opts: &DevPkiOptions) -> Result<(), PkiError> {
         }
     }
 
-    write_secret_dir(&opts.out.join("ca"), &ca.cert_pem, &ca.key_pem, &ca.cert_pem)?;
+    write_secret_dir(
+        &opts.out.join("ca"),
+        &ca.cert_pem,
+        &ca.key_pem,
+        &ca.cert_pem,
+    )?;
     ca.issue_server("amoskys-bus", &dns, &ips, leaf)?
         .write_dir(&opts.out.join("bus"))?;
     for role in [Role::Agent, Role::Reader, Role::Admin] {
@@ -285,4 +289,3 @@ pub fn init_dev_pki(opts: &DevPkiOptions) -> Result<(), PkiError> {
     }
     Ok(())
 }
-

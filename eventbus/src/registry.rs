@@ -34,7 +34,10 @@ impl Drop for Connection<'_> {
     fn drop(&mut self) {
         let mut live = self.registry.live.lock().unwrap_or_else(|p| p.into_inner());
         // A reconnect may already have replaced this stream; leave that one.
-        if live.get(&self.agent_id).is_some_and(|l| l.conn_id == self.conn_id) {
+        if live
+            .get(&self.agent_id)
+            .is_some_and(|l| l.conn_id == self.conn_id)
+        {
             live.remove(&self.agent_id);
         }
     }
@@ -49,18 +52,25 @@ impl Registry {
     }
 
     /// Registers a Publish stream; the newest stream of an agent wins.
-    pub fn connect(&self, hello: &Hello, control: mpsc::Sender<Control>, now_ns: i64) -> Connection<'_> {
+    pub fn connect(
+        &self,
+        hello: &Hello,
+        control: mpsc::Sender<Control>,
+        now_ns: i64,
+    ) -> Connection<'_> {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hello.agent_id.clone(), LiveStream { conn_id, control });
         let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
-        let rec = records.entry(hello.agent_id.clone()).or_insert_with(|| AgentRecord {
-            agent_id: hello.agent_id.clone(),
-            first_seen: now_ns,
-            ..Default::default()
-        });
+        let rec = records
+            .entry(hello.agent_id.clone())
+            .or_insert_with(|| AgentRecord {
+                agent_id: hello.agent_id.clone(),
+                first_seen: now_ns,
+                ..Default::default()
+            });
         rec.node = hello.node.clone();
         rec.version = hello.version.clone();
         rec.collectors = hello.collectors.clone();

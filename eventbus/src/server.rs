@@ -89,26 +89,34 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     let tls = ReloadingTls::load(&cfg.tls_dir, metrics.clone())?;
     tls.spawn_watcher(cfg.tls_reload_interval, stop.clone());
 
-    let http_listener = TcpListener::bind(cfg.http).await.map_err(|source| BusError::Bind {
-        what: "http",
-        addr: cfg.http,
-        source,
-    })?;
-    let http_addr = http_listener.local_addr().map_err(|source| BusError::Bind {
-        what: "http",
-        addr: cfg.http,
-        source,
-    })?;
-    let grpc_listener = TcpListener::bind(cfg.listen).await.map_err(|source| BusError::Bind {
-        what: "grpc",
-        addr: cfg.listen,
-        source,
-    })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| BusError::Bind {
-        what: "grpc",
-        addr: cfg.listen,
-        source,
-    })?;
+    let http_listener = TcpListener::bind(cfg.http)
+        .await
+        .map_err(|source| BusError::Bind {
+            what: "http",
+            addr: cfg.http,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| BusError::Bind {
+            what: "http",
+            addr: cfg.http,
+            source,
+        })?;
+    let grpc_listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| BusError::Bind {
+            what: "grpc",
+            addr: cfg.listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| BusError::Bind {
+            what: "grpc",
+            addr: cfg.listen,
+            source,
+        })?;
 
     let writable = Arc::new(AtomicBool::new(true));
     // /readyz answers (false) while RocksDB replays its log.
@@ -121,12 +129,12 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     });
     let http_task = tokio::spawn(http::serve(http_listener, http_state.clone(), stop.clone()));
 
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        BusError::Other(format!("data dir {}: {e}", cfg.data_dir.display()))
-    })?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| BusError::Other(format!("data dir {}: {e}", cfg.data_dir.display())))?;
     let data_dir = cfg.data_dir.clone();
+    let write_buffer = cfg.write_buffer_bytes;
     let opened = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-        let store = Store::open(&data_dir)?;
+        let store = Store::open_with(&data_dir, write_buffer)?;
         let agents = store.load_agents()?;
         Ok((store, agents))
     })
@@ -254,12 +262,22 @@ fn spawn_retention(state: Arc<BusState>) {
                 Ok(Ok(r)) => {
                     let m = &state.metrics;
                     if r.deleted_by_age > 0 {
-                        m.retention_deleted.get_or_create(&reason("age")).inc_by(r.deleted_by_age);
-                        info!(events = r.deleted_by_age, "retention: dropped events past their age");
+                        m.retention_deleted
+                            .get_or_create(&reason("age"))
+                            .inc_by(r.deleted_by_age);
+                        info!(
+                            events = r.deleted_by_age,
+                            "retention: dropped events past their age"
+                        );
                     }
                     if r.deleted_by_size > 0 {
-                        m.retention_deleted.get_or_create(&reason("size")).inc_by(r.deleted_by_size);
-                        info!(events = r.deleted_by_size, "retention: dropped oldest events over the size cap");
+                        m.retention_deleted
+                            .get_or_create(&reason("size"))
+                            .inc_by(r.deleted_by_size);
+                        info!(
+                            events = r.deleted_by_size,
+                            "retention: dropped oldest events over the size cap"
+                        );
                     }
                 }
                 Ok(Err(StoreError::Unavailable)) => {}

@@ -10,9 +10,9 @@ use amoskys_proto::event_bus_server::EventBus;
 use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{
-    Ack, Batch, ControlRequest, ControlResponse, Event, Hello, ListAgentsRequest, ListAgentsResponse,
-    PublishRequest, PublishResponse, QueryRequest, QueryResponse, Severity, StatsRequest, StatsResponse,
-    TailRequest, Welcome, control,
+    Ack, Batch, ControlRequest, ControlResponse, Event, Hello, ListAgentsRequest,
+    ListAgentsResponse, PublishRequest, PublishResponse, QueryRequest, QueryResponse, Severity,
+    StatsRequest, StatsResponse, TailRequest, Welcome, control,
 };
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -101,7 +101,10 @@ pub fn validate_batch(hello: &Hello, batch: &mut Batch, max_events: usize) -> Re
             return Err(format!("events[{i}].payload: missing"));
         }
         if Severity::try_from(e.severity).is_err() {
-            return Err(format!("events[{i}].severity: {} is not a known severity", e.severity));
+            return Err(format!(
+                "events[{i}].severity: {} is not a known severity",
+                e.severity
+            ));
         }
         if e.node.is_empty() {
             e.node = hello.node.clone();
@@ -122,11 +125,6 @@ fn validate_hello(h: &Hello) -> Result<(), Status> {
         ));
     }
     Ok(())
-}
-
-struct Pending {
-    reply: oneshot::Receiver<WriteOutcome>,
-    received: Instant,
 }
 
 impl BusState {
@@ -252,7 +250,9 @@ impl BusState {
             )));
         }
         if q.from_time < 0 || q.to_time < 0 {
-            return Err(Status::invalid_argument("from_time/to_time: must not be negative"));
+            return Err(Status::invalid_argument(
+                "from_time/to_time: must not be negative",
+            ));
         }
         if q.to_time != 0 && q.from_time > q.to_time {
             return Err(Status::invalid_argument(format!(
@@ -289,7 +289,11 @@ impl EventBus for EventBusService {
                 msg: Some(InMsg::Hello(h)),
             }) => h,
             _ => {
-                self.0.metrics.rejected.get_or_create(&reason("no_hello")).inc();
+                self.0
+                    .metrics
+                    .rejected
+                    .get_or_create(&reason("no_hello"))
+                    .inc();
                 return Err(Status::invalid_argument(
                     "Publish: the first message must be a Hello",
                 ));
@@ -309,17 +313,31 @@ impl EventBus for EventBusService {
         info!(agent = %hello.agent_id, node = %hello.node, cert = %peer.common_name, "agent connected");
         tokio::spawn(async move {
             let conn = state.registry.connect(&hello, control_tx, now_ns());
-            state.metrics.connected_agents.set(state.registry.connected_count() as i64);
+            state
+                .metrics
+                .connected_agents
+                .set(state.registry.connected_count() as i64);
             let agent = hello.agent_id.clone();
-            state.clone().publish_session(hello, inbound, out_tx, control_rx).await;
+            state
+                .clone()
+                .publish_session(hello, inbound, out_tx, control_rx)
+                .await;
             drop(conn);
-            state.metrics.connected_agents.set(state.registry.connected_count() as i64);
+            state
+                .metrics
+                .connected_agents
+                .set(state.registry.connected_count() as i64);
             info!(%agent, "agent stream closed");
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
     }
 
-    async fn query(&self, req: Request<QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
+    async fn query(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> Result<Response<Self::QueryStream>, Status> {
         authorize(&req, Permission::Read, "Query")?;
         let spec = self.0.query_spec(req.get_ref())?;
         let store = self.0.store.clone();
@@ -352,7 +370,9 @@ impl EventBus for EventBusService {
             tail_loop(&state, live, start, &filter, &tx).await;
             state.metrics.tail_subscribers.dec();
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -376,7 +396,9 @@ async fn tail_loop(
         loop {
             let store = state.store.clone();
             let from = cursor;
-            let chunk = match tokio::task::spawn_blocking(move || store.read_from(from, TAIL_CHUNK)).await {
+            let chunk = match tokio::task::spawn_blocking(move || store.read_from(from, TAIL_CHUNK))
+                .await
+            {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(store_status(e))).await;
@@ -445,13 +467,20 @@ impl Admin for AdminService {
         authorize(&req, Permission::Admin, "Admin.Stats")?;
         let s = &self.0;
         let store = s.store.clone();
-        let (wal_bytes, oldest) = tokio::task::spawn_blocking(move || (store.wal_bytes(), store.oldest_stored_at()))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let rejected: u64 = ["invalid_batch", "too_large", "malformed", "no_hello", "stream_error"]
-            .iter()
-            .map(|r| s.metrics.rejected.get_or_create(&reason(r)).get())
-            .sum();
+        let (wal_bytes, oldest) =
+            tokio::task::spawn_blocking(move || (store.wal_bytes(), store.oldest_stored_at()))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        let rejected: u64 = [
+            "invalid_batch",
+            "too_large",
+            "malformed",
+            "no_hello",
+            "stream_error",
+        ]
+        .iter()
+        .map(|r| s.metrics.rejected.get_or_create(&reason(r)).get())
+        .sum();
         Ok(Response::new(StatsResponse {
             events_stored: s.store.event_count(),
             first_offset: s.store.first_offset(),
@@ -468,7 +497,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn control(&self, req: Request<ControlRequest>) -> Result<Response<ControlResponse>, Status> {
+    async fn control(
+        &self,
+        req: Request<ControlRequest>,
+    ) -> Result<Response<ControlResponse>, Status> {
         let peer = authorize(&req, Permission::Admin, "Admin.Control")?;
         let r = req.into_inner();
         if r.agent_id.is_empty() {
@@ -481,9 +513,16 @@ impl Admin for AdminService {
             Ok(control::Action::Pause | control::Action::Resume) => {}
             Ok(control::Action::SetInterval) if c.interval_ms > 0 => {}
             Ok(control::Action::SetInterval) => {
-                return Err(Status::invalid_argument("control.interval_ms: must be greater than 0"));
+                return Err(Status::invalid_argument(
+                    "control.interval_ms: must be greater than 0",
+                ));
             }
-            _ => return Err(Status::invalid_argument(format!("control.action: {} is not a known action", c.action))),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "control.action: {} is not a known action",
+                    c.action
+                )));
+            }
         }
         if c.collector.is_empty() {
             return Err(Status::invalid_argument("control.collector: missing"));
@@ -529,19 +568,68 @@ mod tests {
             node: "n".into(),
             ..Default::default()
         };
-        let mut ok = Batch { events: vec![ev(1), ev(2)] };
+        let mut ok = Batch {
+            events: vec![ev(1), ev(2)],
+        };
         validate_batch(&hello, &mut ok, 10).unwrap();
         assert_eq!(ok.events[0].agent_id, "a");
         assert_eq!(ok.events[0].node, "n");
 
         let cases: Vec<(Batch, &str)> = vec![
-            (Batch { events: vec![ev(2), ev(2)] }, "events[1].seq"),
-            (Batch { events: vec![ev(0)] }, "events[0].seq"),
-            (Batch { events: vec![Event { payload: None, ..ev(1) }] }, "events[0].payload"),
-            (Batch { events: vec![Event { collector: String::new(), ..ev(1) }] }, "events[0].collector"),
-            (Batch { events: vec![Event { agent_id: "b".into(), ..ev(1) }] }, "events[0].agent_id"),
-            (Batch { events: vec![Event { severity: 99, ..ev(1) }] }, "events[0].severity"),
-            (Batch { events: (1..=11).map(ev).collect() }, "batch.events"),
+            (
+                Batch {
+                    events: vec![ev(2), ev(2)],
+                },
+                "events[1].seq",
+            ),
+            (
+                Batch {
+                    events: vec![ev(0)],
+                },
+                "events[0].seq",
+            ),
+            (
+                Batch {
+                    events: vec![Event {
+                        payload: None,
+                        ..ev(1)
+                    }],
+                },
+                "events[0].payload",
+            ),
+            (
+                Batch {
+                    events: vec![Event {
+                        collector: String::new(),
+                        ..ev(1)
+                    }],
+                },
+                "events[0].collector",
+            ),
+            (
+                Batch {
+                    events: vec![Event {
+                        agent_id: "b".into(),
+                        ..ev(1)
+                    }],
+                },
+                "events[0].agent_id",
+            ),
+            (
+                Batch {
+                    events: vec![Event {
+                        severity: 99,
+                        ..ev(1)
+                    }],
+                },
+                "events[0].severity",
+            ),
+            (
+                Batch {
+                    events: (1..=11).map(ev).collect(),
+                },
+                "batch.events",
+            ),
         ];
         for (mut b, field) in cases {
             let e = validate_batch(&hello, &mut b, 10).unwrap_err();

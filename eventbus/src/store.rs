@@ -16,7 +16,9 @@ use std::sync::{Arc, RwLock};
 
 use amoskys_proto::{AgentRecord, Event};
 use prost::Message;
-use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 
 use crate::filter::EventFilter;
 
@@ -72,19 +74,23 @@ pub struct RetentionReport {
     pub deleted_by_size: u64,
 }
 
+/// Default memtable size; the bus holds up to three per column family.
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+
 pub struct Store {
     path: PathBuf,
+    write_buffer_bytes: usize,
     db: RwLock<Option<Arc<DB>>>,
     next_offset: AtomicU64,
     first_offset: AtomicU64,
 }
 
-fn db_options() -> Options {
+fn db_options(write_buffer_bytes: usize) -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     // Bounded memory: the bus must stay small at full load.
-    o.set_write_buffer_size(32 * 1024 * 1024);
+    o.set_write_buffer_size(write_buffer_bytes);
     o.set_max_write_buffer_number(3);
     o.set_max_total_wal_size(256 * 1024 * 1024);
     o.set_max_background_jobs(2);
@@ -102,8 +108,15 @@ fn read_u64(b: &[u8]) -> Option<u64> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, DEFAULT_WRITE_BUFFER_BYTES)
+    }
+
+    /// Opens with a memtable of `write_buffer_bytes` (RocksDB's log file is
+    /// preallocated to about that size too).
+    pub fn open_with(path: &Path, write_buffer_bytes: usize) -> Result<Self, StoreError> {
         let s = Self {
             path: path.to_path_buf(),
+            write_buffer_bytes,
             db: RwLock::new(None),
             next_offset: AtomicU64::new(1),
             first_offset: AtomicU64::new(1),
@@ -141,8 +154,9 @@ impl Store {
         }
         let cfs = [CF_EVENTS, CF_TINDEX, CF_AGENTS, CF_META]
             .into_iter()
-            .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
-        let db = DB::open_cf_descriptors(&db_options(), &self.path, cfs).map_err(|e| self.rocks(e))?;
+            .map(|n| ColumnFamilyDescriptor::new(n, db_options(self.write_buffer_bytes)));
+        let db = DB::open_cf_descriptors(&db_options(self.write_buffer_bytes), &self.path, cfs)
+            .map_err(|e| self.rocks(e))?;
         let meta = db.cf_handle(CF_META).ok_or(StoreError::Unavailable)?;
         let next = db
             .get_cf(meta, KEY_NEXT)
@@ -214,7 +228,7 @@ impl Store {
             let mut key = [0u8; 16];
             key[..8].copy_from_slice(&be(group.stored_at as u64));
             key[8..].copy_from_slice(&be(first.offset));
-            wb.put_cf(ti, key, []);
+            wb.put_cf(ti, key, b"");
         }
         for e in &group.batch_events {
             buf.clear();
@@ -278,7 +292,9 @@ impl Store {
         match it.next() {
             Some(item) => {
                 let (k, _) = item.map_err(|e| self.rocks(e))?;
-                Ok(k.get(8..).and_then(read_u64).unwrap_or_else(|| self.next_offset()))
+                Ok(k.get(8..)
+                    .and_then(read_u64)
+                    .unwrap_or_else(|| self.next_offset()))
             }
             None => Ok(self.next_offset()),
         }
@@ -289,7 +305,11 @@ impl Store {
         if q.from_time > 0 {
             from = from.max(self.offset_at_time(q.from_time.saturating_sub(TIME_QUERY_SLACK_NS))?);
         }
-        let to = if q.to_offset == 0 { u64::MAX } else { q.to_offset };
+        let to = if q.to_offset == 0 {
+            u64::MAX
+        } else {
+            q.to_offset
+        };
         self.scan(from, to, q.limit, |e| {
             (q.from_time == 0 || e.observed_at >= q.from_time)
                 && (q.to_time == 0 || e.observed_at <= q.to_time)
@@ -301,7 +321,9 @@ impl Store {
     /// contents sit in RocksDB's own log until flushed).
     pub fn wal_bytes(&self) -> u64 {
         let Ok(db) = self.db() else { return 0 };
-        let Some(cf) = db.cf_handle(CF_EVENTS) else { return 0 };
+        let Some(cf) = db.cf_handle(CF_EVENTS) else {
+            return 0;
+        };
         let sst = db
             .property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE)
             .ok()
@@ -417,8 +439,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use amoskys_proto::event::Payload;
     use amoskys_proto::SyntheticEvent;
+    use amoskys_proto::event::Payload;
 
     fn ev(agent: &str, seq: u64, offset: u64, stored_at: i64, size: usize) -> Event {
         Event {
@@ -430,7 +452,9 @@ mod tests {
             collector: "synthetic".into(),
             payload: Some(Payload::Synthetic(SyntheticEvent {
                 n: seq,
-                data: (0..size).map(|i| (i as u64 * 2_654_435_761 + seq) as u8).collect(),
+                data: (0..size)
+                    .map(|i| (i as u64 * 2_654_435_761 + seq) as u8)
+                    .collect(),
             })),
             ..Default::default()
         }
@@ -438,7 +462,9 @@ mod tests {
 
     fn write(store: &Store, n: u64, stored_at: i64, size: usize) {
         let start = store.next_offset();
-        let events: Vec<Event> = (0..n).map(|i| ev("a", start + i, start + i, stored_at, size)).collect();
+        let events: Vec<Event> = (0..n)
+            .map(|i| ev("a", start + i, start + i, stored_at, size))
+            .collect();
         store
             .commit(
                 &PreparedGroup {
@@ -458,14 +484,22 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         write(&s, 10, 1_000, 10);
         assert_eq!(s.next_offset(), 11);
-        s.enforce_retention(2_000 + 60_000_000_000, std::time::Duration::from_secs(60), 0)
-            .unwrap();
+        s.enforce_retention(
+            2_000 + 60_000_000_000,
+            std::time::Duration::from_secs(60),
+            0,
+        )
+        .unwrap();
         assert_eq!(s.first_offset(), 11, "everything was older than the limit");
         drop(s);
         let s = Store::open(dir.path()).unwrap();
         assert_eq!((s.first_offset(), s.next_offset()), (11, 11));
         write(&s, 1, 5_000, 10);
-        assert_eq!(s.read_from(0, 10).unwrap()[0].offset, 11, "offsets never reused");
+        assert_eq!(
+            s.read_from(0, 10).unwrap()[0].offset,
+            11,
+            "offsets never reused"
+        );
     }
 
     #[test]
@@ -497,9 +531,15 @@ mod tests {
         let before = s.wal_bytes();
         assert!(before > 8_000_000, "wrote ~10MB, store holds {before}");
         let cap = 2_000_000;
-        let r = s.enforce_retention(now, std::time::Duration::from_secs(3600), cap).unwrap();
+        let r = s
+            .enforce_retention(now, std::time::Duration::from_secs(3600), cap)
+            .unwrap();
         assert!(r.deleted_by_size > 0);
-        assert!(s.wal_bytes() <= cap, "store at {} over cap {cap}", s.wal_bytes());
+        assert!(
+            s.wal_bytes() <= cap,
+            "store at {} over cap {cap}",
+            s.wal_bytes()
+        );
         let left = s.read_from(0, usize::MAX).unwrap();
         assert_eq!(left.last().map(|e| e.offset), Some(10_000), "newest kept");
         assert_eq!(left.first().map(|e| e.offset), Some(s.first_offset()));

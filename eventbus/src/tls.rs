@@ -122,12 +122,13 @@ impl TlsMaterial {
     /// A server config that requires a client certificate chaining to ca.crt.
     pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
         let provider = crypto_provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Verifier {
-                dir: self.dir.clone(),
-                message: e.to_string(),
-            })?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Verifier {
+                    dir: self.dir.clone(),
+                    message: e.to_string(),
+                })?;
         let rustls_err = |source| TlsError::Rustls {
             dir: self.dir.clone(),
             source,
@@ -172,12 +173,18 @@ impl ReloadingTls {
     }
 
     pub fn current(&self) -> Arc<ServerConfig> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Serial of the server certificate now in use.
     pub fn serial(&self) -> String {
-        self.serial.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.serial
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Re-reads the files; swaps the config when they changed and are valid.
@@ -192,13 +199,18 @@ impl ReloadingTls {
         }
         let cfg = m.server_config()?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
-        *self.serial.write().unwrap_or_else(|p| p.into_inner()) = m.leaf_serial().unwrap_or_default();
+        *self.serial.write().unwrap_or_else(|p| p.into_inner()) =
+            m.leaf_serial().unwrap_or_default();
         *last = fp;
         Ok(true)
     }
 
     /// Checks the files every `every` until `stop` fires.
-    pub fn spawn_watcher(self: &Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+    pub fn spawn_watcher(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -253,13 +265,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -293,10 +313,12 @@ pub fn classify_handshake_error(e: &io::Error) -> &'static str {
     match r {
         R::NoCertificatesPresented => "no_client_cert",
         R::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
-        R::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => "expired",
-        R::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
-            "not_yet_valid"
-        }
+        R::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        R::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not_yet_valid",
         R::InvalidCertificate(CertificateError::Revoked) => "revoked",
         R::InvalidCertificate(_) => "bad_certificate",
         R::AlertReceived(_) => "peer_alert",
@@ -335,16 +357,24 @@ pub fn incoming(
             let tx = tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         let why = classify_handshake_error(&e);
-                        metrics.tls_handshake_failures.get_or_create(&reason(why)).inc();
+                        metrics
+                            .tls_handshake_failures
+                            .get_or_create(&reason(why))
+                            .inc();
                         tracing::debug!(%remote, reason = why, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
-                        metrics.tls_handshake_failures.get_or_create(&reason("timeout")).inc();
+                        metrics
+                            .tls_handshake_failures
+                            .get_or_create(&reason("timeout"))
+                            .inc();
                         return;
                     }
                 };
@@ -357,12 +387,18 @@ pub fn incoming(
                 let peer = match peer {
                     Some(Ok(p)) => p,
                     Some(Err(msg)) => {
-                        metrics.tls_handshake_failures.get_or_create(&reason("bad_certificate")).inc();
+                        metrics
+                            .tls_handshake_failures
+                            .get_or_create(&reason("bad_certificate"))
+                            .inc();
                         warn!(%remote, error = %msg, "client certificate unreadable");
                         return;
                     }
                     None => {
-                        metrics.tls_handshake_failures.get_or_create(&reason("no_client_cert")).inc();
+                        metrics
+                            .tls_handshake_failures
+                            .get_or_create(&reason("no_client_cert"))
+                            .inc();
                         return;
                     }
                 };

@@ -9,7 +9,6 @@
 //! WAL error) until it succeeds; nothing is acked meanwhile and the bus
 //! reports itself unready.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -78,11 +77,13 @@ pub fn prepare(
     let mut outcomes = Vec::with_capacity(reqs.len());
     for req in reqs {
         let rec = group.agents.entry(req.agent_id.clone()).or_insert_with(|| {
-            registry.record(&req.agent_id).unwrap_or_else(|| AgentRecord {
-                agent_id: req.agent_id.clone(),
-                first_seen: stored_at,
-                ..Default::default()
-            })
+            registry
+                .record(&req.agent_id)
+                .unwrap_or_else(|| AgentRecord {
+                    agent_id: req.agent_id.clone(),
+                    first_seen: stored_at,
+                    ..Default::default()
+                })
         });
         let mut out = WriteOutcome {
             acked_seq: 0,
@@ -131,7 +132,9 @@ impl Writer {
         self.metrics.writable.set(1);
         let mut stop = false;
         while !stop {
-            let Some(first) = rx.blocking_recv() else { break };
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
             let mut reqs = Vec::new();
             let mut n = 0;
             match first {
@@ -175,10 +178,13 @@ impl Writer {
         let mut attempt = 0u32;
         loop {
             let started = Instant::now();
-            let (group, outcomes) = prepare(&self.registry, &reqs, self.store.next_offset(), now_ns());
+            let (group, outcomes) =
+                prepare(&self.registry, &reqs, self.store.next_offset(), now_ns());
             match self.store.commit(&group, sync) {
                 Ok(()) => {
-                    self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .fsync_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     if attempt > 0 {
                         info!(attempts = attempt + 1, "WAL writable again; resuming acks");
                         self.writable.store(true, Ordering::SeqCst);
@@ -240,6 +246,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn req(agent: &str, seqs: &[u64]) -> (WriteRequest, oneshot::Receiver<WriteOutcome>) {
         let (tx, rx) = oneshot::channel();
@@ -279,9 +286,21 @@ mod tests {
         assert_eq!(
             outs,
             vec![
-                WriteOutcome { acked_seq: 7, stored: 2, duplicates: 2 },
-                WriteOutcome { acked_seq: 8, stored: 1, duplicates: 1 },
-                WriteOutcome { acked_seq: 1, stored: 1, duplicates: 0 },
+                WriteOutcome {
+                    acked_seq: 7,
+                    stored: 2,
+                    duplicates: 2
+                },
+                WriteOutcome {
+                    acked_seq: 8,
+                    stored: 1,
+                    duplicates: 1
+                },
+                WriteOutcome {
+                    acked_seq: 1,
+                    stored: 1,
+                    duplicates: 0
+                },
             ]
         );
         let offsets: Vec<u64> = g.batch_events.iter().map(|e| e.offset).collect();

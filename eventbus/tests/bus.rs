@@ -52,7 +52,9 @@ async fn publish_query_tail_and_registry() {
     let mut pb = agent.publisher(hello("b"), 8).await.unwrap();
     assert_eq!(pa.welcome_acked_seq, 0);
     for chunk in 0..10u64 {
-        pa.send(events("a", chunk * 100 + 1..=chunk * 100 + 100)).await.unwrap();
+        pa.send(events("a", chunk * 100 + 1..=chunk * 100 + 100))
+            .await
+            .unwrap();
     }
     pb.send(events("b", 1..=50)).await.unwrap();
     assert_eq!(ack_until(&mut pa, 1000).await, 0);
@@ -67,7 +69,10 @@ async fn publish_query_tail_and_registry() {
         .unwrap();
     assert_eq!(all.len(), 1050);
     let offsets: Vec<u64> = all.iter().map(|e| e.offset).collect();
-    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "offsets are contiguous and increasing");
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "offsets are contiguous and increasing"
+    );
     assert!(all.iter().all(|e| e.stored_at > 0 && e.node == "node-1"));
 
     let only_b = reader
@@ -90,7 +95,10 @@ async fn publish_query_tail_and_registry() {
         })
         .await
         .unwrap();
-    assert_eq!(limited.iter().map(|e| e.offset).collect::<Vec<_>>(), offsets[10..15].to_vec());
+    assert_eq!(
+        limited.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        offsets[10..15].to_vec()
+    );
 
     let mut tailed = Vec::new();
     while tailed.len() < 50 {
@@ -127,10 +135,21 @@ async fn publish_query_tail_and_registry() {
     assert_eq!(got.last().map(|e| e.seq), Some(60));
 
     let mut admin = client(&bus, &env.pki("admin")).await;
-    let agents = admin.admin.list_agents(ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agents = admin
+        .admin
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
     let a = agents.iter().find(|r| r.agent_id == "a").unwrap();
     assert_eq!((a.events, a.last_seq, a.connected), (1000, 1000, true));
-    let stats = admin.admin.stats(StatsRequest {}).await.unwrap().into_inner();
+    let stats = admin
+        .admin
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stats.events_stored, 1060);
     assert!(stats.writable);
 
@@ -160,7 +179,11 @@ async fn duplicates_are_dropped_across_restarts() {
     let mut p = c.publisher(hello("a"), 8).await.unwrap();
     assert_eq!(p.welcome_acked_seq, 100, "the bus remembers what it holds");
     p.send(events("a", 50..=150)).await.unwrap();
-    assert_eq!(ack_until(&mut p, 150).await, 51, "seq 50..=100 were resends");
+    assert_eq!(
+        ack_until(&mut p, 150).await,
+        51,
+        "seq 50..=100 were resends"
+    );
 
     let mut r = client(&bus, &env.pki("reader")).await;
     let stored = r
@@ -171,7 +194,11 @@ async fn duplicates_are_dropped_across_restarts() {
         .await
         .unwrap();
     let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=150).collect::<Vec<_>>(), "each event exactly once");
+    assert_eq!(
+        seqs,
+        (1..=150).collect::<Vec<_>>(),
+        "each event exactly once"
+    );
     let (_, text) = http_get(&bus, "/metrics").await;
     assert_eq!(metric(&text, "amoskys_bus_duplicates_total"), 51.0);
     bus.shutdown().await.unwrap();
@@ -189,14 +216,24 @@ async fn roles_are_enforced_per_rpc() {
     assert!(e.message().contains("agent"), "{e}");
     let e = agent.bus.tail(TailRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = agent.admin.list_agents(ListAgentsRequest {}).await.unwrap_err();
+    let e = agent
+        .admin
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = agent.admin.stats(StatsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = reader.admin.list_agents(ListAgentsRequest {}).await.unwrap_err();
+    let e = reader
+        .admin
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     match reader.publisher(hello("r"), 1).await {
-        Err(amoskys_eventbus::client::ClientError::Rpc(s)) => assert_eq!(s.code(), Code::PermissionDenied),
+        Err(amoskys_eventbus::client::ClientError::Rpc(s)) => {
+            assert_eq!(s.code(), Code::PermissionDenied)
+        }
         Err(other) => panic!("expected PERMISSION_DENIED, got {other}"),
         Ok(_) => panic!("a reader may not publish"),
     }
@@ -213,7 +250,8 @@ async fn bad_certificates_fail_the_handshake_and_are_counted() {
     let day = Duration::from_secs(86_400);
 
     // Another CA's admin certificate.
-    let other = amoskys_eventbus::pki::CertAuthority::generate("rogue", Validity::from_now(day)).unwrap();
+    let other =
+        amoskys_eventbus::pki::CertAuthority::generate("rogue", Validity::from_now(day)).unwrap();
     let rogue = env.issue_client("rogue", &other, Role::Admin, Validity::from_now(day));
     // An expired admin certificate from the right CA.
     let now = time::OffsetDateTime::now_utc();
@@ -237,10 +275,18 @@ async fn bad_certificates_fail_the_handshake_and_are_counted() {
     }
     // Without identity files the client library refuses; speak raw TLS instead.
     let no_cert = raw_tls_without_client_cert(&bus, &anon).await;
-    assert!(no_cert.is_err(), "a client without a certificate must not get through");
+    assert!(
+        no_cert.is_err(),
+        "a client without a certificate must not get through"
+    );
 
     let (_, text) = http_get(&bus, "/metrics").await;
-    let failures = |r: &str| metric(&text, &format!("amoskys_bus_tls_handshake_failures_total{{reason=\"{r}\"}}"));
+    let failures = |r: &str| {
+        metric(
+            &text,
+            &format!("amoskys_bus_tls_handshake_failures_total{{reason=\"{r}\"}}"),
+        )
+    };
     assert!(failures("unknown_ca") >= 1.0, "{text}");
     assert!(failures("expired") >= 1.0, "{text}");
     assert!(failures("no_client_cert") >= 1.0, "{text}");
@@ -258,15 +304,18 @@ async fn raw_tls_without_client_cert(
     for c in amoskys_eventbus::tls::pem_certs(&std::fs::read(dir.join("ca.crt"))?).unwrap() {
         roots.add(c).unwrap();
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(amoskys_eventbus::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg =
+        rustls::ClientConfig::builder_with_provider(amoskys_eventbus::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(bus.grpc_addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
     let mut buf = [0u8; 64];
     let n = tls.read(&mut buf).await?;
@@ -302,7 +351,11 @@ async fn oversized_and_malformed_batches_get_clear_errors_while_others_flow() {
         matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{err:?}"
     );
-    assert!(err.message().contains("max message size"), "{}", err.message());
+    assert!(
+        err.message().contains("max message size"),
+        "{}",
+        err.message()
+    );
 
     let mut bad = c.publisher(hello("bad"), 8).await.unwrap();
     let mut evs = events("bad", 1..=3);
@@ -322,8 +375,18 @@ async fn oversized_and_malformed_batches_get_clear_errors_while_others_flow() {
     good.send(events("good", 11..=20)).await.unwrap();
     ack_until(&mut good, 20).await;
     let (_, text) = http_get(&bus, "/metrics").await;
-    assert_eq!(metric(&text, "amoskys_bus_rejected_total{reason=\"too_large\"}"), 1.0, "{text}");
-    assert_eq!(metric(&text, "amoskys_bus_rejected_total{reason=\"invalid_batch\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "amoskys_bus_rejected_total{reason=\"too_large\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "amoskys_bus_rejected_total{reason=\"invalid_batch\"}"
+        ),
+        1.0
+    );
     bus.shutdown().await.unwrap();
 }
 
@@ -339,11 +402,27 @@ async fn retention_by_age_runs_in_the_bus() {
     p.send(events("a", 1..=100)).await.unwrap();
     ack_until(&mut p, 100).await;
     let mut r = client(&bus, &env.pki("reader")).await;
-    assert_eq!(r.query(QueryRequest { limit: 1000, ..Default::default() }).await.unwrap().len(), 100);
+    assert_eq!(
+        r.query(QueryRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len(),
+        100
+    );
     let gone = eventually(Duration::from_secs(15), || {
         let mut r = r.clone();
         async move {
-            let n = r.query(QueryRequest { limit: 1000, ..Default::default() }).await.ok()?.len();
+            let n = r
+                .query(QueryRequest {
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .len();
             (n == 0).then_some(())
         }
     })
@@ -353,13 +432,18 @@ async fn retention_by_age_runs_in_the_bus() {
     p.send(events("a", 100..=101)).await.unwrap();
     assert_eq!(ack_until(&mut p, 101).await, 1);
     let (_, text) = http_get(&bus, "/metrics").await;
-    assert_eq!(metric(&text, "amoskys_bus_retention_deleted_total{reason=\"age\"}"), 100.0);
+    assert_eq!(
+        metric(&text, "amoskys_bus_retention_deleted_total{reason=\"age\"}"),
+        100.0
+    );
     bus.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_reaches_the_agent_stream() {
-    use amoskys_proto::{Control, ControlRequest, ControlResult, PublishRequest, control, publish_request};
+    use amoskys_proto::{
+        Control, ControlRequest, ControlResult, PublishRequest, control, publish_request,
+    };
     let env = Env::new();
     let bus = env.start().await;
     let mut c = client(&bus, &env.pki("agent")).await;
@@ -384,7 +468,10 @@ async fn control_reaches_the_agent_stream() {
             break c;
         }
     };
-    assert_eq!((got.collector.as_str(), got.control_id), ("synthetic", resp.control_id));
+    assert_eq!(
+        (got.collector.as_str(), got.control_id),
+        ("synthetic", resp.control_id)
+    );
     p.send_raw(PublishRequest {
         msg: Some(publish_request::Msg::ControlResult(ControlResult {
             control_id: got.control_id,
@@ -397,8 +484,16 @@ async fn control_reaches_the_agent_stream() {
     let seen = eventually(Duration::from_secs(5), || {
         let mut admin = admin.clone();
         async move {
-            let agents = admin.admin.list_agents(ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            agents.into_iter().find_map(|a| a.last_control.filter(|c| c.ok))
+            let agents = admin
+                .admin
+                .list_agents(ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            agents
+                .into_iter()
+                .find_map(|a| a.last_control.filter(|c| c.ok))
         }
     })
     .await;

@@ -24,7 +24,10 @@ async fn served_serial(bus: &amoskys_eventbus::RunningBus, client_dir: &std::pat
         .unwrap();
     let tcp = tokio::net::TcpStream::connect(bus.grpc_addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
     let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     PeerIdentity::from_der(&der).unwrap().serial
 }
@@ -50,7 +53,9 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
                 let batch = events("steady", seq + 1..=seq + 50);
                 seq += 50;
                 let req = amoskys_proto::PublishRequest {
-                    msg: Some(amoskys_proto::publish_request::Msg::Batch(amoskys_proto::Batch { events: batch })),
+                    msg: Some(amoskys_proto::publish_request::Msg::Batch(
+                        amoskys_proto::Batch { events: batch },
+                    )),
                 };
                 sender.send(req).await.expect("stream in flight stays open");
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -77,10 +82,15 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
     let ca = env.ca();
     let dns = vec!["localhost".to_string()];
     let ips = vec!["127.0.0.1".parse().unwrap()];
-    ca.issue_server("amoskys-bus", &dns, &ips, Validity::from_now(Duration::from_secs(86_400)))
-        .unwrap()
-        .write_dir(&env.pki("bus"))
-        .unwrap();
+    ca.issue_server(
+        "amoskys-bus",
+        &dns,
+        &ips,
+        Validity::from_now(Duration::from_secs(86_400)),
+    )
+    .unwrap()
+    .write_dir(&env.pki("bus"))
+    .unwrap();
     let rotated = eventually(Duration::from_secs(10), || {
         let bus = &bus;
         let admin_dir = admin_dir.clone();
@@ -95,7 +105,11 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
 
     // A CA rotation's first step: the bundle trusts old and new CA, so a
     // client issued by the new CA gets in while old clients keep working.
-    let new_ca = CertAuthority::generate("amoskys-ca-2", Validity::from_now(Duration::from_secs(86_400))).unwrap();
+    let new_ca = CertAuthority::generate(
+        "amoskys-ca-2",
+        Validity::from_now(Duration::from_secs(86_400)),
+    )
+    .unwrap();
     let bus_dir = env.pki("bus");
     let mut bundle = std::fs::read_to_string(env.pki("ca").join("tls.crt")).unwrap();
     bundle.push_str(&new_ca.cert_pem);
@@ -107,16 +121,31 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
         &bundle,
     )
     .unwrap();
-    let new_reader = env.issue_client("reader-2", &new_ca, Role::Reader, Validity::from_now(Duration::from_secs(3600)));
+    let new_reader = env.issue_client(
+        "reader-2",
+        &new_ca,
+        Role::Reader,
+        Validity::from_now(Duration::from_secs(3600)),
+    );
     let got_in = eventually(Duration::from_secs(10), || {
         let o = opts(&bus, &new_reader);
         async move {
-            let mut c = amoskys_eventbus::client::BusClient::connect(&o).await.ok()?;
-            c.query(QueryRequest { limit: 1, ..Default::default() }).await.ok()
+            let mut c = amoskys_eventbus::client::BusClient::connect(&o)
+                .await
+                .ok()?;
+            c.query(QueryRequest {
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .ok()
         }
     })
     .await;
-    assert!(got_in.is_some(), "a client of the new CA is accepted once the bundle holds it");
+    assert!(
+        got_in.is_some(),
+        "a client of the new CA is accepted once the bundle holds it"
+    );
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::SeqCst);
@@ -126,14 +155,27 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
         async move { (acked.load(Ordering::SeqCst) == sent).then_some(()) }
     })
     .await;
-    assert!(all_acked.is_some(), "acked {} of {sent}", acked.load(Ordering::SeqCst));
+    assert!(
+        all_acked.is_some(),
+        "acked {} of {sent}",
+        acked.load(Ordering::SeqCst)
+    );
     assert!(!acker.is_finished(), "the stream in flight never failed");
 
     let mut r = client(&bus, &env.pki("reader")).await;
-    let stored = r.query(QueryRequest { limit: 100_000, ..Default::default() }).await.unwrap();
+    let stored = r
+        .query(QueryRequest {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(stored.len() as u64, sent);
     let (_, text) = http_get(&bus, "/metrics").await;
-    assert!(metric(&text, "amoskys_bus_tls_reloads_total") >= 2.0, "{text}");
+    assert!(
+        metric(&text, "amoskys_bus_tls_reloads_total") >= 2.0,
+        "{text}"
+    );
     drop(acker);
     bus.shutdown().await.unwrap();
 }

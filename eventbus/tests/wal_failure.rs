@@ -55,12 +55,17 @@ async fn full_disk_withholds_acks_and_recovers() {
     let _mount = match mount_tmpfs(&disk, "48m") {
         Ok(m) => m,
         Err(why) => {
-            eprintln!("SKIPPED full_disk_withholds_acks_and_recovers: cannot mount a tmpfs ({why}); run as root");
+            eprintln!(
+                "SKIPPED full_disk_withholds_acks_and_recovers: cannot mount a tmpfs ({why}); run as root"
+            );
             return;
         }
     };
     let mut cfg = env.config();
     cfg.data_dir = disk.join("wal");
+    // Small memtables: RocksDB preallocates its log to about this size, and
+    // the test must run out of space within a few MB of writes.
+    cfg.write_buffer_bytes = 256 * 1024;
     let bus = amoskys_eventbus::start(cfg).await.unwrap();
     let mut c = client(&bus, &env.pki("agent")).await;
     let mut p = c.publisher(hello("a"), 64).await.unwrap();
@@ -81,7 +86,9 @@ async fn full_disk_withholds_acks_and_recovers() {
     for _ in 0..400 {
         p.send(events("a", seq + 1..=seq + 200)).await.unwrap();
         seq += 200;
-        if let Ok(Ok(Some(OutMsg::Ack(a)))) = tokio::time::timeout(Duration::from_millis(100), p.next()).await {
+        if let Ok(Ok(Some(OutMsg::Ack(a)))) =
+            tokio::time::timeout(Duration::from_millis(100), p.next()).await
+        {
             last_acked = a.acked_seq;
         }
         let (code, _) = http_get(&bus, "/readyz").await;
@@ -90,9 +97,15 @@ async fn full_disk_withholds_acks_and_recovers() {
             break;
         }
     }
-    assert!(became_unready, "/readyz turns false when the WAL cannot be written");
+    assert!(
+        became_unready,
+        "/readyz turns false when the WAL cannot be written"
+    );
     let (_, text) = http_get(&bus, "/metrics").await;
-    assert!(metric(&text, "amoskys_bus_wal_write_errors_total") >= 1.0, "{text}");
+    assert!(
+        metric(&text, "amoskys_bus_wal_write_errors_total") >= 1.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "amoskys_bus_writable"), 0.0);
 
     // While the disk is full, no ack arrives for what is waiting.
@@ -101,18 +114,26 @@ async fn full_disk_withholds_acks_and_recovers() {
             last_acked = a.acked_seq;
         }
     }
-    assert!(last_acked < seq, "acks withheld: acked {last_acked} of {seq}");
+    assert!(
+        last_acked < seq,
+        "acks withheld: acked {last_acked} of {seq}"
+    );
     let before = last_acked;
 
     // Space returns: the writer gets through, acks resume, /readyz recovers.
     std::fs::remove_file(&filler).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while last_acked < seq && tokio::time::Instant::now() < deadline {
-        if let Ok(Ok(Some(OutMsg::Ack(a)))) = tokio::time::timeout(Duration::from_secs(1), p.next()).await {
+        if let Ok(Ok(Some(OutMsg::Ack(a)))) =
+            tokio::time::timeout(Duration::from_secs(1), p.next()).await
+        {
             last_acked = a.acked_seq;
         }
     }
-    assert_eq!(last_acked, seq, "everything sent is acked once the disk recovers (was {before})");
+    assert_eq!(
+        last_acked, seq,
+        "everything sent is acked once the disk recovers (was {before})"
+    );
     let ready = eventually(Duration::from_secs(10), || {
         let bus = &bus;
         async move { (http_get(bus, "/readyz").await.0 == 200).then_some(()) }
@@ -121,8 +142,18 @@ async fn full_disk_withholds_acks_and_recovers() {
     assert!(ready.is_some(), "/readyz recovers");
 
     let mut r = client(&bus, &env.pki("reader")).await;
-    let stored = r.query(QueryRequest { limit: 100_000, ..Default::default() }).await.unwrap();
+    let stored = r
+        .query(QueryRequest {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=seq).collect::<Vec<_>>(), "nothing lost, nothing twice");
+    assert_eq!(
+        seqs,
+        (1..=seq).collect::<Vec<_>>(),
+        "nothing lost, nothing twice"
+    );
     bus.shutdown().await.unwrap();
 }

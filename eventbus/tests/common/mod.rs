@@ -57,7 +57,13 @@ impl Env {
     }
 
     /// A client certificate for `role` written to a new directory.
-    pub fn issue_client(&self, name: &str, ca: &CertAuthority, role: Role, validity: Validity) -> PathBuf {
+    pub fn issue_client(
+        &self,
+        name: &str,
+        ca: &CertAuthority,
+        role: Role,
+        validity: Validity,
+    ) -> PathBuf {
         let dir = self.tmp.path().join("extra").join(name);
         let mut c = ca.issue_client(name, role, validity).unwrap();
         // Trust the bus's real CA so only the client side is "wrong".

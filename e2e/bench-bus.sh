@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The bus alone: ack latency at a fixed rate, peak RSS at full load, and the
+# time from start to ready with many events stored.
+#
+# Usage: e2e/bench-bus.sh [STORED_EVENTS]   (default 10000000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STORED=${1:-10000000}
+./scripts/setup.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+cargo build --release --locked
+BIN="$CARGO_TARGET_DIR/release/amoskys"
+
+work=$(mktemp -d)
+pid=""
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+"$BIN" pki init --out "$work/pki" >/dev/null
+P="$work/pki"
+start_bus() {
+  "$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" --tls-dir "$P/bus" 2>>"$work/bus.log" &
+  pid=$!
+}
+ready_ms() { # ms from now until /readyz answers 200
+  local t0; t0=$(date +%s%N)
+  until curl -sf -o /dev/null http://127.0.0.1:19464/readyz; do sleep 0.005; done
+  echo $(( ($(date +%s%N) - t0) / 1000000 ))
+}
+bench() { "$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" "$@" | tail -1; }
+
+start_bus; ready_ms >/dev/null
+echo "[latency @10k/s] $(bench --events 300000 --rate 10000 --agents 4 --batch 10 --window 64 --agent-prefix lat)"
+echo "[full load]      $(bench --events "$STORED" --agents 4 --agent-prefix load) bus_rss_peak_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$pid/status)"
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+start_bus
+echo "[restart]        stored=$((STORED + 300000)) ready_ms=$(ready_ms)"
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""

