@@ -494,3 +494,56 @@ async fn cli_query_prints_json_lines_with_offsets_and_bench_reports() {
         .collect();
     assert_eq!(offsets, (1..=10).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_what_was_acked_when_the_bus_dies_mid_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let mut bus = start_bus(root, "batch", None);
+    let url = format!("https://127.0.0.1:{}", bus.grpc);
+    let child = Command::new(BIN)
+        .args([
+            "bench", "--bus", &url, "--events", "50000000", "--agents", "2",
+        ])
+        .arg("--tls-dir")
+        .arg(root.join("pki/agent"))
+        .env("AMOSKYS_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the bus once the bench has had events stored.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut r = BusClient::connect(&opts(&bus, root, "reader"))
+            .await
+            .unwrap();
+        let got = r
+            .query(QueryRequest {
+                limit: 1,
+                from_offset: 5000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if !got.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bus.child.kill().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("the bus failed mid-run"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    let acked: u64 = last
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("acked="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(last.starts_with("bench: events=50000000 acked="), "{last}");
+    assert!(acked > 0 && acked < 50_000_000, "{last}");
+}

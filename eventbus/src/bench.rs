@@ -71,7 +71,8 @@ pub fn synthetic_event(agent: &str, seq: u64, bytes: usize) -> Event {
     e
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of sorted values; 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

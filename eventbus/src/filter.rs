@@ -43,8 +43,8 @@ impl EventFilter {
     }
 
     pub fn matches(&self, e: &Event) -> bool {
-        (self.collectors.is_empty() || self.collectors.iter().any(|c| *c == e.collector))
-            && (self.agent_ids.is_empty() || self.agent_ids.iter().any(|a| *a == e.agent_id))
+        (self.collectors.is_empty() || self.collectors.contains(&e.collector))
+            && (self.agent_ids.is_empty() || self.agent_ids.contains(&e.agent_id))
             && e.severity >= self.min_severity
             && (self.text.is_empty() || text_matches(e, &self.text))
     }

@@ -89,34 +89,8 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     let tls = ReloadingTls::load(&cfg.tls_dir, metrics.clone())?;
     tls.spawn_watcher(cfg.tls_reload_interval, stop.clone());
 
-    let http_listener = TcpListener::bind(cfg.http)
-        .await
-        .map_err(|source| BusError::Bind {
-            what: "http",
-            addr: cfg.http,
-            source,
-        })?;
-    let http_addr = http_listener
-        .local_addr()
-        .map_err(|source| BusError::Bind {
-            what: "http",
-            addr: cfg.http,
-            source,
-        })?;
-    let grpc_listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| BusError::Bind {
-            what: "grpc",
-            addr: cfg.listen,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| BusError::Bind {
-            what: "grpc",
-            addr: cfg.listen,
-            source,
-        })?;
+    let (http_listener, http_addr) = bind("http", cfg.http).await?;
+    let (grpc_listener, grpc_addr) = bind("grpc", cfg.listen).await?;
 
     let writable = Arc::new(AtomicBool::new(true));
     // /readyz answers (false) while RocksDB replays its log.
@@ -241,6 +215,13 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         stop,
         done,
     })
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BusError> {
+    let err = |source| BusError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 fn spawn_retention(state: Arc<BusState>) {

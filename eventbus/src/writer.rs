@@ -198,14 +198,14 @@ impl Writer {
                     self.metrics.wal_write_errors.inc();
                     self.writable.store(false, Ordering::SeqCst);
                     self.metrics.writable.set(0);
-                    if attempt == 1 || attempt % 50 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(50) {
                         error!(error = %e, attempt, "WAL write failed; withholding acks and retrying");
                     }
                     std::thread::sleep(Duration::from_millis((50 * u64::from(attempt)).min(1000)));
-                    if let Err(e) = self.store.reopen() {
-                        if attempt % 50 == 1 {
-                            error!(error = %e, "reopening the WAL failed; will retry");
-                        }
+                    if let Err(e) = self.store.reopen()
+                        && attempt % 50 == 1
+                    {
+                        error!(error = %e, "reopening the WAL failed; will retry");
                     }
                 }
             }

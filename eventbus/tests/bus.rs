@@ -185,14 +185,7 @@ async fn duplicates_are_dropped_across_restarts() {
         "seq 50..=100 were resends"
     );
 
-    let mut r = client(&bus, &env.pki("reader")).await;
-    let stored = r
-        .query(QueryRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stored = stored(&bus, &env).await;
     let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs,

@@ -162,14 +162,7 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
     );
     assert!(!acker.is_finished(), "the stream in flight never failed");
 
-    let mut r = client(&bus, &env.pki("reader")).await;
-    let stored = r
-        .query(QueryRequest {
-            limit: 100_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stored = stored(&bus, &env).await;
     assert_eq!(stored.len() as u64, sent);
     let (_, text) = http_get(&bus, "/metrics").await;
     assert!(

@@ -9,7 +9,6 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use amoskys_proto::QueryRequest;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use common::*;
 
@@ -35,9 +34,9 @@ fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Result<Mount, String> {
 }
 
 /// Fills the filesystem under `dir` until a write fails with ENOSPC.
-fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+fn fill(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     use std::io::Write;
-    let path = dir.join("filler");
+    let path = dir.join(name);
     let mut f = std::fs::File::create(&path).unwrap();
     let chunk = vec![0u8; 64 * 1024];
     while f.write_all(&chunk).is_ok() {}
@@ -77,7 +76,7 @@ async fn full_disk_withholds_acks_and_recovers() {
             break;
         }
     }
-    let filler = fill(&disk);
+    let filler = fill(&disk, "filler");
 
     // Keep publishing until a write hits the full disk.
     let mut seq = 200u64;
@@ -101,15 +100,14 @@ async fn full_disk_withholds_acks_and_recovers() {
         became_unready,
         "/readyz turns false when the WAL cannot be written"
     );
-    let (_, text) = http_get(&bus, "/metrics").await;
-    assert!(
-        metric(&text, "amoskys_bus_wal_write_errors_total") >= 1.0,
-        "{text}"
-    );
-    assert_eq!(metric(&text, "amoskys_bus_writable"), 0.0);
+    // Reopening RocksDB after the failure can free the space its log had
+    // preallocated; take that too, so the disk stays full.
+    let filler2 = fill(&disk, "filler2");
+    p.send(events("a", seq + 1..=seq + 200)).await.unwrap();
+    seq += 200;
 
     // While the disk is full, no ack arrives for what is waiting.
-    while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_millis(500), p.next()).await {
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(2), p.next()).await {
         if let OutMsg::Ack(a) = msg {
             last_acked = a.acked_seq;
         }
@@ -118,10 +116,18 @@ async fn full_disk_withholds_acks_and_recovers() {
         last_acked < seq,
         "acks withheld: acked {last_acked} of {seq}"
     );
+    assert_eq!(http_get(&bus, "/readyz").await.0, 503);
+    let (_, text) = http_get(&bus, "/metrics").await;
+    assert!(
+        metric(&text, "amoskys_bus_wal_write_errors_total") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "amoskys_bus_writable"), 0.0);
     let before = last_acked;
 
     // Space returns: the writer gets through, acks resume, /readyz recovers.
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&filler2).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while last_acked < seq && tokio::time::Instant::now() < deadline {
         if let Ok(Ok(Some(OutMsg::Ack(a)))) =
@@ -141,14 +147,7 @@ async fn full_disk_withholds_acks_and_recovers() {
     .await;
     assert!(ready.is_some(), "/readyz recovers");
 
-    let mut r = client(&bus, &env.pki("reader")).await;
-    let stored = r
-        .query(QueryRequest {
-            limit: 100_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stored = stored(&bus, &env).await;
     let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs,

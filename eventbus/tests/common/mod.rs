@@ -143,3 +143,14 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every stored event, read with the reader certificate.
+pub async fn stored(bus: &RunningBus, env: &Env) -> Vec<Event> {
+    let mut r = client(bus, &env.pki("reader")).await;
+    r.query(amoskys_proto::QueryRequest {
+        limit: 100_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
