@@ -25,6 +25,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+export AMOSKYS_LOG=${AMOSKYS_LOG:-warn}
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"
 
@@ -40,7 +41,7 @@ run_bus() { # $1 = sync policy
   wait_port 19464
   local line
   line=$("$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" --events "$EVENTS" \
-    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1)
+    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1) || line="bench: failed: see above"
   echo "$line bus_rss_peak_mb=$(rss_mb $pid)"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -50,7 +51,7 @@ run_nats() { # $1 = sync_interval line or empty
   cat >"$work/nats.conf" <<CONF
 listen: 127.0.0.1:14222
 max_payload: 8MB
-jetstream { store_dir: "$work/js"  $1 }
+jetstream { store_dir: "$work/js" $1 }
 tls { cert_file: "$P/bus/tls.crt", key_file: "$P/bus/tls.key", ca_file: "$P/bus/ca.crt", verify: true }
 CONF
   nats-server -c "$work/nats.conf" 2>"$work/nats.log" &
@@ -58,7 +59,7 @@ CONF
   wait_port 14222
   local line
   line=$("$BIN" bench --nats tls://127.0.0.1:14222 --tls-dir "$P/agent" --events "$EVENTS" \
-    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1)
+    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1) || line="bench(nats): failed: see above"
   echo "$line nats_rss_peak_mb=$(rss_mb $pid)"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -68,7 +69,7 @@ eps() { sed -n 's/.* eps=\([0-9.]*\).*/\1/p' <<<"$1"; }
 echo "workload: events=$EVENTS event_bytes=$BYTES agents=$AGENTS in_flight_per_agent=$((BATCH*WINDOW)) ($(nproc) cores)"
 echo "nats-server $(nats-server --version 2>&1 | head -1)"
 for mode in durable nofsync; do
-  if [ "$mode" = durable ]; then bus_sync=batch; js_sync="sync_interval: always"; else bus_sync=never; js_sync=""; fi
+  if [ "$mode" = durable ]; then bus_sync=batch; js_sync=", sync_interval: always"; else bus_sync=never; js_sync=""; fi
   b=$(run_bus "$bus_sync")
   n=$(run_nats "$js_sync")
   echo "[$mode] $b"

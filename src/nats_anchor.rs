@@ -29,6 +29,9 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
     let connect = || async {
         async_nats::ConnectOptions::new()
             .require_tls(true)
+            // Acks for a deep window under fsync can take seconds; a timeout
+            // would count as a failure the bus side never has.
+            .request_timeout(Some(Duration::from_secs(120)))
             .add_root_certificates(b.tls_dir.join("ca.crt"))
             .add_client_certificate(b.tls_dir.join("tls.crt"), b.tls_dir.join("tls.key"))
             .connect(b.url)
