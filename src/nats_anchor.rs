@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::bench::{BenchReport, percentile, synthetic_event};
+use amoskys_eventbus::bench::{BenchReport, synthetic_event};
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
@@ -102,16 +102,11 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let acked = acked.load(Ordering::SeqCst);
-    Ok(BenchReport {
-        events: per * b.agents.max(1) as u64,
-        acked,
+    Ok(BenchReport::from_latencies(
+        per * b.agents.max(1) as u64,
+        acked.load(Ordering::SeqCst),
         seconds,
-        eps: acked as f64 / seconds.max(1e-9),
-        ack_p50_ms: percentile(&lat, 0.5),
-        ack_p99_ms: percentile(&lat, 0.99),
-        ack_max_ms: lat.last().copied().unwrap_or(0.0),
+        lat,
         errors,
-    })
+    ))
 }

@@ -40,6 +40,27 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// Summarises a run from its per-batch (or per-message) ack latencies in ms.
+    pub fn from_latencies(
+        events: u64,
+        acked: u64,
+        seconds: f64,
+        mut lat: Vec<f64>,
+        errors: Vec<String>,
+    ) -> Self {
+        lat.sort_by(|a, b| a.total_cmp(b));
+        Self {
+            events,
+            acked,
+            seconds,
+            eps: acked as f64 / seconds.max(1e-9),
+            ack_p50_ms: percentile(&lat, 0.50),
+            ack_p99_ms: percentile(&lat, 0.99),
+            ack_max_ms: lat.last().copied().unwrap_or(0.0),
+            errors,
+        }
+    }
+
     pub fn line(&self) -> String {
         format!(
             "bench: events={} acked={} eps={:.0} ack_p50_ms={:.3} ack_p99_ms={:.3}",
@@ -114,19 +135,15 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
         let _ = t.await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let mut lat = std::mem::take(&mut *latencies.lock().await);
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let acked = acked.load(Ordering::SeqCst);
-    BenchReport {
-        events: opts.events,
-        acked,
+    let lat = std::mem::take(&mut *latencies.lock().await);
+    let errors = std::mem::take(&mut *errors.lock().await);
+    BenchReport::from_latencies(
+        opts.events,
+        acked.load(Ordering::SeqCst),
         seconds,
-        eps: acked as f64 / seconds.max(1e-9),
-        ack_p50_ms: percentile(&lat, 0.50),
-        ack_p99_ms: percentile(&lat, 0.99),
-        ack_max_ms: lat.last().copied().unwrap_or(0.0),
-        errors: std::mem::take(&mut *errors.lock().await),
-    }
+        lat,
+        errors,
+    )
 }
 
 type AgentResult = Result<Vec<f64>, (Vec<f64>, String)>;
