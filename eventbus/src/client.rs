@@ -143,6 +143,20 @@ impl BusClient {
         Ok(out)
     }
 
+    /// Runs a query page by page (each up to `req.limit`, capped by the
+    /// server) until the range is exhausted, and collects every event.
+    pub async fn query_all(&mut self, mut req: QueryRequest) -> Result<Vec<Event>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.query(req.clone()).await?;
+            let Some(last) = page.last().map(|e| e.offset) else {
+                return Ok(out);
+            };
+            req.from_offset = last + 1;
+            out.extend(page);
+        }
+    }
+
     pub async fn tail(
         &mut self,
         req: TailRequest,

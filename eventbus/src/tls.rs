@@ -87,7 +87,8 @@ impl TlsMaterial {
         })
     }
 
-    fn fingerprint(&self) -> u64 {
+    /// Changes whenever any of the three files does.
+    pub fn fingerprint(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (&self.cert_pem, &self.key_pem, &self.ca_pem).hash(&mut h);
         h.finish()

@@ -1,0 +1,86 @@
+//! What the end-to-end tests share: the binary, a PKI, bus processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amoskys_eventbus::client::ClientOptions;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_amoskys");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Bus {
+    pub child: Child,
+    pub grpc: u16,
+    pub http: u16,
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pki(dir: &Path) {
+    let st = Command::new(BIN)
+        .args(["pki", "init", "--out"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+pub fn start_bus(root: &Path, sync: &str, ports: Option<(u16, u16)>) -> Bus {
+    let (grpc, http) = ports.unwrap_or_else(|| (free_port(), free_port()));
+    let child = Command::new(BIN)
+        .arg("bus")
+        .args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--tls-dir")
+        .arg(root.join("pki/bus"))
+        .args(["--sync", sync])
+        .env("AMOSKYS_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let bus = Bus { child, grpc, http };
+    wait_ready(&bus);
+    bus
+}
+
+pub fn wait_ready(bus: &Bus) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", bus.http)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("bus did not become ready");
+}
+
+pub fn opts(bus: &Bus, root: &Path, who: &str) -> ClientOptions {
+    ClientOptions::new(
+        format!("https://127.0.0.1:{}", bus.grpc),
+        root.join("pki").join(who),
+    )
+}
