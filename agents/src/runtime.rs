@@ -1,0 +1,425 @@
+//! The agent runtime: opens the spool, starts the collectors, the spool
+//! writer, the sender, heartbeats, TLS reload and the HTTP endpoint, and
+//! stops them in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use amoskys_eventbus::client::ClientOptions;
+use amoskys_eventbus::tls::TlsMaterial;
+use amoskys_proto::event::Payload;
+use amoskys_proto::{Heartbeat, Hello, Severity};
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::collector::Registry;
+use crate::config::AgentConfig;
+use crate::metrics::AgentMetrics;
+use crate::sender::{SendCounters, Sender, SenderConfig};
+use crate::spool::{Draft, Spool, SpoolError};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("TLS files in {dir}: {message}")]
+    Tls { dir: String, message: String },
+    #[error("binding the HTTP address {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("collector {collector}: {message}")]
+    Collector {
+        collector: &'static str,
+        message: String,
+    },
+}
+
+/// State shared by the runtime's tasks.
+pub struct Shared {
+    pub spool: Arc<Spool>,
+    pub metrics: Arc<AgentMetrics>,
+    pub collectors: Arc<Registry>,
+    pub counters: Arc<SendCounters>,
+    pub cert_serial: std::sync::Mutex<String>,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn refresh_gauges(&self) {
+        let st = self.spool.stats();
+        self.metrics.spool_bytes.set(st.bytes as i64);
+        self.metrics.spool_events.set(st.events as i64);
+        self.metrics.spool_max_bytes.set(st.max_bytes as i64);
+    }
+
+    fn heartbeat(&self, eps: f64) -> Heartbeat {
+        let st = self.spool.stats();
+        Heartbeat {
+            version: VERSION.into(),
+            produced: self.collectors.produced(),
+            sent: self.counters.sent.load(Ordering::Relaxed),
+            acked: self.counters.acked.load(Ordering::Relaxed),
+            spool_bytes: st.bytes,
+            spool_events: st.events,
+            dropped: st.dropped_total,
+            collectors: self.collectors.statuses(),
+            cert_serial: self
+                .cert_serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            events_per_second: eps,
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    pub agent_id: String,
+    pub shared: Arc<Shared>,
+    pub http_addr: Option<SocketAddr>,
+    stop_collectors: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Stops the collectors, sends what the bus takes within the grace
+    /// period, keeps the rest in the spool, and returns when all is closed.
+    pub async fn shutdown(self) {
+        self.stop_collectors.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Waits until the agent ends by itself (it does not, short of a stop).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+fn spool_writer(
+    spool: Arc<Spool>,
+    metrics: Arc<AgentMetrics>,
+    mut rx: mpsc::Receiver<Draft>,
+    started: Instant,
+) {
+    let mut first = true;
+    while let Some(d) = rx.blocking_recv() {
+        let mut batch = vec![d];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        if first {
+            first = false;
+            info!(
+                after_ms = started.elapsed().as_millis() as u64,
+                "first event produced"
+            );
+        }
+        let mut attempt = 0u32;
+        loop {
+            match spool.append(batch.clone()) {
+                Ok(dropped) => {
+                    if dropped > 0 {
+                        metrics.dropped.inc_by(dropped);
+                        warn!(
+                            dropped,
+                            "spool full: dropped the oldest events (reported as a gap event)"
+                        );
+                    }
+                    break;
+                }
+                Err(e) => {
+                    // Holding the batch keeps the channel full, so collectors
+                    // wait rather than lose events while the disk recovers.
+                    metrics.spool_write_errors.inc();
+                    error!(error = %e, "spool write failed; retrying");
+                    attempt = attempt.saturating_add(1);
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(50))));
+                }
+            }
+        }
+    }
+}
+
+async fn metrics_handler(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    s.refresh_gauges();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+fn watch_tls(
+    dir: std::path::PathBuf,
+    every: Duration,
+    shared: Arc<Shared>,
+    changed: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut last = TlsMaterial::read(&dir).map(|m| m.fingerprint()).ok();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let Ok(m) = TlsMaterial::read(&dir) else {
+                continue;
+            };
+            let fp = m.fingerprint();
+            if Some(fp) == last {
+                continue;
+            }
+            // Only a complete, parseable set replaces the old one; a rotation
+            // caught half-written is picked up on the next poll.
+            if m.certs().is_err() || m.key().is_err() || m.roots().is_err() {
+                continue;
+            }
+            last = Some(fp);
+            let serial = m.leaf_serial().unwrap_or_default();
+            info!(serial = %serial, "TLS files changed");
+            *shared.cert_serial.lock().unwrap_or_else(|p| p.into_inner()) = serial;
+            shared.metrics.tls_reloads.inc();
+            changed.notify_one();
+        }
+    });
+}
+
+/// Starts the agent. Errors here are configuration or environment problems
+/// the caller should report and exit on.
+pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
+    let started = Instant::now();
+    let tls = TlsMaterial::read(&cfg.tls_dir).map_err(|e| AgentError::Tls {
+        dir: cfg.tls_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    tls.certs()
+        .and_then(|_| tls.key())
+        .and_then(|_| tls.roots())
+        .map_err(|e| AgentError::Tls {
+            dir: cfg.tls_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+    std::fs::create_dir_all(&cfg.spool_dir).map_err(|e| {
+        AgentError::Spool(SpoolError::Corrupt {
+            seq: 0,
+            message: format!("creating {}: {e}", cfg.spool_dir.display()),
+        })
+    })?;
+    let spool = {
+        let (dir, max, id, node) = (
+            cfg.spool_dir.clone(),
+            cfg.spool_max_bytes,
+            cfg.agent_id.clone(),
+            cfg.node.clone(),
+        );
+        tokio::task::spawn_blocking(move || Spool::open(&dir, max, &id, &node))
+            .await
+            .map_err(|e| {
+                AgentError::Spool(SpoolError::Corrupt {
+                    seq: 0,
+                    message: e.to_string(),
+                })
+            })??
+    };
+    let spool = Arc::new(spool);
+    let st = spool.stats();
+    info!(agent_id = %cfg.agent_id, spool_events = st.events, next_seq = st.next_seq, "spool open");
+
+    let metrics = Arc::new(AgentMetrics::new());
+    let shared = Arc::new(Shared {
+        spool: spool.clone(),
+        metrics: metrics.clone(),
+        collectors: Arc::new(Registry::default()),
+        counters: Arc::new(SendCounters::default()),
+        cert_serial: std::sync::Mutex::new(tls.leaf_serial().unwrap_or_default()),
+        started,
+    });
+    shared.refresh_gauges();
+
+    let stop_collectors = CancellationToken::new();
+    let draining = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel::<Draft>(8192);
+
+    let writer = {
+        let (spool, metrics) = (spool.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || spool_writer(spool, metrics, rx, started))
+            .map_err(|e| {
+                AgentError::Spool(SpoolError::Corrupt {
+                    seq: 0,
+                    message: format!("starting the spool writer: {e}"),
+                })
+            })?
+    };
+
+    let mut tasks = crate::collectors::spawn_all(
+        &cfg.collectors,
+        &shared.collectors,
+        &tx,
+        &metrics,
+        &stop_collectors,
+    )
+    .await?;
+
+    // Heartbeats ride the spool like any event, so the bus registry gets
+    // them in order and after outages too.
+    {
+        let (shared, tx, stop, every) = (
+            shared.clone(),
+            tx.clone(),
+            stop_collectors.clone(),
+            cfg.heartbeat_interval,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                let produced = shared.collectors.produced();
+                let secs = last.0.elapsed().as_secs_f64();
+                let eps = if secs > 0.0 {
+                    (produced - last.1.min(produced)) as f64 / secs
+                } else {
+                    0.0
+                };
+                last = (Instant::now(), produced);
+                let hb = shared.heartbeat(eps);
+                if tx
+                    .send(Draft::new("agent", Severity::Debug, Payload::Heartbeat(hb)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        }));
+    }
+    drop(tx);
+
+    let tls_changed = Arc::new(Notify::new());
+    watch_tls(
+        cfg.tls_dir.clone(),
+        cfg.tls_reload_interval,
+        shared.clone(),
+        tls_changed.clone(),
+        hard_stop.clone(),
+    );
+
+    let mut client = ClientOptions::new(cfg.bus.clone(), cfg.tls_dir.clone());
+    client.server_name = cfg.bus_server_name.clone();
+    let sender = Sender {
+        cfg: SenderConfig {
+            client,
+            hello: Hello {
+                agent_id: cfg.agent_id.clone(),
+                node: cfg.node.clone(),
+                version: VERSION.into(),
+                collectors: shared.collectors.names(),
+            },
+            max_events: cfg.batch_max_events,
+            max_bytes: 4 * 1024 * 1024,
+            max_delay: cfg.batch_max_delay,
+            window: cfg.window,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        },
+        spool: spool.clone(),
+        collectors: shared.collectors.clone(),
+        metrics: metrics.clone(),
+        counters: shared.counters.clone(),
+        tls_changed,
+    };
+    let sender_task = tokio::spawn(sender.run(draining.clone(), hard_stop.clone()));
+
+    let http_addr = match cfg.http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Http { addr, source })?;
+            let local = listener.local_addr().ok();
+            let app = Router::new()
+                .route("/metrics", get(metrics_handler))
+                .route("/healthz", get(healthz))
+                .with_state(shared.clone());
+            let stop = hard_stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    error!(error = %e, "HTTP server failed");
+                }
+            });
+            local
+        }
+        None => None,
+    };
+
+    let done = {
+        let (stop_collectors, grace, spool) =
+            (stop_collectors.clone(), cfg.shutdown_grace, spool.clone());
+        tokio::spawn(async move {
+            stop_collectors.cancelled().await;
+            info!(
+                "stopping: collectors first, then sending what the bus takes within the grace period"
+            );
+            for t in tasks {
+                let _ = t.await;
+            }
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            draining.cancel();
+            let mut sender_task = sender_task;
+            if tokio::time::timeout(grace, &mut sender_task).await.is_err() {
+                let left = spool.stats().events;
+                warn!(
+                    unacked = left,
+                    "grace period over: the rest stays in the spool for the next start"
+                );
+                hard_stop.cancel();
+                let _ = sender_task.await;
+            }
+            hard_stop.cancel();
+            if let Err(e) = spool.flush() {
+                error!(error = %e, "flushing the spool");
+            }
+            info!("agent stopped");
+        })
+    };
+
+    Ok(RunningAgent {
+        agent_id: cfg.agent_id.clone(),
+        shared,
+        http_addr,
+        stop_collectors,
+        done,
+    })
+}

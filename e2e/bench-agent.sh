@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Agent benchmarks, printed as figures (never asserted):
+#   1. idle footprint: agent with its default collectors (process, inventory)
+#      on this host for IDLE_SECS: RSS, CPU share of one core, time to the
+#      first event;
+#   2. flow capture: UDP packets blasted on lo at rising rates; packets the
+#      flow collector counted vs sent, and kernel drops;
+#   3. agent -> bus: the synthetic collector producing as fast as the spool
+#      takes, acked events per second at the bus.
+#
+# Usage: e2e/bench-agent.sh   (AMOSKYS_BIN=path skips the release build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDLE_SECS=${IDLE_SECS:-60}
+if [ -n "${AMOSKYS_BIN:-}" ]; then
+  BIN=$AMOSKYS_BIN
+else
+  ./scripts/setup.sh
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+  cargo build --release --locked
+  BIN="$CARGO_TARGET_DIR/release/amoskys"
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+export AMOSKYS_LOG=${AMOSKYS_LOG:-info}
+"$BIN" pki init --out "$work/pki" >/dev/null
+P="$work/pki"
+wait_port() { for _ in $(seq 1 400); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+"$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" --tls-dir "$P/bus" --sync batch 2>"$work/bus.log" &
+pids+=($!)
+wait_port 19464
+
+agent() { # $1 = name, $2 = config file, $3 = http port
+  "$BIN" agent --config "$2" --bus https://127.0.0.1:17443 --tls-dir "$P/agent" \
+    --spool-dir "$work/spool-$1" --http "127.0.0.1:$3" --agent-id "$1" 2>"$work/agent-$1.log" &
+  pids+=($!)
+  echo $!
+}
+
+echo "== 1. idle agent, default collectors (process, inventory), ${IDLE_SECS}s, $(nproc) cores"
+: >"$work/idle.yaml"
+pid=$(agent idle "$work/idle.yaml" 19465)
+wait_port 19465
+sleep 5 # start-up snapshot done
+t0=$(ticks "$pid"); s0=$(date +%s.%N)
+sleep "$IDLE_SECS"
+t1=$(ticks "$pid"); s1=$(date +%s.%N)
+rss=$(awk '/VmRSS/ { printf "%.1f", $2/1024 }' "/proc/$pid/status")
+hwm=$(awk '/VmHWM/ { printf "%.1f", $2/1024 }' "/proc/$pid/status")
+cpu=$(awk -v a="$t0" -v b="$t1" -v s="$s0" -v e="$s1" -v hz="$hz" 'BEGIN { printf "%.2f", 100 * (b - a) / hz / (e - s) }')
+first=$(grep -o 'after_ms=[0-9]*' "$work/agent-idle.log" | head -1 | cut -d= -f2)
+mode=$(curl -s http://127.0.0.1:19465/metrics | grep '^amoskys_agent_collector_mode{' | grep ' 1$' | sed 's/amoskys_agent_collector_mode//' | tr '\n' ' ')
+echo "idle: rss_mb=$rss rss_peak_mb=$hwm cpu_pct_of_one_core=$cpu first_event_ms=$first modes=$mode"
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+
+echo "== 2. flow capture on lo (UDP, 64-byte payloads, 5 s per rate)"
+port=$((20000 + RANDOM % 10000))
+cat >"$work/flow.yaml" <<CONF
+collectors:
+  process: { enabled: false }
+  inventory: { enabled: false }
+  flow: { enabled: true, interface: lo, bpfFilter: "udp and dst port $port", idleTimeout: 2s }
+CONF
+pid=$(agent flow "$work/flow.yaml" 19466)
+wait_port 19466
+sleep 1
+for rate in 10000 50000 100000 200000 0; do
+  before=$(metric 19466 amoskys_agent_flow_packets_total); before=${before:-0}
+  kd0=$(metric 19466 amoskys_agent_flow_kernel_dropped); kd0=${kd0:-0}
+  sent=$(python3 - "$port" "$rate" <<'PY'
+import socket, sys, time
+port, rate = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+payload = b"x" * 64
+n, t0, dur = 0, time.perf_counter(), 5.0
+while True:
+    el = time.perf_counter() - t0
+    if el >= dur:
+        break
+    due = int(el * rate) + 1 if rate else n + 1000
+    while n < due:
+        try:
+            s.sendto(payload, ("127.0.0.1", port)); n += 1
+        except BlockingIOError:
+            break
+print(n, round(n / (time.perf_counter() - t0)))
+PY
+)
+  sleep 2
+  after=$(metric 19466 amoskys_agent_flow_packets_total); kd1=$(metric 19466 amoskys_agent_flow_kernel_dropped); kd1=${kd1:-0}
+  n=${sent% *}; pps=${sent#* }
+  echo "flow: target_pps=${rate:-max} sent=$n sent_pps=$pps counted=$((${after%.*} - ${before%.*})) kernel_dropped=$((${kd1%.*} - ${kd0%.*}))"
+done
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+
+echo "== 3. agent -> bus, synthetic 200-byte events as fast as the spool takes, 20 s"
+cat >"$work/syn.yaml" <<CONF
+batch: { maxEvents: 2048, window: 32 }
+collectors:
+  process: { enabled: false }
+  inventory: { enabled: false }
+  synthetic: { enabled: true, rate: 1000000, eventBytes: 200 }
+CONF
+pid=$(agent syn "$work/syn.yaml" 19467)
+wait_port 19467
+sleep 3
+a0=$(metric 19467 amoskys_agent_events_acked_total); p0=$(metric 19467 amoskys_agent_events_produced_total{collector=\"synthetic\"}); s0=$(date +%s.%N)
+sleep 20
+a1=$(metric 19467 amoskys_agent_events_acked_total); p1=$(metric 19467 amoskys_agent_events_produced_total{collector=\"synthetic\"}); s1=$(date +%s.%N)
+spool=$(metric 19467 amoskys_agent_spool_bytes)
+arss=$(awk '/VmHWM/ { printf "%.0f", $2/1024 }' "/proc/$pid/status")
+awk -v a0="$a0" -v a1="$a1" -v p0="$p0" -v p1="$p1" -v s="$s0" -v e="$s1" -v sp="$spool" -v r="$arss" \
+  'BEGIN { printf "agent->bus: acked_eps=%.0f produced_eps=%.0f spool_bytes_at_end=%d agent_rss_peak_mb=%s\n", (a1-a0)/(e-s), (p1-p0)/(e-s), sp, r }'
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
