@@ -38,8 +38,8 @@ pids+=($!)
 wait_port 19464
 
 agent() { # $1 = name, $2 = config file, $3 = http port
-  "$BIN" agent --config "$2" --bus https://127.0.0.1:17443 --tls-dir "$P/agent" \
-    --spool-dir "$work/spool-$1" --http "127.0.0.1:$3" --agent-id "$1" 2>"$work/agent-$1.log" &
+  "$BIN" --log-format json agent --config "$2" --bus https://127.0.0.1:17443 --tls-dir "$P/agent" \
+    --spool-dir "$work/spool-$1" --http "127.0.0.1:$3" --agent-id "$1" >/dev/null 2>"$work/agent-$1.log" &
   pids+=($!)
   echo $!
 }
@@ -55,8 +55,8 @@ t1=$(ticks "$pid"); s1=$(date +%s.%N)
 rss=$(awk '/VmRSS/ { printf "%.1f", $2/1024 }' "/proc/$pid/status")
 hwm=$(awk '/VmHWM/ { printf "%.1f", $2/1024 }' "/proc/$pid/status")
 cpu=$(awk -v a="$t0" -v b="$t1" -v s="$s0" -v e="$s1" -v hz="$hz" 'BEGIN { printf "%.2f", 100 * (b - a) / hz / (e - s) }')
-first=$(grep -o 'after_ms=[0-9]*' "$work/agent-idle.log" | head -1 | cut -d= -f2)
-mode=$(curl -s http://127.0.0.1:19465/metrics | grep '^amoskys_agent_collector_mode{' | grep ' 1$' | sed 's/amoskys_agent_collector_mode//' | tr '\n' ' ')
+first=$(grep -o '"after_ms":[0-9]*' "$work/agent-idle.log" | head -1 | cut -d: -f2 || true)
+mode=$(curl -s http://127.0.0.1:19465/metrics | grep '^amoskys_agent_collector_mode{' | grep ' 1$' | sed 's/amoskys_agent_collector_mode//' | tr '\n' ' ' || true)
 echo "idle: rss_mb=$rss rss_peak_mb=$hwm cpu_pct_of_one_core=$cpu first_event_ms=$first modes=$mode"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 
@@ -101,22 +101,27 @@ PY
 done
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 
-echo "== 3. agent -> bus, synthetic 200-byte events as fast as the spool takes, 20 s"
-cat >"$work/syn.yaml" <<CONF
+echo "== 3. agent -> bus, synthetic 200-byte events at rising rates, 20 s each (0 = as fast as the spool takes)"
+n=0
+for rate in ${SYN_RATES:-10000 20000 40000 0}; do
+  n=$((n + 1))
+  cat >"$work/syn$n.yaml" <<CONF
 batch: { maxEvents: 2048, window: 32 }
 collectors:
   process: { enabled: false }
   inventory: { enabled: false }
-  synthetic: { enabled: true, rate: 1000000, eventBytes: 200 }
+  synthetic: { enabled: true, rate: $([ "$rate" = 0 ] && echo 10000000 || echo "$rate"), eventBytes: 200 }
 CONF
-pid=$(agent syn "$work/syn.yaml" 19467)
-wait_port 19467
-sleep 3
-a0=$(metric 19467 amoskys_agent_events_acked_total); p0=$(metric 19467 amoskys_agent_events_produced_total{collector=\"synthetic\"}); s0=$(date +%s.%N)
-sleep 20
-a1=$(metric 19467 amoskys_agent_events_acked_total); p1=$(metric 19467 amoskys_agent_events_produced_total{collector=\"synthetic\"}); s1=$(date +%s.%N)
-spool=$(metric 19467 amoskys_agent_spool_bytes)
-arss=$(awk '/VmHWM/ { printf "%.0f", $2/1024 }' "/proc/$pid/status")
-awk -v a0="$a0" -v a1="$a1" -v p0="$p0" -v p1="$p1" -v s="$s0" -v e="$s1" -v sp="$spool" -v r="$arss" \
-  'BEGIN { printf "agent->bus: acked_eps=%.0f produced_eps=%.0f spool_bytes_at_end=%d agent_rss_peak_mb=%s\n", (a1-a0)/(e-s), (p1-p0)/(e-s), sp, r }'
-kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  hp=$((19470 + n))
+  pid=$(agent "syn$n" "$work/syn$n.yaml" "$hp")
+  wait_port "$hp"
+  sleep 3
+  a0=$(metric "$hp" amoskys_agent_events_acked_total); p0=$(metric "$hp" 'amoskys_agent_events_produced_total{collector="synthetic"}'); s0=$(date +%s.%N)
+  sleep 20
+  a1=$(metric "$hp" amoskys_agent_events_acked_total); p1=$(metric "$hp" 'amoskys_agent_events_produced_total{collector="synthetic"}'); s1=$(date +%s.%N)
+  spool=$(metric "$hp" amoskys_agent_spool_bytes)
+  arss=$(awk '/VmHWM/ { printf "%.0f", $2/1024 }' "/proc/$pid/status")
+  awk -v rate="$rate" -v a0="$a0" -v a1="$a1" -v p0="$p0" -v p1="$p1" -v s="$s0" -v e="$s1" -v sp="$spool" -v r="$arss" \
+    'BEGIN { printf "agent->bus: target_eps=%s produced_eps=%.0f acked_eps=%.0f spool_bytes_at_end=%d agent_rss_peak_mb=%s\n", rate, (p1-p0)/(e-s), (a1-a0)/(e-s), sp, r }'
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+done

@@ -62,6 +62,9 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
         // that would deadlock, so its bound must be above the bench window.
         let js = jetstream::context::ContextBuilder::new()
             .max_ack_inflight(in_flight + 1)
+            // Under fsync a deep window's acks take seconds; the default 5 s
+            // would count them as failures the bus side never has.
+            .timeout(Duration::from_secs(120))
             .ack_timeout(Duration::from_secs(120))
             .build(connect().await?);
         let acked = acked.clone();
