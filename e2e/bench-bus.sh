@@ -6,10 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORED=${1:-10000000}
-./scripts/setup.sh
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
-cargo build --release --locked
-BIN="$CARGO_TARGET_DIR/release/amoskys"
+# AMOSKYS_BIN points at an already built release binary and skips the build.
+if [ -n "${AMOSKYS_BIN:-}" ]; then
+  BIN=$AMOSKYS_BIN
+else
+  ./scripts/setup.sh
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+  cargo build --release --locked
+  BIN="$CARGO_TARGET_DIR/release/amoskys"
+fi
 
 work=$(mktemp -d)
 pid=""

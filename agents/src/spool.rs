@@ -11,7 +11,7 @@
 //! oldest events are dropped and counted; the count becomes a gap event the
 //! next time the sender connects, so loss is never silent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -116,6 +116,10 @@ struct State {
     events: u64,
     dropped_total: u64,
     gap: PendingGap,
+    /// Encoded size of each held event, seq `first` at the front (held seqs
+    /// are contiguous), so acks and drops account bytes without reading
+    /// values back from disk. 4 bytes an event.
+    sizes: VecDeque<u32>,
 }
 
 /// A point-in-time view for metrics and heartbeats.
@@ -192,6 +196,7 @@ impl Spool {
         let mut last = 0;
         let mut bytes = 0u64;
         let mut events = 0u64;
+        let mut sizes = VecDeque::new();
         for item in db.iterator(IteratorMode::From(&key(0), Direction::Forward)) {
             let (k, v) = item.map_err(SpoolError::Read)?;
             let Some(seq) = seq_of(&k) else { break };
@@ -199,6 +204,7 @@ impl Spool {
             last = seq;
             bytes += v.len() as u64;
             events += 1;
+            sizes.push_back(v.len() as u32);
         }
         // The meta key and the events are written together, but take the
         // larger in case the file was copied or restored by hand.
@@ -212,6 +218,7 @@ impl Spool {
                 events,
                 dropped_total,
                 gap,
+                sizes,
             }),
             max_bytes,
             agent_id: agent_id.to_string(),
@@ -311,6 +318,7 @@ impl Spool {
         let incoming: u64 = new.iter().map(|(_, v)| v.len() as u64).sum();
         let mut gap = gap_override.unwrap_or(s.gap);
         let mut dropped = 0u64;
+        let mut stored_dropped = 0usize;
         let mut first = s.first;
         let mut bytes = s.bytes;
         let mut events = s.events;
@@ -341,6 +349,7 @@ impl Spool {
                 }
             }
             if let Some(last) = last_dropped {
+                stored_dropped = dropped as usize;
                 batch.delete_range(key(first), key(last + 1));
                 gap.add(first, last, dropped);
                 first = last + 1;
@@ -376,6 +385,10 @@ impl Spool {
         self.db
             .write_opt(batch, &WriteOptions::default())
             .map_err(SpoolError::Write)?;
+        // Only now that the write succeeded does the in-memory view change.
+        let held = s.sizes.len();
+        s.sizes.drain(..stored_dropped.min(held));
+        s.sizes.extend(new.iter().map(|(_, v)| v.len() as u32));
         s.first = first;
         s.next = next;
         s.bytes = bytes;
@@ -425,23 +438,12 @@ impl Spool {
             return Ok(0);
         }
         let upto = seq.min(s.next.saturating_sub(1));
-        let mut freed = 0u64;
-        let mut n = 0u64;
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&key(s.first), Direction::Forward))
-        {
-            let (k, v) = item.map_err(SpoolError::Read)?;
-            let Some(q) = seq_of(&k) else { break };
-            if q > upto {
-                break;
-            }
-            freed += v.len() as u64;
-            n += 1;
-        }
+        let n = (upto + 1 - s.first).min(s.sizes.len() as u64);
+        let freed: u64 = s.sizes.iter().take(n as usize).map(|&l| u64::from(l)).sum();
         let mut batch = WriteBatch::default();
         batch.delete_range(key(s.first), key(upto + 1));
         self.db.write(batch).map_err(SpoolError::Write)?;
+        s.sizes.drain(..n as usize);
         s.first = upto + 1;
         s.bytes -= freed.min(s.bytes);
         s.events -= n.min(s.events);
