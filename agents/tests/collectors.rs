@@ -370,3 +370,105 @@ fn f_cfg() -> FlowConfig {
         snaplen: 128,
     }
 }
+
+fn inventory(got: &[Draft]) -> Vec<amoskys_proto::InventoryEvent> {
+    got.iter()
+        .filter_map(|d| match &d.payload {
+            Payload::Inventory(i) => Some(i.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn listener_event(
+    got: &[Draft],
+    kind: amoskys_proto::inventory_event::Kind,
+    port: u16,
+) -> Option<amoskys_proto::Listener> {
+    inventory(got)
+        .into_iter()
+        .filter(|e| e.kind == kind as i32)
+        .flat_map(|e| e.listeners)
+        .find(|l| l.port == u32::from(port) && l.protocol == "tcp")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_snapshots_the_host_then_reports_listeners_coming_and_going() {
+    use amoskys_agents::collectors::inventory;
+    use amoskys_proto::inventory_event::Kind as Inv;
+
+    let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probe_port = open.local_addr().unwrap().port();
+    let (ctx, mut h) = harness(inventory::NAME, Some(Duration::from_millis(200)));
+    let cfg = amoskys_agents::config::InventoryConfig {
+        interval: Duration::from_millis(200),
+        discovery: Some(amoskys_agents::config::DiscoveryConfig {
+            networks: vec!["127.0.0.1/32".parse().unwrap()],
+            ports: vec![probe_port],
+            probes_per_second: 100,
+            connect_timeout: Duration::from_millis(500),
+            interval: Duration::from_secs(3600),
+        }),
+    };
+    let task = inventory::spawn(cfg, ctx);
+    let got = h
+        .until(Duration::from_secs(10), |g| {
+            inventory(g)
+                .iter()
+                .any(|e| e.kind == Inv::Discovered as i32)
+        })
+        .await;
+    let evs = inventory(&got);
+    let snap = evs
+        .iter()
+        .find(|e| e.kind == Inv::Snapshot as i32)
+        .expect("a snapshot first");
+    let host = snap.host.as_ref().unwrap();
+    assert!(
+        !host.hostname.is_empty()
+            && !host.kernel.is_empty()
+            && host.cpus > 0
+            && host.memory_bytes > 0
+    );
+    assert!(
+        host.interfaces
+            .iter()
+            .any(|i| i.name == "lo" && i.addresses.iter().any(|a| a.starts_with("127.0.0.1")))
+    );
+    let mine = snap
+        .listeners
+        .iter()
+        .find(|l| l.port == u32::from(probe_port))
+        .expect("the test's listener in the snapshot");
+    assert_eq!(mine.pid, std::process::id());
+    let found = evs
+        .iter()
+        .find(|e| e.kind == Inv::Discovered as i32)
+        .unwrap();
+    assert_eq!(found.discovered_ip, "127.0.0.1");
+    assert_eq!(found.open_ports, vec![u32::from(probe_port)]);
+
+    // A new listener appears, then goes away.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = h
+        .until(Duration::from_secs(10), |g| {
+            listener_event(g, Inv::ListenerAdded, port).is_some()
+        })
+        .await;
+    let added = listener_event(&got, Inv::ListenerAdded, port).expect("listener added");
+    assert_eq!(added.pid, std::process::id());
+    assert_eq!(added.address, "127.0.0.1");
+    drop(l);
+    let got = h
+        .until(Duration::from_secs(10), |g| {
+            listener_event(g, Inv::ListenerRemoved, port).is_some()
+        })
+        .await;
+    assert!(
+        listener_event(&got, Inv::ListenerRemoved, port).is_some(),
+        "listener removed"
+    );
+    h.stop.cancel();
+    task.await.unwrap();
+}
