@@ -12,14 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE_SECS=${IDLE_SECS:-60}
-if [ -n "${AMOSKYS_BIN:-}" ]; then
-  BIN=$AMOSKYS_BIN
-else
-  ./scripts/setup.sh
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
-  cargo build --release --locked
-  BIN="$CARGO_TARGET_DIR/release/amoskys"
-fi
+source e2e/bench-lib.sh
+bench_bin
 
 work=$(mktemp -d)
 pids=()
@@ -28,7 +22,6 @@ trap cleanup EXIT
 export AMOSKYS_LOG=${AMOSKYS_LOG:-info}
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"
-wait_port() { for _ in $(seq 1 400); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)

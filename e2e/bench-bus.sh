@@ -6,15 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORED=${1:-10000000}
-# AMOSKYS_BIN points at an already built release binary and skips the build.
-if [ -n "${AMOSKYS_BIN:-}" ]; then
-  BIN=$AMOSKYS_BIN
-else
-  ./scripts/setup.sh
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
-  cargo build --release --locked
-  BIN="$CARGO_TARGET_DIR/release/amoskys"
-fi
+source e2e/bench-lib.sh
+bench_bin
 
 work=$(mktemp -d)
 pid=""

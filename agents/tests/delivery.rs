@@ -5,9 +5,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use amoskys_eventbus::client::BusClient;
 use amoskys_proto::event::Payload;
-use amoskys_proto::{ControlRequest, ListAgentsRequest, control};
+use amoskys_proto::{ControlRequest, control};
 use common::{Env, eventually, free_addr, http_get, metric, pause, produced};
 
 fn synthetic_n(e: &amoskys_proto::Event) -> u64 {
@@ -143,17 +142,7 @@ async fn a_full_spool_drops_the_oldest_and_says_so_everywhere() {
 
     // The bus registry shows the drops, from the gap events and the heartbeat.
     let rec = eventually(Duration::from_secs(10), || async {
-        let mut a = env.admin(addr).await;
-        let list = a
-            .admin
-            .list_agents(ListAgentsRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        let r = list
-            .agents
-            .into_iter()
-            .find(|r| r.agent_id == "test-agent")?;
+        let r = env.agent_record(addr).await?;
         let hb = r.last_heartbeat.as_ref()?;
         (hb.dropped == total_dropped).then_some(r)
     })
@@ -166,23 +155,14 @@ async fn a_full_spool_drops_the_oldest_and_says_so_everywhere() {
 }
 
 /// The agent's answer to control `id`, as the bus registry records it.
-async fn control_result(admin: &BusClient, id: u64) -> amoskys_proto::ControlResult {
-    eventually(Duration::from_secs(10), || {
-        let mut admin = admin.clone();
-        async move {
-            let list = admin
-                .admin
-                .list_agents(ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            let c = list
-                .agents
-                .into_iter()
-                .find(|a| a.agent_id == "test-agent")?
-                .last_control?;
-            (c.control_id == id).then_some(c)
-        }
+async fn control_result(
+    env: &Env,
+    bus: std::net::SocketAddr,
+    id: u64,
+) -> amoskys_proto::ControlResult {
+    eventually(Duration::from_secs(10), || async move {
+        let c = env.agent_record(bus).await?.last_control?;
+        (c.control_id == id).then_some(c)
     })
     .await
     .expect("the agent answers the control")
@@ -216,7 +196,7 @@ async fn control_from_the_bus_pauses_and_resumes_a_collector() {
         .unwrap()
         .into_inner();
     assert!(r.delivered);
-    let confirmed = control_result(&admin, r.control_id).await;
+    let confirmed = control_result(&env, addr, r.control_id).await;
     assert!(confirmed.ok, "{}", confirmed.message);
     assert!(confirmed.message.contains("paused"));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -254,7 +234,7 @@ async fn control_from_the_bus_pauses_and_resumes_a_collector() {
         .await
         .unwrap()
         .into_inner();
-    let refused = control_result(&admin, r.control_id).await;
+    let refused = control_result(&env, addr, r.control_id).await;
     assert!(!refused.ok);
     assert!(
         refused.message.contains("no collector \"kernel\""),
@@ -282,20 +262,7 @@ async fn a_rotated_agent_certificate_is_picked_up_without_a_restart() {
             .map(|h| h.cert_serial.clone())
             .unwrap_or_default()
     };
-    let registry_serial = || async {
-        let mut a = env.admin(addr).await;
-        let list = a
-            .admin
-            .list_agents(ListAgentsRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        let r = list
-            .agents
-            .into_iter()
-            .find(|r| r.agent_id == "test-agent")?;
-        Some(serial_of(&r))
-    };
+    let registry_serial = || async { Some(serial_of(&env.agent_record(addr).await?)) };
     let first = eventually(Duration::from_secs(10), || async {
         registry_serial().await.filter(|s| !s.is_empty())
     })

@@ -95,6 +95,18 @@ impl Env {
         .unwrap()
     }
 
+    /// The bus registry's record of the test agent, if it has one yet.
+    pub async fn agent_record(&self, bus: SocketAddr) -> Option<amoskys_proto::AgentRecord> {
+        let mut a = self.admin(bus).await;
+        let list = a
+            .admin
+            .list_agents(amoskys_proto::ListAgentsRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        list.agents.into_iter().find(|r| r.agent_id == "test-agent")
+    }
+
     pub async fn reader(&self, bus: SocketAddr) -> BusClient {
         BusClient::connect(&ClientOptions::new(
             format!("https://{bus}"),

@@ -1,0 +1,25 @@
+# Shared by the bench scripts; sourced, not run.
+
+# Sets BIN: $AMOSKYS_BIN when given (an already built release binary; a
+# release build of RocksDB takes most of an hour on 2 cores), otherwise a
+# release build with the given extra cargo arguments.
+bench_bin() {
+  if [ -n "${AMOSKYS_BIN:-}" ]; then
+    BIN=$AMOSKYS_BIN
+    return
+  fi
+  ./scripts/setup.sh
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+  cargo build --release --locked "$@"
+  BIN="$CARGO_TARGET_DIR/release/amoskys"
+}
+
+# Waits up to 20 s for a TCP port on 127.0.0.1 to accept connections.
+wait_port() {
+  for _ in $(seq 1 400); do
+    (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2
+  return 1
+}
