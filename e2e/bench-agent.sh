@@ -33,13 +33,15 @@ wait_port 19464
 agent() { # $1 = name, $2 = config file, $3 = http port
   "$BIN" --log-format json agent --config "$2" --bus https://127.0.0.1:17443 --tls-dir "$P/agent" \
     --spool-dir "$work/spool-$1" --http "127.0.0.1:$3" --agent-id "$1" >/dev/null 2>"$work/agent-$1.log" &
-  pids+=($!)
-  echo $!
+  # Started here, not in $(...), so it stays this script's child: kill and
+  # wait reach it, and the work dir is not removed under it.
+  pid=$!
+  pids+=("$pid")
 }
 
 echo "== 1. idle agent, default collectors (process, inventory), ${IDLE_SECS}s, $(nproc) cores"
 : >"$work/idle.yaml"
-pid=$(agent idle "$work/idle.yaml" 19465)
+agent idle "$work/idle.yaml" 19465
 wait_port 19465
 sleep 5 # start-up snapshot done
 t0=$(ticks "$pid"); s0=$(date +%s.%N)
@@ -61,7 +63,7 @@ collectors:
   inventory: { enabled: false }
   flow: { enabled: true, interface: lo, bpfFilter: "udp and dst port $port", idleTimeout: 2s }
 CONF
-pid=$(agent flow "$work/flow.yaml" 19466)
+agent flow "$work/flow.yaml" 19466
 wait_port 19466
 sleep 1
 for rate in 10000 50000 100000 200000 0; do
@@ -106,7 +108,7 @@ collectors:
   synthetic: { enabled: true, rate: $([ "$rate" = 0 ] && echo 10000000 || echo "$rate"), eventBytes: 200 }
 CONF
   hp=$((19470 + n))
-  pid=$(agent "syn$n" "$work/syn$n.yaml" "$hp")
+  agent "syn$n" "$work/syn$n.yaml" "$hp"
   wait_port "$hp"
   sleep 3
   a0=$(metric "$hp" amoskys_agent_events_acked_total); p0=$(metric "$hp" 'amoskys_agent_events_produced_total{collector="synthetic"}'); s0=$(date +%s.%N)

@@ -115,6 +115,7 @@ fn spool_writer(
     metrics: Arc<AgentMetrics>,
     mut rx: mpsc::Receiver<Draft>,
     started: Instant,
+    give_up: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut first = true;
     while let Some(d) = rx.blocking_recv() {
@@ -125,7 +126,9 @@ fn spool_writer(
                 Err(_) => break,
             }
         }
-        if first {
+        // The first collector event, not the start-up heartbeat: what a
+        // user waits for.
+        if first && batch.iter().any(|d| d.collector != "agent") {
             first = false;
             info!(
                 after_ms = started.elapsed().as_millis() as u64,
@@ -143,6 +146,12 @@ fn spool_writer(
                             "spool full: dropped the oldest events (reported as a gap event)"
                         );
                     }
+                    break;
+                }
+                Err(e) if give_up.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // Shutting down and the grace period is over: these were
+                    // never spooled, so nothing acknowledged is lost.
+                    error!(error = %e, events = batch.len(), "spool write failed during shutdown; giving up");
                     break;
                 }
                 Err(e) => {
@@ -266,11 +275,12 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let hard_stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<Draft>(8192);
 
+    let writer_give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (spool, metrics) = (spool.clone(), metrics.clone());
+        let (spool, metrics, give_up) = (spool.clone(), metrics.clone(), writer_give_up.clone());
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || spool_writer(spool, metrics, rx, started))
+            .spawn(move || spool_writer(spool, metrics, rx, started, give_up))
             .map_err(|e| {
                 AgentError::Spool(SpoolError::Corrupt {
                     seq: 0,
@@ -395,7 +405,12 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
             for t in tasks {
                 let _ = t.await;
             }
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            // A spool that cannot be written must not hold the exit forever.
+            let mut writer = tokio::task::spawn_blocking(move || writer.join());
+            if tokio::time::timeout(grace, &mut writer).await.is_err() {
+                writer_give_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = writer.await;
+            }
             draining.cancel();
             let mut sender_task = sender_task;
             if tokio::time::timeout(grace, &mut sender_task).await.is_err() {
