@@ -125,6 +125,16 @@ struct BusArgs {
     /// Client batches that may wait for the writer.
     #[arg(long)]
     queue_depth: Option<usize>,
+    /// Serve the HTTP address over TLS (bus certificate); an admin or reader
+    /// client certificate then signs in to the dashboard without a token.
+    #[arg(long)]
+    http_tls: bool,
+    /// File of dashboard admin tokens, one per line (re-read on change).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// File of dashboard reader tokens (read-only: no control).
+    #[arg(long)]
+    reader_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -332,6 +342,9 @@ async fn up(a: UpArgs) -> Result<()> {
         pki::init_dev_pki(&DevPkiOptions::new(&pki_dir))?;
         tracing::info!(dir = %pki_dir.display(), "created dev PKI");
     }
+    let token_file = dir.join("dashboard-token");
+    let token = amoskys_eventbus::dashboard::auth::ensure_token_file(&token_file)
+        .with_context(|| format!("dashboard token {}", token_file.display()))?;
     let cfg = config::resolve(
         config::BusConfigFile::default(),
         BusOverrides {
@@ -339,6 +352,7 @@ async fn up(a: UpArgs) -> Result<()> {
             http: Some(a.http.clone()),
             data_dir: Some(dir.join("bus")),
             tls_dir: Some(pki_dir.join("bus")),
+            admin_token_file: Some(token_file.clone()),
             ..Default::default()
         },
     )?;
@@ -351,6 +365,15 @@ async fn up(a: UpArgs) -> Result<()> {
     .await?;
     let admin = pki_dir.join("admin");
     println!("AMOSKYS is up.");
+    println!(
+        "  dashboard:        http://{}/login?token={token}",
+        bus.http_addr
+    );
+    println!(
+        "                    (token in {}; API: curl -H 'Authorization: Bearer <token>' http://{}/api/overview)",
+        token_file.display(),
+        bus.http_addr
+    );
     println!(
         "  agent:            {} (collectors: {}; metrics http://{}/metrics)",
         agent.agent_id,
@@ -599,6 +622,9 @@ async fn main() -> Result<()> {
                     sync: a.sync,
                     max_message_bytes: a.max_message_bytes,
                     queue_depth: a.queue_depth,
+                    http_tls: a.http_tls,
+                    admin_token_file: a.admin_token_file,
+                    reader_token_file: a.reader_token_file,
                 },
             )?;
             run_bus(cfg).await

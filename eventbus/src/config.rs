@@ -79,6 +79,34 @@ pub struct BusConfigFile {
     pub tls_reload_interval: Option<String>,
     pub shutdown_grace: Option<String>,
     pub log_format: Option<String>,
+    pub http_tls: Option<bool>,
+    pub admin_token_file: Option<PathBuf>,
+    pub reader_token_file: Option<PathBuf>,
+    pub dashboard: Option<DashboardFile>,
+}
+
+/// The `dashboard:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DashboardFile {
+    pub sample_interval: Option<String>,
+    pub tail_max_events_per_second: Option<u32>,
+    pub agent_missed_after: Option<String>,
+}
+
+/// What the dashboard needs beyond the bus's own settings.
+#[derive(Clone, Debug)]
+pub struct DashboardConfig {
+    /// Files holding bearer tokens (one per line); re-read when they change.
+    pub admin_token_file: Option<PathBuf>,
+    pub reader_token_file: Option<PathBuf>,
+    /// How often rates and per-agent history are sampled (15 minutes kept).
+    pub sample_interval: Duration,
+    /// Events per second one live-tail viewer is sent; the rest are counted
+    /// and reported to the viewer as skipped.
+    pub tail_max_events_per_second: u32,
+    /// Heartbeat silence after which an agent is Disconnected.
+    pub agent_missed_after: Duration,
 }
 
 /// The bus's resolved, validated configuration.
@@ -103,6 +131,10 @@ pub struct BusConfig {
     pub retention_check_interval: Duration,
     pub tls_reload_interval: Duration,
     pub shutdown_grace: Duration,
+    /// Serve the HTTP address over TLS with the bus certificate, accepting
+    /// (not requiring) client certificates so an admin certificate can sign in.
+    pub http_tls: bool,
+    pub dashboard: DashboardConfig,
 }
 
 impl BusConfig {
@@ -123,6 +155,14 @@ impl BusConfig {
             retention_check_interval: Duration::from_secs(30),
             tls_reload_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(20),
+            http_tls: false,
+            dashboard: DashboardConfig {
+                admin_token_file: None,
+                reader_token_file: None,
+                sample_interval: Duration::from_secs(5),
+                tail_max_events_per_second: 500,
+                agent_missed_after: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -139,6 +179,9 @@ pub struct BusOverrides {
     pub sync: Option<String>,
     pub max_message_bytes: Option<String>,
     pub queue_depth: Option<usize>,
+    pub http_tls: bool,
+    pub admin_token_file: Option<PathBuf>,
+    pub reader_token_file: Option<PathBuf>,
 }
 
 pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
@@ -276,6 +319,33 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
     if let Some(v) = file.shutdown_grace {
         c.shutdown_grace = parse_duration("shutdownGrace", &v)?;
     }
+    c.http_tls = flags.http_tls || file.http_tls.unwrap_or(false);
+    c.dashboard.admin_token_file = flags.admin_token_file.or(file.admin_token_file);
+    c.dashboard.reader_token_file = flags.reader_token_file.or(file.reader_token_file);
+    if let Some(d) = file.dashboard {
+        if let Some(v) = d.sample_interval {
+            let i = parse_duration("dashboard.sampleInterval", &v)?;
+            if i < Duration::from_millis(100) {
+                return Err(invalid(
+                    "dashboard.sampleInterval",
+                    "must be at least 100ms",
+                ));
+            }
+            c.dashboard.sample_interval = i;
+        }
+        if let Some(v) = d.tail_max_events_per_second {
+            if v == 0 {
+                return Err(invalid(
+                    "dashboard.tailMaxEventsPerSecond",
+                    "must be at least 1",
+                ));
+            }
+            c.dashboard.tail_max_events_per_second = v;
+        }
+        if let Some(v) = d.agent_missed_after {
+            c.dashboard.agent_missed_after = parse_duration("dashboard.agentMissedAfter", &v)?;
+        }
+    }
     if let Some(v) = file.log_format
         && v != "text"
         && v != "json"
@@ -346,5 +416,15 @@ mod tests {
         assert!(e.to_string().starts_with("retention:"), "{e}");
         let e = resolve(BusConfigFile::default(), BusOverrides::default()).unwrap_err();
         assert!(e.to_string().starts_with("dataDir:"), "{e}");
+        let file: BusConfigFile =
+            serde_saphyr::from_str("dashboard:\n  sampleInterval: 1ms\n").unwrap();
+        let e = resolve(file, base()).unwrap_err();
+        assert!(
+            e.to_string().starts_with("dashboard.sampleInterval:"),
+            "{e}"
+        );
+        let bad =
+            serde_saphyr::from_str::<BusConfigFile>("dashboard:\n  colour: red\n").unwrap_err();
+        assert!(bad.to_string().contains("colour"), "{bad}");
     }
 }

@@ -2,15 +2,19 @@
 //! RocksDB, with query, live tail, an agent registry, metrics, and the client
 //! library that agents and the CLI use.
 
+pub mod alerts;
 pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod filter;
 pub mod http;
 pub mod metrics;
+pub mod phase;
 pub mod pki;
 pub mod registry;
+pub mod render;
 pub mod server;
 pub mod service;
 pub mod store;

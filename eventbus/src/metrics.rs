@@ -6,6 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -18,8 +20,28 @@ pub fn reason(r: &str) -> ReasonLabel {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CollectorLabel {
+    pub collector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+/// Distinct collector names kept apart in metrics; the rest count as "other",
+/// so a misbehaving agent cannot grow the series without bound.
+pub const MAX_COLLECTOR_LABELS: usize = 64;
+
 pub struct BusMetrics {
     pub registry: Registry,
+    pub stored_by_collector: Family<CollectorLabel, Counter>,
+    /// The same counts, readable for the dashboard's rates.
+    collector_totals: Mutex<BTreeMap<String, u64>>,
+    pub http_request_seconds: Family<RouteLabel, Histogram>,
+    pub dashboard_tail_viewers: Gauge,
+    pub dashboard_tail_skipped: Counter,
     pub events_received: Counter,
     pub events_stored: Counter,
     pub duplicates: Counter,
@@ -48,6 +70,13 @@ impl BusMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("amoskys_bus");
         let m = Self {
+            stored_by_collector: Family::default(),
+            collector_totals: Mutex::new(BTreeMap::new()),
+            http_request_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+            }),
+            dashboard_tail_viewers: Gauge::default(),
+            dashboard_tail_skipped: Counter::default(),
             events_received: Counter::default(),
             events_stored: Counter::default(),
             duplicates: Counter::default(),
@@ -183,7 +212,60 @@ impl BusMetrics {
             "Times a Tail subscriber fell behind live and was served from the store",
             m.tail_lagged.clone(),
         );
+        r.register(
+            "events_stored_by_collector",
+            "Events made durable, by collector",
+            m.stored_by_collector.clone(),
+        );
+        r.register(
+            "http_request_seconds",
+            "Server time of HTTP requests (dashboard, API, metrics), by route",
+            m.http_request_seconds.clone(),
+        );
+        r.register(
+            "dashboard_tail_viewers",
+            "Open live-tail streams in the dashboard",
+            m.dashboard_tail_viewers.clone(),
+        );
+        r.register(
+            "dashboard_tail_skipped",
+            "Events not sent to dashboard tail viewers (rate cap or slow viewer)",
+            m.dashboard_tail_skipped.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts stored events by collector (one call per group commit).
+    pub fn count_stored<'a>(&self, collectors: impl IntoIterator<Item = &'a str>) {
+        let mut group: BTreeMap<&str, u64> = BTreeMap::new();
+        for c in collectors {
+            *group.entry(c).or_default() += 1;
+        }
+        let mut totals = self
+            .collector_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (c, n) in group {
+            let name = if totals.contains_key(c) || totals.len() < MAX_COLLECTOR_LABELS {
+                c
+            } else {
+                "other"
+            };
+            *totals.entry(name.to_string()).or_default() += n;
+            self.stored_by_collector
+                .get_or_create(&CollectorLabel {
+                    collector: name.to_string(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Events stored since start, by collector.
+    pub fn collector_totals(&self) -> BTreeMap<String, u64> {
+        self.collector_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The OpenMetrics text exposition.
@@ -192,6 +274,30 @@ impl BusMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collector_labels_are_capped() {
+        let m = BusMetrics::new();
+        m.count_stored(["process", "flow", "process"]);
+        let names: Vec<String> = (0..MAX_COLLECTOR_LABELS + 10)
+            .map(|i| format!("c{i}"))
+            .collect();
+        m.count_stored(names.iter().map(String::as_str));
+        let t = m.collector_totals();
+        assert_eq!(t["process"], 2);
+        assert_eq!(t["flow"], 1);
+        assert_eq!(t.len(), MAX_COLLECTOR_LABELS + 1, "{t:?}");
+        assert_eq!(t["other"], 12);
+        assert!(
+            m.encode()
+                .contains("events_stored_by_collector_total{collector=\"process\"} 2")
+        );
     }
 }
 

@@ -13,7 +13,9 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::alerts::RecentAlerts;
 use crate::config::BusConfig;
+use crate::dashboard::Dashboard;
 use crate::http;
 use crate::metrics::{BusMetrics, reason};
 use crate::registry::Registry;
@@ -100,8 +102,14 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         writable: writable.clone(),
         store: std::sync::OnceLock::new(),
         registry: std::sync::OnceLock::new(),
+        dashboard: std::sync::OnceLock::new(),
     });
-    let http_task = tokio::spawn(http::serve(http_listener, http_state.clone(), stop.clone()));
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        http_state.clone(),
+        cfg.http_tls.then(|| tls.clone()),
+        stop.clone(),
+    ));
 
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| BusError::Other(format!("data dir {}: {e}", cfg.data_dir.display())))?;
@@ -135,6 +143,8 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     );
 
     let (tail_tx, _) = broadcast::channel(1024);
+    let alerts = Arc::new(RecentAlerts::default());
+    backfill_alerts(store.clone(), alerts.clone());
     let (writer_tx, writer_thread) = writer::spawn(
         Writer {
             store: store.clone(),
@@ -144,6 +154,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
             writable: writable.clone(),
             sync: cfg.sync,
             max_group_events: cfg.max_group_events,
+            alerts: alerts.clone(),
         },
         cfg.queue_depth,
     )
@@ -159,7 +170,12 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         writable,
         stop: stop.clone(),
         next_control_id: AtomicU64::new(0),
+        alerts,
     });
+
+    let dash = Dashboard::new(state.clone(), tls.clone());
+    dash.spawn_sampler();
+    let _ = http_state.dashboard.set(crate::dashboard::router(dash));
 
     spawn_retention(state.clone());
 
@@ -222,6 +238,19 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, Sock
     let listener = TcpListener::bind(addr).await.map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     Ok((listener, local))
+}
+
+/// Fills the recent-alerts list from the newest part of the store, so a
+/// restarted bus still shows them; runs beside serving.
+fn backfill_alerts(store: Arc<Store>, alerts: Arc<RecentAlerts>) {
+    const SCAN: u64 = 100_000;
+    tokio::task::spawn_blocking(move || {
+        let from = store.next_offset().saturating_sub(SCAN);
+        match store.read_from(from, SCAN as usize) {
+            Ok(events) => alerts.observe(&events),
+            Err(e) => warn!(error = %e, "could not read recent alerts from the store"),
+        }
+    });
 }
 
 fn spawn_retention(state: Arc<BusState>) {

@@ -48,6 +48,7 @@ pub struct BusState {
     pub writable: Arc<AtomicBool>,
     pub stop: CancellationToken,
     pub next_control_id: AtomicU64,
+    pub alerts: Arc<crate::alerts::RecentAlerts>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -503,46 +504,64 @@ impl Admin for AdminService {
     ) -> Result<Response<ControlResponse>, Status> {
         let peer = authorize(&req, Permission::Admin, "Admin.Control")?;
         let r = req.into_inner();
-        if r.agent_id.is_empty() {
-            return Err(Status::invalid_argument("agent_id: missing"));
+        let who = format!("cert:{}", peer.common_name);
+        self.0
+            .control(&r.agent_id, r.control, &who)
+            .await
+            .map(Response::new)
+            .map_err(Status::invalid_argument)
+    }
+}
+
+impl BusState {
+    /// Checks a control request, numbers it and hands it to the agent's
+    /// stream; the agent's ControlResult later lands in the registry. `who`
+    /// is logged with the request. An invalid request is an error naming the
+    /// field; an agent that is not connected is not an error (delivered=false).
+    pub async fn control(
+        &self,
+        agent_id: &str,
+        control: Option<amoskys_proto::Control>,
+        who: &str,
+    ) -> Result<ControlResponse, String> {
+        if agent_id.is_empty() {
+            return Err("agent_id: missing".into());
         }
-        let Some(mut c) = r.control else {
-            return Err(Status::invalid_argument("control: missing"));
+        let Some(mut c) = control else {
+            return Err("control: missing".into());
         };
         match control::Action::try_from(c.action) {
             Ok(control::Action::Pause | control::Action::Resume) => {}
             Ok(control::Action::SetInterval) if c.interval_ms > 0 => {}
             Ok(control::Action::SetInterval) => {
-                return Err(Status::invalid_argument(
-                    "control.interval_ms: must be greater than 0",
-                ));
+                return Err("control.interval_ms: must be greater than 0".into());
             }
             _ => {
-                return Err(Status::invalid_argument(format!(
+                return Err(format!(
                     "control.action: {} is not a known action",
                     c.action
-                )));
+                ));
             }
         }
         if c.collector.is_empty() {
-            return Err(Status::invalid_argument("control.collector: missing"));
+            return Err("control.collector: missing".into());
         }
-        c.control_id = self.0.next_control_id.fetch_add(1, Ordering::Relaxed) + 1;
+        c.control_id = self.next_control_id.fetch_add(1, Ordering::Relaxed) + 1;
         let id = c.control_id;
-        info!(agent = %r.agent_id, by = %peer.common_name, collector = %c.collector, action = c.action, interval_ms = c.interval_ms, control_id = id, "control requested");
-        let delivered = match self.0.registry.control_sender(&r.agent_id) {
+        info!(agent = %agent_id, by = %who, collector = %c.collector, action = c.action, interval_ms = c.interval_ms, control_id = id, "control requested");
+        let delivered = match self.registry.control_sender(agent_id) {
             Some(tx) => tx.send(c).await.is_ok(),
             None => false,
         };
-        Ok(Response::new(ControlResponse {
+        Ok(ControlResponse {
             delivered,
             control_id: id,
             message: if delivered {
                 "delivered to the agent's stream".into()
             } else {
-                format!("agent {:?} is not connected", r.agent_id)
+                format!("agent {agent_id:?} is not connected")
             },
-        }))
+        })
     }
 }
 

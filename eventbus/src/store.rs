@@ -32,6 +32,9 @@ const KEY_FIRST: &[u8] = b"first_offset";
 /// Events observed before they reach the bus can trail its clock; a time query
 /// starts this far before its lower bound so such events are not missed.
 const TIME_QUERY_SLACK_NS: i64 = 10 * 60 * 1_000_000_000;
+/// How long after being observed an event may be stored and still be found
+/// by a page whose time range ends before it was stored.
+const PAGE_UPPER_SLACK_NS: i64 = 60 * 60 * 1_000_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +69,27 @@ pub struct QuerySpec {
     pub to_time: i64,
     pub filter: EventFilter,
     pub limit: usize,
+}
+
+/// A backwards page request (see [`Store::page_back`]).
+#[derive(Clone, Debug)]
+pub struct PageRequest {
+    /// Exclusive upper offset; `u64::MAX` for "from the newest".
+    pub before: u64,
+    pub from_time: i64,
+    pub to_time: i64,
+    pub filter: EventFilter,
+    pub limit: usize,
+    pub max_scan: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Newest first.
+    pub events: Vec<Event>,
+    /// Where the next (older) page starts; None when the range is exhausted.
+    pub next_before: Option<u64>,
+    pub scanned: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +327,67 @@ impl Store {
             }
             None => Ok(self.next_offset()),
         }
+    }
+
+    /// One page of events, newest first, from just below `before` down to
+    /// the first event that can fall in the time range. Scans at most
+    /// `max_scan` events, so a filter that matches little costs bounded time;
+    /// `next_before` continues where the scan stopped.
+    ///
+    /// Events are found through the time index by when they were stored, so
+    /// the upper bound allows for events stored up to an hour after they were
+    /// observed (an agent draining its spool); older backlogs are still
+    /// reachable by paging with `before`.
+    pub fn page_back(&self, req: &PageRequest) -> Result<Page, StoreError> {
+        let db = self.db()?;
+        let cf = db.cf_handle(CF_EVENTS).ok_or(StoreError::Unavailable)?;
+        let lower = if req.from_time > 0 {
+            self.offset_at_time(req.from_time.saturating_sub(TIME_QUERY_SLACK_NS))?
+        } else {
+            0
+        }
+        .max(self.first_offset());
+        let mut upper = req.before.min(self.next_offset());
+        if req.to_time > 0 {
+            upper =
+                upper.min(self.offset_at_time(req.to_time.saturating_add(PAGE_UPPER_SLACK_NS))?);
+        }
+        let mut page = Page::default();
+        if upper <= lower {
+            return Ok(page);
+        }
+        let start = be(upper - 1);
+        for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Reverse)) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let off = read_u64(&k).unwrap_or(0);
+            if off < lower {
+                return Ok(page);
+            }
+            if page.events.len() >= req.limit || page.scanned >= req.max_scan {
+                page.next_before = Some(off + 1);
+                return Ok(page);
+            }
+            page.scanned += 1;
+            let e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
+                offset: off,
+                message: err.to_string(),
+            })?;
+            if (req.from_time == 0 || e.observed_at >= req.from_time)
+                && (req.to_time == 0 || e.observed_at <= req.to_time)
+                && req.filter.matches(&e)
+            {
+                page.events.push(e);
+            }
+        }
+        Ok(page)
+    }
+
+    /// The event stored at `offset`, if it is still held.
+    pub fn get(&self, offset: u64) -> Result<Option<Event>, StoreError> {
+        Ok(self
+            .scan(offset, offset, 1, |_| true)?
+            .into_iter()
+            .find(|e| e.offset == offset))
     }
 
     pub fn query(&self, q: &QuerySpec) -> Result<Vec<Event>, StoreError> {
@@ -567,6 +652,73 @@ mod tests {
         assert_eq!(left.last().map(|e| e.offset), Some(10_000), "newest kept");
         assert_eq!(left.first().map(|e| e.offset), Some(s.first_offset()));
         assert_eq!(left.len() as u64, s.event_count());
+    }
+
+    #[test]
+    fn pages_go_backwards_within_the_scan_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let hour = 3600 * 1_000_000_000i64;
+        write(&s, 100, 10 * hour, 10); // offsets 1..=100
+        write(&s, 100, 20 * hour, 10); // 101..=200
+        let req = PageRequest {
+            before: u64::MAX,
+            from_time: 0,
+            to_time: 0,
+            filter: EventFilter::default(),
+            limit: 30,
+            max_scan: 1000,
+        };
+        let mut seen = Vec::new();
+        let mut before = u64::MAX;
+        loop {
+            let p = s
+                .page_back(&PageRequest {
+                    before,
+                    ..req.clone()
+                })
+                .unwrap();
+            assert!(p.events.windows(2).all(|w| w[0].offset > w[1].offset));
+            seen.extend(p.events.iter().map(|e| e.offset));
+            match p.next_before {
+                Some(b) => before = b,
+                None => break,
+            }
+        }
+        assert_eq!(
+            seen,
+            (1..=200).rev().collect::<Vec<u64>>(),
+            "every event once"
+        );
+
+        // A time range reaches only its part of the store.
+        let p = s
+            .page_back(&PageRequest {
+                from_time: 9 * hour,
+                to_time: 11 * hour,
+                limit: 500,
+                ..req.clone()
+            })
+            .unwrap();
+        assert_eq!(p.events.len(), 100);
+        assert!(p.events.iter().all(|e| e.offset <= 100));
+
+        // A filter that matches nothing stops at the budget with a cursor.
+        let p = s
+            .page_back(&PageRequest {
+                filter: EventFilter {
+                    text: "no such text".into(),
+                    ..Default::default()
+                },
+                max_scan: 50,
+                ..req.clone()
+            })
+            .unwrap();
+        assert!(p.events.is_empty());
+        assert_eq!(p.scanned, 50);
+        assert_eq!(p.next_before, Some(151));
+        assert_eq!(s.get(42).unwrap().map(|e| e.offset), Some(42));
+        assert!(s.get(4242).unwrap().is_none());
     }
 
     #[test]

@@ -122,14 +122,33 @@ impl TlsMaterial {
 
     /// A server config that requires a client certificate chaining to ca.crt.
     pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
+        self.build_server_config(true, b"h2")
+    }
+
+    /// The HTTP side's config: a client certificate is asked for and checked
+    /// when offered (an admin certificate signs in to the dashboard) but a
+    /// browser without one may still connect and use a token.
+    pub fn http_server_config(&self) -> Result<ServerConfig, TlsError> {
+        self.build_server_config(false, b"http/1.1")
+    }
+
+    fn build_server_config(
+        &self,
+        require_client: bool,
+        alpn: &[u8],
+    ) -> Result<ServerConfig, TlsError> {
         let provider = crypto_provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier {
-                    dir: self.dir.clone(),
-                    message: e.to_string(),
-                })?;
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone());
+        let builder = if require_client {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        let verifier = builder.build().map_err(|e| TlsError::Verifier {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })?;
         let rustls_err = |source| TlsError::Rustls {
             dir: self.dir.clone(),
             source,
@@ -140,8 +159,16 @@ impl TlsMaterial {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.certs()?, self.key()?)
             .map_err(rustls_err)?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
+    }
+
+    /// When the leaf certificate expires (unix seconds).
+    pub fn leaf_not_after(&self) -> Option<i64> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let der = self.certs().ok()?.into_iter().next()?;
+        let (_, cert) = X509Certificate::from_der(&der).ok()?;
+        Some(cert.validity().not_after.timestamp())
     }
 
     /// Serial (hex) of the leaf certificate, for status and logs.
@@ -155,6 +182,8 @@ impl TlsMaterial {
 pub struct ReloadingTls {
     dir: PathBuf,
     current: RwLock<Arc<ServerConfig>>,
+    http: RwLock<Arc<ServerConfig>>,
+    not_after: std::sync::atomic::AtomicI64,
     fingerprint: Mutex<u64>,
     serial: RwLock<String>,
     metrics: Arc<BusMetrics>,
@@ -164,9 +193,12 @@ impl ReloadingTls {
     pub fn load(dir: &Path, metrics: Arc<BusMetrics>) -> Result<Arc<Self>, TlsError> {
         let m = TlsMaterial::read(dir)?;
         let cfg = m.server_config()?;
+        let http = m.http_server_config()?;
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(cfg)),
+            http: RwLock::new(Arc::new(http)),
+            not_after: std::sync::atomic::AtomicI64::new(m.leaf_not_after().unwrap_or(0)),
             fingerprint: Mutex::new(m.fingerprint()),
             serial: RwLock::new(m.leaf_serial().unwrap_or_default()),
             metrics,
@@ -178,6 +210,16 @@ impl ReloadingTls {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The config for the HTTP side when it serves TLS.
+    pub fn http_current(&self) -> Arc<ServerConfig> {
+        self.http.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// When the server certificate now in use expires (unix seconds).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Serial of the server certificate now in use.
@@ -199,7 +241,13 @@ impl ReloadingTls {
             return Ok(false);
         }
         let cfg = m.server_config()?;
+        let http = m.http_server_config()?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+        *self.http.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(http);
+        self.not_after.store(
+            m.leaf_not_after().unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         *self.serial.write().unwrap_or_else(|p| p.into_inner()) =
             m.leaf_serial().unwrap_or_default();
         *last = fp;

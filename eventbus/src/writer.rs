@@ -18,6 +18,7 @@ use amoskys_proto::{AgentRecord, Event};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info};
 
+use crate::alerts::RecentAlerts;
 use crate::config::SyncPolicy;
 use crate::metrics::BusMetrics;
 use crate::registry::Registry;
@@ -53,6 +54,7 @@ pub struct Writer {
     pub writable: Arc<AtomicBool>,
     pub sync: SyncPolicy,
     pub max_group_events: usize,
+    pub alerts: Arc<RecentAlerts>,
 }
 
 pub fn now_ns() -> i64 {
@@ -216,6 +218,9 @@ impl Writer {
         let stored = group.batch_events.len();
         let dups: usize = outcomes.iter().map(|o| o.duplicates).sum();
         self.metrics.events_stored.inc_by(stored as u64);
+        self.metrics
+            .count_stored(group.batch_events.iter().map(|e| e.collector.as_str()));
+        self.alerts.observe(&group.batch_events);
         self.metrics.duplicates.inc_by(dups as u64);
         self.metrics.group_events.observe((stored + dups) as f64);
         self.registry.apply(group.agents);

@@ -1,0 +1,266 @@
+//! The JSON API behind the pages.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use amoskys_proto::{AgentRecord, Control, control};
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::require_admin;
+use super::{ApiError, Authed, Dashboard, bad_request, params};
+use crate::phase::Phase;
+use crate::render::{event_json, event_line, timestamp};
+use crate::store::{PageRequest, StoreError};
+use crate::writer::now_ns;
+
+/// Events one search request may decode before it returns a cursor.
+const MAX_SCAN: usize = 20_000;
+const RECENT_ALERTS_SHOWN: usize = 10;
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Unavailable => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(store_error)
+}
+
+fn ms(ns: i64) -> i64 {
+    ns / 1_000_000
+}
+
+/// One agent as the list and the detail page show it.
+fn agent_row(d: &Dashboard, a: &AgentRecord) -> Value {
+    let (phase, reason) = d.phase_of(a);
+    let hb = a.last_heartbeat.clone().unwrap_or_default();
+    let eps = d
+        .history()
+        .agent_eps(&a.agent_id)
+        .unwrap_or(hb.events_per_second);
+    json!({
+        "agent_id": a.agent_id,
+        "node": a.node,
+        "phase": phase.as_str(),
+        "phase_reason": reason,
+        "connected": a.connected,
+        "version": if hb.version.is_empty() { a.version.clone() } else { hb.version.clone() },
+        "eps": eps,
+        "events": a.events,
+        "last_seq": a.last_seq,
+        "first_seen": ms(a.first_seen),
+        "last_seen": ms(a.last_seen),
+        "last_heartbeat": ms(a.last_heartbeat_at),
+        "spool_bytes": hb.spool_bytes,
+        "spool_events": hb.spool_events,
+        "dropped": hb.dropped.max(a.gaps_dropped),
+        "produced": hb.produced,
+        "uptime_seconds": hb.uptime_seconds,
+        "cert_serial": hb.cert_serial,
+        "collectors": hb.collectors.iter().map(|c| json!({
+            "name": c.name,
+            "mode": c.mode,
+            "paused": c.paused,
+            "interval_ms": c.interval_ms,
+            "produced": c.produced,
+            "dropped": c.dropped,
+            "errors": c.errors,
+            "last_error": c.last_error,
+        })).collect::<Vec<_>>(),
+        "last_control": a.last_control.as_ref().map(|c| json!({
+            "control_id": c.control_id, "ok": c.ok, "message": c.message,
+        })),
+    })
+}
+
+pub async fn overview(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> ApiResult {
+    let bus = &d.bus;
+    let store = bus.store.clone();
+    let (wal_bytes, oldest) =
+        blocking(move || Ok((store.wal_bytes(), store.oldest_stored_at()))).await?;
+    let agents = bus.registry.list();
+    let mut by_phase: BTreeMap<&str, usize> = Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
+    for a in &agents {
+        *by_phase.entry(d.phase_of(a).0.as_str()).or_default() += 1;
+    }
+    let (series, (eps, eps_by_collector)) = {
+        let h = d.history();
+        (h.series(), h.current())
+    };
+    let not_after = d.tls.not_after();
+    let alerts: Vec<Value> = bus
+        .alerts
+        .newest(RECENT_ALERTS_SHOWN)
+        .iter()
+        .map(event_line)
+        .collect();
+    Ok(Json(json!({
+        "version": crate::service::VERSION,
+        "now": ms(now_ns()),
+        "sample_interval_ms": d.cfg.sample_interval.as_millis() as u64,
+        "events_stored": bus.store.event_count(),
+        "first_offset": bus.store.first_offset(),
+        "next_offset": bus.store.next_offset(),
+        "oldest_stored_at": oldest.map(ms),
+        "wal_bytes": wal_bytes,
+        "writable": bus.writable.load(std::sync::atomic::Ordering::SeqCst),
+        "sync_policy": bus.cfg.sync.as_str(),
+        "agents_total": agents.len(),
+        "agents_by_phase": by_phase,
+        "eps": eps,
+        "eps_by_collector": eps_by_collector,
+        "series": series,
+        "certificate": {
+            "serial": d.tls.serial(),
+            "not_after": not_after * 1000,
+            "expires_in_seconds": not_after - now_ns() / 1_000_000_000,
+        },
+        "recent_alerts": alerts,
+    })))
+}
+
+pub async fn agents(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> ApiResult {
+    let rows: Vec<Value> = d
+        .bus
+        .registry
+        .list()
+        .iter()
+        .map(|a| agent_row(&d, a))
+        .collect();
+    Ok(Json(json!({ "agents": rows })))
+}
+
+pub async fn agent(
+    State(d): State<Arc<Dashboard>>,
+    Authed(_): Authed,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let p = params::parse(q.as_deref(), &["id"]).map_err(bad_request)?;
+    let id = p
+        .get("id")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad_request("id: missing (the agent id)".into()))?;
+    let rec = d
+        .bus
+        .registry
+        .list()
+        .into_iter()
+        .find(|a| &a.agent_id == id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no agent {id:?}")))?;
+    let mut row = agent_row(&d, &rec);
+    row["series"] = json!(d.history().agent_series(id));
+    Ok(Json(row))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlBody {
+    agent_id: String,
+    collector: String,
+    /// pause, resume or set_interval.
+    action: String,
+    #[serde(default)]
+    interval_ms: u64,
+}
+
+/// Sends a control to an agent. The answer says whether it reached the
+/// agent's stream; the agent's confirmation shows up as `last_control` on
+/// `/api/agent` under the returned `control_id`.
+pub async fn control(
+    State(d): State<Arc<Dashboard>>,
+    Authed(caller): Authed,
+    body: Result<Json<ControlBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    require_admin(&caller)?;
+    let Json(b) = body.map_err(|e| bad_request(format!("body: {}", e.body_text())))?;
+    let action = match b.action.as_str() {
+        "pause" => control::Action::Pause,
+        "resume" => control::Action::Resume,
+        "set_interval" => control::Action::SetInterval,
+        other => {
+            return Err(bad_request(format!(
+                "action: {other:?} is not pause, resume or set_interval"
+            )));
+        }
+    };
+    let c = Control {
+        control_id: 0,
+        collector: b.collector,
+        action: action as i32,
+        interval_ms: b.interval_ms,
+    };
+    let r = d
+        .bus
+        .control(&b.agent_id, Some(c), &caller.who)
+        .await
+        .map_err(bad_request)?;
+    Ok(Json(json!({
+        "delivered": r.delivered,
+        "control_id": r.control_id,
+        "message": r.message,
+    })))
+}
+
+pub async fn events(
+    State(d): State<Arc<Dashboard>>,
+    Authed(_): Authed,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let s = params::search(q.as_deref()).map_err(bad_request)?;
+    let req = PageRequest {
+        before: s.before,
+        from_time: s.from,
+        to_time: s.to,
+        filter: s.filter,
+        limit: s.limit,
+        max_scan: MAX_SCAN,
+    };
+    let store = d.bus.store.clone();
+    let page = blocking(move || store.page_back(&req)).await?;
+    Ok(Json(json!({
+        "events": page.events.iter().map(event_line).collect::<Vec<_>>(),
+        "next_before": page.next_before,
+        "scanned": page.scanned,
+        "from": (s.from > 0).then(|| timestamp(s.from)),
+        "to": (s.to > 0).then(|| timestamp(s.to)),
+    })))
+}
+
+pub async fn event(
+    State(d): State<Arc<Dashboard>>,
+    Authed(_): Authed,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let p = params::parse(q.as_deref(), &["offset"]).map_err(bad_request)?;
+    let offset = params::number::<u64>("offset", p.get("offset"))
+        .map_err(bad_request)?
+        .ok_or_else(|| bad_request("offset: missing".into()))?;
+    let store = d.bus.store.clone();
+    match blocking(move || store.get(offset)).await? {
+        Some(e) => Ok(Json(event_json(&e))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no event at offset {offset} (never stored, or removed by retention)"),
+        )),
+    }
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such page: {}", uri.path()),
+    )
+}
