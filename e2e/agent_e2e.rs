@@ -5,46 +5,18 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use amoskys_eventbus::client::BusClient;
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, Filter, QueryRequest};
-use common::{BIN, Bus, free_port, opts, pki, start_bus};
+use common::{Agent, BIN, Bus, free_port, opts, pki, start_bus};
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const AGENT_CONFIG: &str = "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: false\n  synthetic:\n    enabled: true\n    rate: 500\n";
 
 fn start_agent(root: &Path, bus_port: u16) -> Agent {
-    let cfg = root.join("agent.yaml");
-    std::fs::write(
-        &cfg,
-        "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: false\n  synthetic:\n    enabled: true\n    rate: 500\n",
-    )
-    .unwrap();
-    let child = Command::new(BIN)
-        .arg("agent")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--bus", &format!("https://127.0.0.1:{bus_port}")])
-        .arg("--tls-dir")
-        .arg(root.join("pki/agent"))
-        .arg("--spool-dir")
-        .arg(root.join("spool"))
-        .args(["--agent-id", "e2e-agent"])
-        .env("AMOSKYS_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Agent(child)
+    common::start_agent(root, bus_port, "e2e-agent", AGENT_CONFIG)
 }
 
 /// Every stored event of the agent (synthetic events and heartbeats).

@@ -15,10 +15,7 @@ IDLE_SECS=${IDLE_SECS:-60}
 source e2e/bench-lib.sh
 bench_bin
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workdir
 export AMOSKYS_LOG=${AMOSKYS_LOG:-info}
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"

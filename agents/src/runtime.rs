@@ -300,24 +300,28 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
 
     // Heartbeats ride the spool like any event, so the bus registry gets
     // them in order and after outages too.
+    let heartbeat_now = Arc::new(Notify::new());
     {
-        let (shared, tx, stop, every) = (
+        let (shared, tx, stop, every, heartbeat_now) = (
             shared.clone(),
             tx.clone(),
             stop_collectors.clone(),
             cfg.heartbeat_interval,
+            heartbeat_now.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut last = (Instant::now(), 0u64);
+            // The first heartbeat has no interval to measure a rate over
+            // (the start-up snapshot would read as millions per second).
+            let mut last: Option<(Instant, u64)> = None;
             loop {
                 let produced = shared.collectors.produced();
-                let secs = last.0.elapsed().as_secs_f64();
-                let eps = if secs > 0.0 {
-                    (produced - last.1.min(produced)) as f64 / secs
-                } else {
-                    0.0
+                let eps = match last {
+                    Some((at, n)) if at.elapsed().as_secs_f64() > 0.0 => {
+                        produced.saturating_sub(n) as f64 / at.elapsed().as_secs_f64()
+                    }
+                    _ => 0.0,
                 };
-                last = (Instant::now(), produced);
+                last = Some((Instant::now(), produced));
                 let hb = shared.heartbeat(eps);
                 if tx
                     .send(Draft::new("agent", Severity::Debug, Payload::Heartbeat(hb)))
@@ -329,6 +333,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
+                    _ = heartbeat_now.notified() => {}
                 }
             }
         }));
@@ -347,6 +352,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let mut client = ClientOptions::new(cfg.bus.clone(), cfg.tls_dir.clone());
     client.server_name = cfg.bus_server_name.clone();
     let sender = Sender {
+        heartbeat_now,
         cfg: SenderConfig {
             client,
             hello: Hello {

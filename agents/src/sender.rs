@@ -67,6 +67,9 @@ pub struct Sender {
     pub counters: Arc<SendCounters>,
     /// Notified when the TLS files changed.
     pub tls_changed: Arc<Notify>,
+    /// Asks for a heartbeat now, so a control's effect (a paused collector)
+    /// shows at the bus without waiting for the next interval.
+    pub heartbeat_now: Arc<Notify>,
 }
 
 /// Exponential backoff with jitter: half fixed, half random, so a fleet that
@@ -185,6 +188,7 @@ impl Sender {
                     }
                     Some(OutMsg::Control(c)) => {
                         let r = self.collectors.apply(&c);
+                        self.heartbeat_now.notify_one();
                         info!(control_id = c.control_id, collector = %c.collector, result = ?r, "control from the bus");
                         let (ok, message) = match r { Ok(m) => (true, m), Err(m) => (false, m) };
                         let _ = tx.send(PublishRequest { msg: Some(InMsg::ControlResult(ControlResult {

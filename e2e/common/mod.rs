@@ -41,6 +41,11 @@ pub fn pki(dir: &Path) {
 }
 
 pub fn start_bus(root: &Path, sync: &str, ports: Option<(u16, u16)>) -> Bus {
+    start_bus_with(root, sync, ports, &[])
+}
+
+/// A bus process with `extra` flags appended.
+pub fn start_bus_with(root: &Path, sync: &str, ports: Option<(u16, u16)>, extra: &[&str]) -> Bus {
     let (grpc, http) = ports.unwrap_or_else(|| (free_port(), free_port()));
     let child = Command::new(BIN)
         .arg("bus")
@@ -51,6 +56,7 @@ pub fn start_bus(root: &Path, sync: &str, ports: Option<(u16, u16)>) -> Bus {
         .arg("--tls-dir")
         .arg(root.join("pki/bus"))
         .args(["--sync", sync])
+        .args(extra)
         .env("AMOSKYS_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -83,4 +89,36 @@ pub fn opts(bus: &Bus, root: &Path, who: &str) -> ClientOptions {
         format!("https://127.0.0.1:{}", bus.grpc),
         root.join("pki").join(who),
     )
+}
+
+/// An `amoskys agent` process, killed when dropped.
+pub struct Agent(pub Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts an agent with the YAML `config` against the bus on `bus_port`.
+pub fn start_agent(root: &Path, bus_port: u16, agent_id: &str, config: &str) -> Agent {
+    let cfg = root.join("agent.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let child = Command::new(BIN)
+        .arg("agent")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--bus", &format!("https://127.0.0.1:{bus_port}")])
+        .arg("--tls-dir")
+        .arg(root.join("pki/agent"))
+        .arg("--spool-dir")
+        .arg(root.join("spool"))
+        .args(["--agent-id", agent_id])
+        .env("AMOSKYS_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Agent(child)
 }

@@ -277,6 +277,12 @@ impl BusMetrics {
     }
 }
 
+impl Default for BusMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,11 +304,5 @@ mod tests {
             m.encode()
                 .contains("events_stored_by_collector_total{collector=\"process\"} 2")
         );
-    }
-}
-
-impl Default for BusMetrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -12,22 +12,6 @@ use amoskys_proto::{Filter, ListAgentsRequest, QueryRequest, StatsRequest, TailR
 use common::*;
 use tonic::Code;
 
-async fn ack_until(p: &mut amoskys_eventbus::client::Publisher, seq: u64) -> u64 {
-    let mut dups = 0;
-    loop {
-        match p.next().await.unwrap() {
-            Some(OutMsg::Ack(a)) => {
-                dups += a.duplicates;
-                if a.acked_seq >= seq {
-                    return dups;
-                }
-            }
-            Some(_) => {}
-            None => panic!("stream ended before seq {seq} was acked"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_query_tail_and_registry() {
     let env = Env::new();

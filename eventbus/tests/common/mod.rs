@@ -154,3 +154,21 @@ pub async fn stored(bus: &RunningBus, env: &Env) -> Vec<Event> {
     .await
     .unwrap()
 }
+
+/// Reads a Publish stream until `seq` is acked; returns duplicates reported.
+pub async fn ack_until(p: &mut amoskys_eventbus::client::Publisher, seq: u64) -> u64 {
+    use amoskys_proto::publish_response::Msg as OutMsg;
+    let mut dups = 0;
+    loop {
+        match p.next().await.unwrap() {
+            Some(OutMsg::Ack(a)) => {
+                dups += a.duplicates;
+                if a.acked_seq >= seq {
+                    return dups;
+                }
+            }
+            Some(_) => {}
+            None => panic!("stream ended before seq {seq} was acked"),
+        }
+    }
+}

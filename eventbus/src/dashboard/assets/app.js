@@ -68,11 +68,10 @@ function chart(t, series, unit) {
     p.setAttribute("points", s.values.map((v, j) => `${((t[j] - t0) / span * 590 + 5).toFixed(1)},${(170 - v / max * 155).toFixed(1)}`).join(" "));
     svg.append(p);
   });
-  const label = document.createElementNS(ns, "text");
-  label.setAttribute("x", "8"); label.setAttribute("y", "14");
-  label.textContent = `max ${fmt.rate(max)} ${unit} · last ${Math.round(span / 60000)} min`;
-  svg.append(label);
-  const legend = el("div", { class: "legend" }, series.map((s, i) => el("span", { style: `color:${COLORS[i % COLORS.length]}` }, "■ " + s.name)));
+  // The caption is HTML: text inside a stretched SVG would be distorted.
+  const caption = t.length < 2 ? "collecting samples…" : `max ${fmt.rate(max)} ${unit} · last ${Math.max(1, Math.round(span / 60000))} min`;
+  const legend = el("div", { class: "legend" }, series.map((s, i) => el("span", { style: `color:${COLORS[i % COLORS.length]}` }, "■ " + s.name)),
+    el("span", { class: "muted" }, caption));
   return el("div", {}, svg, legend);
 }
 
@@ -151,6 +150,7 @@ function agentPage() {
   app.replaceChildren(el("h1", {}, "Agent ", el("span", { id: "agent-id" }, id)), head, el("h2", {}, "Counters over time"), charts,
     el("h2", {}, "Collectors"), coll, result);
   let waiting = null; // control_id we wait the agent to confirm
+  const rows = new Map();
 
   async function send(collector, action, interval_ms) {
     result.className = "muted";
@@ -173,17 +173,28 @@ function agentPage() {
       card(`node ${a.node} · cert ${a.cert_serial.slice(0, 12)}`, a.version));
     charts.replaceChildren(chart(a.series.t, [{ name: "events/s stored", values: a.series.eps }], "events/s"),
       chart(a.series.t, [{ name: "spool bytes", values: a.series.spool_bytes }], "bytes"));
-    coll.tBodies[0].replaceChildren(...a.collectors.map(c => {
-      const interval = el("input", { type: "number", min: "1", class: "interval", value: c.interval_ms || "", size: 6 });
-      return el("tr", { "data-collector": c.name },
-        el("td", {}, c.name), el("td", { class: "mode" }, c.paused ? "paused" : c.mode), el("td", { class: "num" }, c.interval_ms || "–"),
-        el("td", { class: "num" }, fmt.n(c.produced)), el("td", { class: "num" }, fmt.n(c.errors)), el("td", {}, c.last_error),
-        el("td", {},
-          el("button", { class: "pause", onclick: () => send(c.name, "pause") }, "Pause"), " ",
-          el("button", { class: "resume", onclick: () => send(c.name, "resume") }, "Resume"), " ",
-          interval, " ",
-          el("button", { class: "set-interval", onclick: () => send(c.name, "set_interval", Number(interval.value)) }, "Set interval")));
-    }));
+    // Rows are made once and updated in place, so a button being clicked or
+    // an interval being typed is never replaced under the user.
+    for (const c of a.collectors) {
+      let row = rows.get(c.name);
+      if (!row) {
+        const interval = el("input", { type: "number", min: "1", class: "interval", size: 6 });
+        row = { mode: el("td", { class: "mode" }), iv: el("td", { class: "num" }), produced: el("td", { class: "num" }),
+                errors: el("td", { class: "num" }), last: el("td"), interval };
+        coll.tBodies[0].append(el("tr", { "data-collector": c.name }, el("td", {}, c.name), row.mode, row.iv, row.produced, row.errors, row.last,
+          el("td", {},
+            el("button", { class: "pause", onclick: () => send(c.name, "pause") }, "Pause"), " ",
+            el("button", { class: "resume", onclick: () => send(c.name, "resume") }, "Resume"), " ",
+            interval, " ",
+            el("button", { class: "set-interval", onclick: () => send(c.name, "set_interval", Number(interval.value)) }, "Set interval"))));
+        rows.set(c.name, row);
+      }
+      row.mode.textContent = c.paused ? "paused" : c.mode;
+      row.iv.textContent = c.interval_ms || "–";
+      row.produced.textContent = fmt.n(c.produced);
+      row.errors.textContent = fmt.n(c.errors);
+      row.last.textContent = c.last_error;
+    }
     const lc = a.last_control;
     if (waiting !== null && lc && lc.control_id >= waiting) {
       result.className = lc.ok ? "ok" : "bad";
@@ -228,9 +239,9 @@ function events() {
   const older = el("button", { id: "older", disabled: "" }, "Older →");
   const searchInfo = el("span", { id: "search-info", class: "muted" });
   const detail = el("pre", { id: "event-detail" }, "Click an event for its full detail.");
-  const now = new Date(); const ago = new Date(now - 15 * 60000);
+  const ago = new Date(Date.now() - 15 * 60000);
   const local = d => new Date(d - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
-  from.value = local(ago); to.value = local(now);
+  from.value = local(ago); // "to" empty: up to now, whenever Search is pressed
 
   app.replaceChildren(el("h1", {}, "Events"),
     el("div", { class: "filters" }, f.collector, f.agent, f.severity, f.text, el("button", { id: "apply", onclick: () => { openTail(); } }, "Apply filter")),
