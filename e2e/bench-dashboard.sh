@@ -53,14 +53,14 @@ curl -s "$URL/metrics" | grep -E '^amoskys_bus_http_request_seconds_(sum|count)'
 # The live tail at 10k events/s: one viewer reading as fast as it can, one
 # reading at 2 KB/s. The bus's RSS is sampled every second.
 curl -sN -H "Authorization: Bearer $TOKEN" "$URL/api/tail" >"$work/fast.sse" &
-pids+=("$!")
+pids+=("$!"); disown
 curl -sN --limit-rate 2k -H "Authorization: Bearer $TOKEN" "$URL/api/tail" >"$work/slow.sse" &
-pids+=("$!")
+pids+=("$!"); disown
 sleep 1
 rss() { awk '/VmRSS/ {printf "%.0f", $2/1024}' /proc/"$bus"/status; }
 rss0=$(rss)
 ( while kill -0 "$bus" 2>/dev/null; do rss >>"$work/rss"; echo >>"$work/rss"; sleep 1; done ) &
-pids+=("$!")
+pids+=("$!"); disown
 echo "[tail @10k/s] $(bench --events 300000 --rate 10000 --agents 4 --agent-prefix tail)"
 sleep 2
 last_status() { grep -A1 '^event: status' "$1" | grep '^data:' | tail -1 | sed 's/^data: //'; }

@@ -18,7 +18,7 @@ use crate::store::{PageRequest, StoreError};
 use crate::writer::now_ns;
 
 /// Events one search request may decode before it returns a cursor.
-const MAX_SCAN: usize = 20_000;
+const MAX_SCAN: usize = 5_000;
 const RECENT_ALERTS_SHOWN: usize = 10;
 
 type ApiResult = Result<Json<Value>, ApiError>;
