@@ -53,6 +53,12 @@ enum Cmd {
     Events(EventsCmd),
     /// Publish synthetic events and report durable throughput and ack latency.
     Bench(BenchArgs),
+    /// Print the CustomResourceDefinitions (EventBus, AgentSet, Agent) as YAML.
+    Crdgen {
+        /// Write to these files instead of stdout.
+        #[arg(long)]
+        out: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -651,5 +657,16 @@ async fn main() -> Result<()> {
         }
         Cmd::Events(cmd) => events(cmd).await,
         Cmd::Bench(a) => bench_cmd(a).await,
+        Cmd::Crdgen { out } => {
+            let yaml = amoskys_operator::crd::yaml().context("rendering the CRDs")?;
+            if out.is_empty() {
+                print!("{yaml}");
+            }
+            for path in out {
+                std::fs::write(&path, &yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
     }
 }

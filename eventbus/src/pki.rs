@@ -56,7 +56,12 @@ pub struct Validity {
 
 impl Validity {
     pub fn from_now(lifetime: Duration) -> Self {
-        let now = OffsetDateTime::now_utc();
+        Self::starting(OffsetDateTime::now_utc(), lifetime)
+    }
+
+    /// From `now` (backdated 5 minutes) for `lifetime`; the operator passes
+    /// its own clock so renewal schedules can be tested.
+    pub fn starting(now: OffsetDateTime, lifetime: Duration) -> Self {
         Self {
             not_before: now - time::Duration::minutes(5),
             not_after: now + lifetime,

@@ -1,0 +1,391 @@
+//! Custom resources of `amoskys.io/v1alpha1`. The CRD YAML under `crds/` and
+//! `charts/amoskys/crds/` is generated from these types (`amoskys crdgen`).
+
+use std::collections::BTreeMap;
+
+use amoskys_agents::config::{InventorySpec, ProcessSpec, SnmpVersion, SyntheticSpec};
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "amoskys.io";
+pub const VERSION: &str = "v1alpha1";
+
+// ---- EventBus --------------------------------------------------------------
+
+/// A durable event bus: a StatefulSet of `amoskys bus` with WAL volumes,
+/// services and the mTLS certificates the operator issues.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "amoskys.io",
+    version = "v1alpha1",
+    kind = "EventBus",
+    namespaced,
+    shortname = "ebus",
+    category = "amoskys",
+    status = "EventBusStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Cert Expires","type":"date","jsonPath":".status.certificates.serverNotAfter"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EventBusSpec {
+    /// Bus pods. Each owns its WAL volume.
+    #[serde(default = "one")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("replicas must be between 1 and 16"))]
+    pub replicas: i32,
+    /// The amoskys image; the operator's own image when empty.
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub wal: WalSpec,
+    #[serde(default)]
+    pub tls: TlsSpec,
+    #[serde(default)]
+    pub service: ServiceSpec,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// The write-ahead store.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WalSpec {
+    /// StorageClass of the WAL volumes; the cluster default when empty.
+    pub storage_class_name: Option<String>,
+    /// Volume size. Growing it expands the existing claims; shrinking is refused.
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.matches('^[0-9]+(Ki|Mi|Gi|Ti)$')", "message": "size must be a quantity like 10Gi"}]))]
+    pub size: String,
+    /// How long events are kept, e.g. 7d, 12h.
+    pub retention: String,
+    /// Cap on stored bytes, e.g. 8GiB; empty for none.
+    pub max_bytes: String,
+    /// When writes are fsynced before acks: always, batch or never.
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self in ['always', 'batch', 'never']", "message": "sync must be always, batch or never"}]))]
+    pub sync: String,
+}
+
+impl Default for WalSpec {
+    fn default() -> Self {
+        Self {
+            storage_class_name: None,
+            size: "10Gi".into(),
+            retention: "7d".into(),
+            max_bytes: String::new(),
+            sync: "batch".into(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsSpec {
+    /// Lifetime of leaf certificates (bus, agents, admin), e.g. 90d.
+    pub validity: String,
+    /// Renew this long before expiry; a third of `validity` when empty.
+    pub renew_before: String,
+    /// Lifetime of the CA.
+    pub ca_validity: String,
+    /// Let cert-manager issue the certificates instead of the operator.
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        Self {
+            validity: "90d".into(),
+            renew_before: String::new(),
+            ca_validity: "3650d".into(),
+            issuer_ref: None,
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    pub name: String,
+    /// Issuer or ClusterIssuer.
+    #[serde(default = "issuer_kind")]
+    pub kind: String,
+    #[serde(default = "cert_manager_group")]
+    pub group: String,
+}
+
+fn issuer_kind() -> String {
+    "Issuer".into()
+}
+
+fn cert_manager_group() -> String {
+    "cert-manager.io".into()
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServiceSpec {
+    /// ClusterIP, NodePort or LoadBalancer for the client Service.
+    pub r#type: String,
+    pub grpc_port: i32,
+    pub http_port: i32,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            r#type: "ClusterIP".into(),
+            grpc_port: 7443,
+            http_port: 9464,
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EventBusStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// host:port of the client Service's gRPC port.
+    #[serde(default)]
+    pub endpoint: String,
+    #[serde(default)]
+    pub certificates: CertificateStatus,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// RFC 3339 expiry of the CA, the bus certificate and the admin certificate.
+    pub ca_not_after: Option<String>,
+    pub server_not_after: Option<String>,
+    pub admin_not_after: Option<String>,
+    /// The CA rotation phase, when one is in progress.
+    pub rotation: Option<String>,
+}
+
+// ---- AgentSet --------------------------------------------------------------
+
+/// Agents on a set of nodes: a DaemonSet of `amoskys agent` sending to one
+/// EventBus.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "amoskys.io",
+    version = "v1alpha1",
+    kind = "AgentSet",
+    namespaced,
+    shortname = "aset",
+    category = "amoskys",
+    status = "AgentSetStatus",
+    printcolumn = r#"{"name":"Bus","type":"string","jsonPath":".spec.busRef.name"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desired"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.ready"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSetSpec {
+    /// The EventBus (same namespace) the agents send to.
+    pub bus_ref: BusRef,
+    #[serde(default)]
+    pub collectors: AgentSetCollectors,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    /// Bound on each agent's on-disk spool, e.g. 256Mi.
+    #[serde(default = "spool_size")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(Ki|Mi|Gi)$')").message("spoolSize must be a quantity like 256Mi"))]
+    pub spool_size: String,
+    /// The amoskys image; the operator's own image when empty.
+    #[serde(default)]
+    pub image: String,
+    /// Stops the agents (the DaemonSet schedules no pods) without deleting anything.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn spool_size() -> String {
+    "256Mi".into()
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BusRef {
+    pub name: String,
+}
+
+/// One section per collector; an absent section takes its defaults (process
+/// and inventory on, the rest off). The same shape as the agent's own
+/// `collectors:` config, except that SNMP credentials come from a Secret.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AgentSetCollectors {
+    pub process: ProcessSpec,
+    pub flow: FlowCollector,
+    pub snmp: SnmpCollector,
+    pub inventory: InventorySpec,
+    pub synthetic: SyntheticSpec,
+}
+
+/// Live capture only in a cluster (no capture files).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FlowCollector {
+    pub enabled: bool,
+    pub interface: String,
+    pub bpf_filter: String,
+    pub idle_timeout: String,
+    pub active_timeout: String,
+    pub max_flows: usize,
+    pub snaplen: i32,
+}
+
+impl Default for FlowCollector {
+    fn default() -> Self {
+        let d = amoskys_agents::config::FlowSpec::default();
+        Self {
+            enabled: d.enabled,
+            interface: d.interface,
+            bpf_filter: d.bpf_filter,
+            idle_timeout: d.idle_timeout,
+            active_timeout: d.active_timeout,
+            max_flows: d.max_flows,
+            snaplen: d.snaplen,
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SnmpCollector {
+    pub enabled: bool,
+    pub interval: String,
+    pub timeout: String,
+    pub retries: u32,
+    pub targets: Vec<SnmpTargetSpec>,
+}
+
+impl Default for SnmpCollector {
+    fn default() -> Self {
+        let d = amoskys_agents::config::SnmpSpec::default();
+        Self {
+            enabled: d.enabled,
+            interval: d.interval,
+            timeout: d.timeout,
+            retries: d.retries,
+            targets: Vec::new(),
+        }
+    }
+}
+
+/// One SNMP device; its secrets are keys of a Secret in the AgentSet's
+/// namespace, mounted into the agents as files.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SnmpTargetSpec {
+    pub name: String,
+    /// host:port (port defaults to 161).
+    pub address: String,
+    pub version: SnmpVersion,
+    /// v3 user name.
+    pub user: String,
+    pub auth_protocol: String,
+    pub priv_protocol: String,
+    /// The Secret holding `community` (v2c) or `authPassword` and
+    /// `privPassword` (v3).
+    pub credentials_secret: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSetStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub desired: i32,
+    #[serde(default)]
+    pub ready: i32,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+}
+
+// ---- Agent -----------------------------------------------------------------
+
+/// One agent on one node, written by the operator from the bus's registry.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "amoskys.io",
+    version = "v1alpha1",
+    kind = "Agent",
+    namespaced,
+    shortname = "ag",
+    category = "amoskys",
+    status = "AgentStatus",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"EPS","type":"number","jsonPath":".status.eventsPerSecond"}"#,
+    printcolumn = r#"{"name":"Spool","type":"integer","jsonPath":".status.spoolBytes"}"#,
+    printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    pub agent_set: String,
+    pub node: String,
+    /// `<agentset>/<node>`, the id the agent publishes under.
+    pub agent_id: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// Pending, Running, Disconnected or Degraded.
+    pub phase: String,
+    pub reason: String,
+    pub last_seen: Option<String>,
+    pub events_per_second: f64,
+    pub events_total: u64,
+    pub spool_bytes: u64,
+    pub dropped: u64,
+    pub collectors: Vec<AgentCollectorStatus>,
+    pub version: String,
+    pub cert_serial: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentCollectorStatus {
+    pub name: String,
+    /// e.g. netlink or poll for process, live for flow, paused.
+    pub mode: String,
+}
+
+/// The three CRDs, in the order they are written.
+pub fn all()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![EventBus::crd(), AgentSet::crd(), Agent::crd()]
+}
+
+/// The CRDs as one multi-document YAML file.
+pub fn yaml() -> Result<String, serde_saphyr::ser::Error> {
+    let mut out =
+        String::from("# Generated by `amoskys crdgen` from operator/src/crd.rs; do not edit.\n");
+    for crd in all() {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,478 @@
+//! What an `EventBus` becomes: its bus config, ConfigMap, StatefulSet,
+//! headless and client Services and PodDisruptionBudget. Pure functions of
+//! the resource; the reconciler applies them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec as K8sServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use serde::Serialize;
+
+use crate::crd::EventBus;
+use crate::labels::{CONFIG_HASH, DEFAULT_IMAGE, hash, labels, owned_meta, rendered, selector};
+
+pub const COMPONENT: &str = "bus";
+pub const CONFIG_DIR: &str = "/etc/amoskys/config";
+pub const TLS_DIR: &str = "/etc/amoskys/tls";
+pub const TOKEN_DIR: &str = "/etc/amoskys/dashboard";
+pub const WAL_DIR: &str = "/var/lib/amoskys/wal";
+/// The bus drains for up to its shutdown grace (20 s) on SIGTERM; the pod
+/// gets more so it is never killed mid-drain.
+pub const TERMINATION_GRACE_SECONDS: i64 = 40;
+
+/// A spec field that cannot work, named as in the resource.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidSpec {
+    pub field: String,
+    pub message: String,
+}
+
+pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Names of everything an EventBus owns.
+pub struct Names {
+    pub statefulset: String,
+    pub headless: String,
+    pub service: String,
+    pub config: String,
+    pub pdb: String,
+    pub ca_secret: String,
+    pub server_secret: String,
+    pub admin_secret: String,
+    pub dashboard_secret: String,
+}
+
+impl Names {
+    pub fn of(bus: &str) -> Self {
+        Self {
+            statefulset: bus.to_string(),
+            headless: format!("{bus}-headless"),
+            service: bus.to_string(),
+            config: format!("{bus}-config"),
+            pdb: bus.to_string(),
+            ca_secret: format!("{bus}-ca"),
+            server_secret: format!("{bus}-server-tls"),
+            admin_secret: format!("{bus}-admin-tls"),
+            dashboard_secret: format!("{bus}-dashboard"),
+        }
+    }
+}
+
+fn duration(field: &str, v: &str) -> Result<Duration, InvalidSpec> {
+    humantime::parse_duration(v.trim()).map_err(|e| {
+        invalid(
+            field,
+            format!("{v:?} is not a duration like 90d or 12h ({e})"),
+        )
+    })
+}
+
+/// Parsed TLS lifetimes: (leaf validity, renew before, CA validity).
+pub fn tls_lifetimes(bus: &EventBus) -> Result<(Duration, Duration, Duration), InvalidSpec> {
+    let t = &bus.spec.tls;
+    let validity = duration("spec.tls.validity", &t.validity)?;
+    let renew_before = if t.renew_before.trim().is_empty() {
+        validity / 3
+    } else {
+        duration("spec.tls.renewBefore", &t.renew_before)?
+    };
+    if renew_before >= validity {
+        return Err(invalid(
+            "spec.tls.renewBefore",
+            format!(
+                "{} must be shorter than spec.tls.validity ({})",
+                t.renew_before, t.validity
+            ),
+        ));
+    }
+    let ca = duration("spec.tls.caValidity", &t.ca_validity)?;
+    if ca <= validity {
+        return Err(invalid(
+            "spec.tls.caValidity",
+            "must be longer than spec.tls.validity",
+        ));
+    }
+    Ok((validity, renew_before, ca))
+}
+
+/// Checks what the schema cannot; the error names the field.
+pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
+    let s = &bus.spec;
+    if !(1..=16).contains(&s.replicas) {
+        return Err(invalid("spec.replicas", "must be between 1 and 16"));
+    }
+    let retention = duration("spec.wal.retention", &s.wal.retention)?;
+    if retention.is_zero() {
+        return Err(invalid("spec.wal.retention", "must be greater than zero"));
+    }
+    if !s.wal.max_bytes.trim().is_empty() {
+        amoskys_eventbus::config::parse_bytes("spec.wal.maxBytes", &s.wal.max_bytes)
+            .map_err(|e| invalid("spec.wal.maxBytes", e.to_string()))?;
+    }
+    if !["always", "batch", "never"].contains(&s.wal.sync.as_str()) {
+        return Err(invalid(
+            "spec.wal.sync",
+            format!("{:?} is not always, batch or never", s.wal.sync),
+        ));
+    }
+    if !is_quantity(&s.wal.size) {
+        return Err(invalid(
+            "spec.wal.size",
+            format!("{:?} is not a quantity like 10Gi", s.wal.size),
+        ));
+    }
+    tls_lifetimes(bus)?;
+    if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&s.service.r#type.as_str()) {
+        return Err(invalid(
+            "spec.service.type",
+            format!(
+                "{:?} is not ClusterIP, NodePort or LoadBalancer",
+                s.service.r#type
+            ),
+        ));
+    }
+    for (field, port) in [
+        ("spec.service.grpcPort", s.service.grpc_port),
+        ("spec.service.httpPort", s.service.http_port),
+    ] {
+        if !(1..=65535).contains(&port) {
+            return Err(invalid(field, format!("{port} is not a port")));
+        }
+    }
+    Ok(())
+}
+
+pub fn is_quantity(s: &str) -> bool {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &s[digits.len()..];
+    !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && ["Ki", "Mi", "Gi", "Ti"].contains(&unit)
+}
+
+/// The bus's YAML config file (the keys `amoskys bus --config` reads).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BusFile<'a> {
+    listen: String,
+    http: String,
+    data_dir: &'a str,
+    tls_dir: &'a str,
+    retention: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    max_bytes: &'a str,
+    sync: &'a str,
+    admin_token_file: String,
+    log_format: &'a str,
+}
+
+pub fn bus_config(bus: &EventBus) -> String {
+    let s = &bus.spec;
+    let f = BusFile {
+        listen: format!("0.0.0.0:{}", s.service.grpc_port),
+        http: format!("0.0.0.0:{}", s.service.http_port),
+        data_dir: WAL_DIR,
+        tls_dir: TLS_DIR,
+        retention: &s.wal.retention,
+        max_bytes: s.wal.max_bytes.trim(),
+        sync: &s.wal.sync,
+        admin_token_file: format!("{TOKEN_DIR}/token"),
+        log_format: "json",
+    };
+    rendered(bus, &f)
+}
+
+fn meta(bus: &EventBus, name: &str) -> ObjectMeta {
+    owned_meta(bus, COMPONENT, name)
+}
+
+pub fn config_map(bus: &EventBus) -> ConfigMap {
+    let name = Names::of(&bus.name_any()).config;
+    crate::labels::config_map(bus, COMPONENT, &name, "bus.yaml", bus_config(bus))
+}
+
+fn port(name: &str, p: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port: p,
+        target_port: Some(IntOrString::String(name.to_string())),
+        ..Default::default()
+    }
+}
+
+/// The client Service (what agents and people connect to) and the headless
+/// one that gives every pod a stable DNS name.
+pub fn services(bus: &EventBus) -> (Service, Service) {
+    let n = Names::of(&bus.name_any());
+    let s = &bus.spec.service;
+    let ports = vec![port("grpc", s.grpc_port), port("http", s.http_port)];
+    let sel = selector(COMPONENT, &bus.name_any());
+    let mut client_meta = meta(bus, &n.service);
+    if !s.annotations.is_empty() {
+        client_meta.annotations = Some(s.annotations.clone());
+    }
+    let client = Service {
+        metadata: client_meta,
+        spec: Some(K8sServiceSpec {
+            type_: Some(s.r#type.clone()),
+            selector: Some(sel.clone()),
+            ports: Some(ports.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let headless = Service {
+        metadata: meta(bus, &n.headless),
+        spec: Some(K8sServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Pods get DNS names before they are ready, so peers and the
+            // operator can reach a bus that is still recovering.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(sel),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (client, headless)
+}
+
+/// DNS names the server certificate must carry: both Services in every
+/// form, and every pod through the headless Service.
+pub fn server_dns_names(bus: &EventBus) -> Vec<String> {
+    let n = Names::of(&bus.name_any());
+    let ns = bus.namespace().unwrap_or_else(|| "default".into());
+    let mut names = Vec::new();
+    for svc in [&n.service, &n.headless] {
+        names.push(svc.clone());
+        names.push(format!("{svc}.{ns}"));
+        names.push(format!("{svc}.{ns}.svc"));
+        names.push(format!("{svc}.{ns}.svc.cluster.local"));
+    }
+    for i in 0..bus.spec.replicas {
+        let pod = format!("{}-{i}", n.statefulset);
+        names.push(format!("{pod}.{}.{ns}.svc", n.headless));
+        names.push(format!("{pod}.{}.{ns}.svc.cluster.local", n.headless));
+    }
+    names
+}
+
+pub fn endpoint(bus: &EventBus) -> String {
+    let n = Names::of(&bus.name_any());
+    let ns = bus.namespace().unwrap_or_else(|| "default".into());
+    format!("{}.{ns}.svc:{}", n.service, bus.spec.service.grpc_port)
+}
+
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(path != WAL_DIR),
+        ..Default::default()
+    }
+}
+
+pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet {
+    let name = bus.name_any();
+    let n = Names::of(&name);
+    let s = &bus.spec;
+    let config = bus_config(bus);
+    let image = if s.image.is_empty() {
+        operator_image.unwrap_or(DEFAULT_IMAGE).to_string()
+    } else {
+        s.image.clone()
+    };
+    let sel = selector(COMPONENT, &name);
+    let container = Container {
+        name: "bus".into(),
+        image: Some(image),
+        args: Some(vec![
+            "bus".into(),
+            "--config".into(),
+            format!("{CONFIG_DIR}/bus.yaml"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: s.service.grpc_port,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: s.service.http_port,
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        resources: s.resources.clone(),
+        security_context: Some(restricted()),
+        volume_mounts: Some(vec![
+            mount("wal", WAL_DIR),
+            mount("config", CONFIG_DIR),
+            mount("tls", TLS_DIR),
+            mount("dashboard", TOKEN_DIR),
+        ]),
+        ..Default::default()
+    };
+    let secret = |vol: &str, secret: &str| Volume {
+        name: vol.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            fs_group: Some(65532),
+            ..Default::default()
+        }),
+        automount_service_account_token: Some(false),
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(sel.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: n.config.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            secret("tls", &n.server_secret),
+            secret("dashboard", &n.dashboard_secret),
+        ]),
+        ..Default::default()
+    };
+    let mut pod_labels = labels(COMPONENT, &name);
+    pod_labels.extend(sel.clone());
+    StatefulSet {
+        metadata: meta(bus, &n.statefulset),
+        spec: StatefulSetSpec {
+            replicas: Some(s.replicas),
+            service_name: Some(n.headless.clone()),
+            selector: LabelSelector {
+                match_labels: Some(sel),
+                ..Default::default()
+            },
+            // Pods are independent shards: start and stop them together.
+            pod_management_policy: Some("Parallel".into()),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_HASH.to_string(),
+                        hash(&[&config]),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![wal_claim(bus)]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn wal_claim(bus: &EventBus) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("wal".into()),
+            labels: Some(labels(COMPONENT, &bus.name_any())),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: bus.spec.wal.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(bus.spec.wal.size.clone()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Keeps all but one bus pod up through voluntary disruptions (node
+/// drains); a single-replica bus may still be moved.
+pub fn pdb(bus: &EventBus) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(bus, &Names::of(&bus.name_any()).pdb),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(COMPONENT, &bus.name_any())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
