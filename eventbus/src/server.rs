@@ -171,6 +171,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         stop: stop.clone(),
         next_control_id: AtomicU64::new(0),
         alerts,
+        tls: tls.clone(),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());

@@ -49,6 +49,7 @@ pub struct BusState {
     pub stop: CancellationToken,
     pub next_control_id: AtomicU64,
     pub alerts: Arc<crate::alerts::RecentAlerts>,
+    pub tls: Arc<crate::tls::ReloadingTls>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -495,6 +496,8 @@ impl Admin for AdminService {
             sync_policy: s.cfg.sync.as_str().into(),
             oldest_stored_at: oldest.unwrap_or(0),
             version: VERSION.into(),
+            server_cert_serial: s.tls.serial(),
+            server_cert_not_after: s.tls.not_after(),
         }))
     }
 

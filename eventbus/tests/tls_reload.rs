@@ -102,6 +102,17 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
     })
     .await;
     assert!(rotated.is_some(), "new connections get the new certificate");
+    // Admin.Stats reports the certificate now served (the operator's CA
+    // rotation reads it).
+    let stats = client(&bus, &admin_dir)
+        .await
+        .admin
+        .stats(amoskys_proto::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(Some(stats.server_cert_serial), rotated);
+    assert!(stats.server_cert_not_after > amoskys_eventbus::writer::now_ns() / 1_000_000_000);
 
     // A CA rotation's first step: the bundle trusts old and new CA, so a
     // client issued by the new CA gets in while old clients keep working.

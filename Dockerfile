@@ -1,0 +1,25 @@
+# The one AMOSKYS image: `amoskys` runs as bus, agent or operator by its
+# first argument. Not built in CI (no container engine on the CI machines);
+# `docker build -t ghcr.io/amoskys/amoskys:0.1.0 .` builds it.
+
+FROM rust:1-bookworm AS build
+# RocksDB's bindings need libclang; the flow collector links libpcap.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libclang-dev libpcap-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin amoskys \
+ && strip target/release/amoskys \
+ && install -m 0755 target/release/amoskys /amoskys
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpcap0.8 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin amoskys
+COPY --from=build /amoskys /usr/local/bin/amoskys
+# Bus and operator run as this user; the agent DaemonSet runs as root with
+# only the capabilities its collectors need (docs/security.md).
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/amoskys"]
