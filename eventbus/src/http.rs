@@ -53,12 +53,10 @@ impl HttpState {
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     if let Some(store) = s.store.get() {
+        s.metrics.stored_events.set(store.event_count() as i64);
         let store = store.clone();
         if let Ok(bytes) = tokio::task::spawn_blocking(move || store.wal_bytes()).await {
             s.metrics.wal_bytes.set(bytes as i64);
-        }
-        if let Some(store) = s.store.get() {
-            s.metrics.stored_events.set(store.event_count() as i64);
         }
     }
     if let Some(reg) = s.registry.get() {

@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use amoskys_agents::config::{Collectors, FlowSpec, SnmpSpec, SnmpTarget, SnmpVersion};
+use amoskys_agents::config::{
+    Collectors, ConfigError, FlowSpec, SnmpSpec, SnmpTarget, SnmpVersion,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource,
@@ -170,12 +172,9 @@ pub fn validate(set: &AgentSet) -> Result<(), InvalidSpec> {
     // files exist only inside the pod.
     let mut c = agent_collectors(&s.collectors);
     c.snmp.targets.clear();
-    amoskys_agents::config::resolve_collectors(&c, None).map_err(|e| {
-        let msg = e.to_string();
-        match msg.split_once(": ") {
-            Some((key, rest)) => invalid(format!("spec.{key}"), rest),
-            None => invalid("spec.collectors", msg),
-        }
+    amoskys_agents::config::resolve_collectors(&c, None).map_err(|e| match e {
+        ConfigError::Invalid { key, message } => invalid(format!("spec.{key}"), message),
+        other => invalid("spec.collectors", other.to_string()),
     })?;
     Ok(())
 }
