@@ -53,12 +53,36 @@ enum Cmd {
     Events(EventsCmd),
     /// Publish synthetic events and report durable throughput and ack latency.
     Bench(BenchArgs),
+    /// Run the Kubernetes operator (in a cluster, or from a kubeconfig).
+    Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions (EventBus, AgentSet, Agent) as YAML.
     Crdgen {
         /// Write to these files instead of stdout.
         #[arg(long)]
         out: Vec<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct OperatorArgs {
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Namespace of the leader-election Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "amoskys-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Image for bus and agent pods whose resource names none (the chart
+    /// passes the operator's own image).
+    #[arg(long, env = "AMOSKYS_IMAGE")]
+    image: Option<String>,
+    /// How often Agent statuses are refreshed from the bus registry.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    agents_interval: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -657,6 +681,31 @@ async fn main() -> Result<()> {
         }
         Cmd::Events(cmd) => events(cmd).await,
         Cmd::Bench(a) => bench_cmd(a).await,
+        Cmd::Operator(a) => {
+            let client = amoskys_operator::run::client()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+            let identity = a.identity.unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "amoskys-operator".into()),
+                    std::process::id()
+                )
+            });
+            amoskys_operator::run::run(
+                client,
+                amoskys_operator::run::Options {
+                    metrics_addr: a.metrics_addr,
+                    lease_namespace: a.lease_namespace,
+                    lease_name: a.lease_name,
+                    identity,
+                    image: a.image,
+                    agents_interval: a.agents_interval,
+                },
+            )
+            .await
+            .context("operator")
+        }
         Cmd::Crdgen { out } => {
             let yaml = amoskys_operator::crd::yaml().context("rendering the CRDs")?;
             if out.is_empty() {

@@ -395,13 +395,29 @@ pub fn parse_bytes(key: &str, s: &str) -> Result<u64, ConfigError> {
     })
 }
 
-fn read_secret(key: &str, path: &Option<PathBuf>) -> Result<Vec<u8>, ConfigError> {
+/// Whether resolving reads the credential files or only checks they are named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Secrets {
+    Read,
+    /// For checking a config where the files exist elsewhere (the
+    /// operator validates an AgentSet whose Secrets are mounted only in pods).
+    NamedOnly,
+}
+
+fn read_secret(
+    key: &str,
+    path: &Option<PathBuf>,
+    secrets: Secrets,
+) -> Result<Vec<u8>, ConfigError> {
     let Some(path) = path else {
         return Err(invalid(
             key,
             "missing (a path to a file holding the secret)",
         ));
     };
+    if secrets == Secrets::NamedOnly {
+        return Ok(Vec::new());
+    }
     let raw = std::fs::read(path)
         .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
     // Mounted Secrets often end with a newline that is not part of the secret.
@@ -446,7 +462,11 @@ fn cipher(key: &str, s: &str) -> Result<snmp2::v3::Cipher, ConfigError> {
     })
 }
 
-fn resolve_snmp_target(i: usize, t: &SnmpTarget) -> Result<SnmpTargetConfig, ConfigError> {
+fn resolve_snmp_target(
+    i: usize,
+    t: &SnmpTarget,
+    secrets: Secrets,
+) -> Result<SnmpTargetConfig, ConfigError> {
     let k = |f: &str| format!("collectors.snmp.targets[{i}].{f}");
     if t.address.trim().is_empty() {
         return Err(invalid(k("address"), "missing (host or host:port)"));
@@ -464,7 +484,7 @@ fn resolve_snmp_target(i: usize, t: &SnmpTarget) -> Result<SnmpTargetConfig, Con
     };
     let credentials = match t.version {
         SnmpVersion::V2c => SnmpCredentials::V2c {
-            community: read_secret(&k("communityFile"), &t.community_file)?,
+            community: read_secret(&k("communityFile"), &t.community_file, secrets)?,
         },
         SnmpVersion::V3 => {
             if t.user.is_empty() {
@@ -478,13 +498,14 @@ fn resolve_snmp_target(i: usize, t: &SnmpTarget) -> Result<SnmpTargetConfig, Con
                     &t.auth_protocol
                 },
             )?;
-            let auth_password = read_secret(&k("authPasswordFile"), &t.auth_password_file)?;
+            let auth_password =
+                read_secret(&k("authPasswordFile"), &t.auth_password_file, secrets)?;
             let privacy = if t.priv_protocol.is_empty() {
                 None
             } else {
                 Some((
                     cipher(&k("privProtocol"), &t.priv_protocol)?,
-                    read_secret(&k("privPasswordFile"), &t.priv_password_file)?,
+                    read_secret(&k("privPasswordFile"), &t.priv_password_file, secrets)?,
                 ))
             };
             SnmpCredentials::V3 {
@@ -509,6 +530,14 @@ fn resolve_snmp_target(i: usize, t: &SnmpTarget) -> Result<SnmpTargetConfig, Con
 pub fn resolve_collectors(
     c: &Collectors,
     pcap_override: Option<&str>,
+) -> Result<ResolvedCollectors, ConfigError> {
+    resolve_collectors_with(c, pcap_override, Secrets::Read)
+}
+
+pub fn resolve_collectors_with(
+    c: &Collectors,
+    pcap_override: Option<&str>,
+    secrets: Secrets,
 ) -> Result<ResolvedCollectors, ConfigError> {
     let process = if c.process.enabled {
         Some(ProcessConfig {
@@ -570,7 +599,7 @@ pub fn resolve_collectors(
             .targets
             .iter()
             .enumerate()
-            .map(|(i, t)| resolve_snmp_target(i, t))
+            .map(|(i, t)| resolve_snmp_target(i, t, secrets))
             .collect::<Result<Vec<_>, _>>()?;
         Some(SnmpConfig {
             interval: parse_duration("collectors.snmp.interval", &s.interval)?,
@@ -833,7 +862,7 @@ mod tests {
             community_file: Some(p),
             ..Default::default()
         };
-        let r = resolve_snmp_target(0, &t).unwrap();
+        let r = resolve_snmp_target(0, &t, Secrets::Read).unwrap();
         assert_eq!(r.address, "10.0.0.1:161");
         match &r.credentials {
             SnmpCredentials::V2c { community } => assert_eq!(community, b"s3cret"),

@@ -66,11 +66,34 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>, ClientError> {
 /// Opens an mTLS channel, reading the TLS files afresh (so a reconnect after
 /// a rotation uses the new certificate).
 pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientError> {
+    let pems = Pems {
+        ca: read(&opts.tls_dir, "ca.crt")?,
+        cert: read(&opts.tls_dir, "tls.crt")?,
+        key: read(&opts.tls_dir, "tls.key")?,
+    };
+    connect_channel_pem(&opts.url, opts.server_name.as_deref(), &pems).await
+}
+
+/// A client's TLS material held in memory (the operator reads it from a Secret).
+#[derive(Clone, Debug)]
+pub struct Pems {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// Opens an mTLS channel with in-memory PEMs; `server_name` defaults to the
+/// URL's host.
+pub async fn connect_channel_pem(
+    url: &str,
+    server_name: Option<&str>,
+    pems: &Pems,
+) -> Result<Channel, ClientError> {
     let url_err = |message: String| ClientError::Url {
-        url: opts.url.clone(),
+        url: url.to_string(),
         message,
     };
-    let uri: tonic::transport::Uri = opts.url.parse().map_err(|e| url_err(format!("{e}")))?;
+    let uri: tonic::transport::Uri = url.parse().map_err(|e| url_err(format!("{e}")))?;
     if uri.scheme_str() != Some("https") {
         return Err(url_err(
             "must start with https:// (the bus only speaks mTLS)".into(),
@@ -82,31 +105,24 @@ pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientErro
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let identity = Identity::from_pem(
-        read(&opts.tls_dir, "tls.crt")?,
-        read(&opts.tls_dir, "tls.key")?,
-    );
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&opts.tls_dir, "ca.crt")?))
-        .identity(identity)
-        .domain_name(opts.server_name.clone().unwrap_or(host));
-    let endpoint = Endpoint::from(uri)
+        .ca_certificate(Certificate::from_pem(&pems.ca))
+        .identity(Identity::from_pem(&pems.cert, &pems.key))
+        .domain_name(server_name.map(str::to_string).unwrap_or(host));
+    let connect_err = |source| ClientError::Connect {
+        url: url.to_string(),
+        source,
+    };
+    Endpoint::from(uri)
         .tls_config(tls)
-        .map_err(|source| ClientError::Connect {
-            url: opts.url.clone(),
-            source,
-        })?
+        .map_err(connect_err)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
-    endpoint
+        .keep_alive_while_idle(true)
         .connect()
         .await
-        .map_err(|source| ClientError::Connect {
-            url: opts.url.clone(),
-            source,
-        })
+        .map_err(connect_err)
 }
 
 /// Typed clients for both services over one channel.

@@ -154,6 +154,15 @@ pub fn validate(set: &AgentSet) -> Result<(), InvalidSpec> {
             "missing: name the EventBus the agents send to",
         ));
     }
+    if let Some(name) = s.collectors.unknown.keys().next() {
+        return Err(invalid(
+            format!("spec.collectors.{name}"),
+            format!(
+                "unknown collector; known: {}",
+                crate::crd::COLLECTORS.join(", ")
+            ),
+        ));
+    }
     if !is_quantity(&s.spool_size) {
         return Err(invalid(
             "spec.spoolSize",
@@ -168,11 +177,15 @@ pub fn validate(set: &AgentSet) -> Result<(), InvalidSpec> {
             ));
         }
     }
-    // The agent's own rules, with SNMP targets left out: their credential
-    // files exist only inside the pod.
-    let mut c = agent_collectors(&s.collectors);
-    c.snmp.targets.clear();
-    amoskys_agents::config::resolve_collectors(&c, None).map_err(|e| match e {
+    // The agent's own rules; SNMP credential files exist only inside the
+    // pod, so only their naming is checked here.
+    let c = agent_collectors(&s.collectors);
+    amoskys_agents::config::resolve_collectors_with(
+        &c,
+        None,
+        amoskys_agents::config::Secrets::NamedOnly,
+    )
+    .map_err(|e| match e {
         ConfigError::Invalid { key, message } => invalid(format!("spec.{key}"), message),
         other => invalid("spec.collectors", other.to_string()),
     })?;

@@ -230,14 +230,24 @@ pub struct BusRef {
 /// and inventory on, the rest off). The same shape as the agent's own
 /// `collectors:` config, except that SNMP credentials come from a Secret.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+#[serde(rename_all = "camelCase", default)]
+// Unknown sections are kept (not pruned by the API server) so the operator
+// can name them in an InvalidSpec condition instead of silently ignoring them.
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct AgentSetCollectors {
     pub process: ProcessSpec,
     pub flow: FlowCollector,
     pub snmp: SnmpCollector,
     pub inventory: InventorySpec,
     pub synthetic: SyntheticSpec,
+    /// Sections naming no known collector.
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
+
+/// The collectors an AgentSet can enable.
+pub const COLLECTORS: [&str; 5] = ["process", "flow", "snmp", "inventory", "synthetic"];
 
 /// Live capture only in a cluster (no capture files).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

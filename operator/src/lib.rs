@@ -4,7 +4,9 @@
 //! without an API server.
 
 pub mod agentset;
+pub mod controller;
 pub mod crd;
 pub mod eventbus;
 pub mod labels;
 pub mod pki;
+pub mod run;

@@ -1,23 +1,13 @@
 //! The checked-in CRDs match the Rust types, the samples parse into them,
 //! and the samples build the objects a user would expect.
 
-use std::path::PathBuf;
+mod common;
 
 use amoskys_operator::crd::{AgentSet, EventBus};
 use amoskys_operator::{agentset, crd, eventbus};
+use common::{repo, sample};
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use kube::ResourceExt;
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
-fn sample<T: serde::de::DeserializeOwned>(path: &str) -> T {
-    let text = std::fs::read_to_string(repo(path)).unwrap();
-    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 fn with_ns<K: kube::Resource>(mut k: K) -> K {
     k.meta_mut().namespace = Some("security".into());

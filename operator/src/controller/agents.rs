@@ -1,0 +1,380 @@
+//! `Agent` resources: one per (AgentSet, node its DaemonSet runs a pod on),
+//! their status written from the bus's agent registry (`Admin.ListAgents`,
+//! read with the operator's admin certificate), and deleted when the node
+//! or the pod is gone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use amoskys_eventbus::client::{BusClient, Pems, connect_channel_pem};
+use amoskys_eventbus::phase::{GROWING_SAMPLES, SpoolSample, phase};
+use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, ResourceExt};
+use time::OffsetDateTime;
+
+use super::{Context, Error, apply, rfc3339, write_status};
+use crate::agentset::COMPONENT;
+use crate::crd::{Agent, AgentCollectorStatus, AgentSet, AgentSpec, AgentStatus, EventBus};
+use crate::eventbus::Names;
+use crate::labels::{labels, owned_meta, selector};
+
+/// An agent is Disconnected after this long without a heartbeat (three
+/// missed heartbeats at the agent's default 10 s interval).
+pub const MISSED_AFTER: Duration = Duration::from_secs(30);
+/// Writes in flight at once while bringing statuses current.
+const CONCURRENCY: usize = 16;
+
+/// What the bus (all its replicas) knows: agent records by id, and the
+/// serials of every certificate loaded by the bus and its connected agents.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    pub agents: HashMap<String, AgentRecord>,
+    pub loaded_serials: Vec<String>,
+}
+
+impl Registry {
+    /// Keeps, per agent, the record seen most recently (an agent that
+    /// reconnected to another replica leaves a stale one behind).
+    pub fn add(&mut self, records: Vec<AgentRecord>) {
+        for r in records {
+            if r.connected
+                && let Some(hb) = &r.last_heartbeat
+                && !hb.cert_serial.is_empty()
+            {
+                self.loaded_serials.push(hb.cert_serial.clone());
+            }
+            match self.agents.get(&r.agent_id) {
+                Some(have) if have.last_seen >= r.last_seen => {}
+                _ => {
+                    self.agents.insert(r.agent_id.clone(), r);
+                }
+            }
+        }
+    }
+}
+
+/// Reads the registry and loaded server certificate of every bus replica
+/// at `urls`, as the admin client `pems`.
+pub async fn fetch_registry(
+    urls: &[(String, Option<String>)],
+    pems: &Pems,
+) -> Result<Registry, amoskys_eventbus::client::ClientError> {
+    let mut reg = Registry::default();
+    for (url, server_name) in urls {
+        let ch = connect_channel_pem(url, server_name.as_deref(), pems).await?;
+        let mut c = BusClient::from_channel(ch, 64 * 1024 * 1024);
+        let stats = c.admin.stats(StatsRequest {}).await?.into_inner();
+        if !stats.server_cert_serial.is_empty() {
+            reg.loaded_serials.push(stats.server_cert_serial);
+        }
+        let list = c
+            .admin
+            .list_agents(ListAgentsRequest {})
+            .await?
+            .into_inner();
+        reg.add(list.agents);
+    }
+    reg.loaded_serials.sort();
+    reg.loaded_serials.dedup();
+    Ok(reg)
+}
+
+/// Where the operator reaches each replica of `bus` in the cluster.
+pub fn replica_urls(bus: &EventBus) -> Vec<(String, Option<String>)> {
+    let n = Names::of(&bus.name_any());
+    let ns = bus.namespace().unwrap_or_else(|| "default".into());
+    (0..bus.spec.replicas)
+        .map(|i| {
+            let host = format!("{}-{i}.{}.{ns}.svc", n.statefulset, n.headless);
+            (
+                format!("https://{host}:{}", bus.spec.service.grpc_port),
+                None,
+            )
+        })
+        .collect()
+}
+
+/// The admin client's TLS material from the bus's admin Secret.
+pub async fn admin_pems(ctx: &Context, bus: &EventBus) -> Result<Option<Pems>, Error> {
+    let ns = super::namespace(bus)?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(s) = api
+        .get_opt(&Names::of(&bus.name_any()).admin_secret)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let data = s.data.unwrap_or_default();
+    let get = |k: &str| data.get(k).map(|v| v.0.clone());
+    Ok(match (get("ca.crt"), get("tls.crt"), get("tls.key")) {
+        (Some(ca), Some(cert), Some(key)) => Some(Pems { ca, cert, key }),
+        _ => None,
+    })
+}
+
+/// Recent spool observations per agent id, for the Degraded rule.
+#[derive(Default)]
+pub struct History {
+    samples: Mutex<HashMap<String, VecDeque<SpoolSample>>>,
+}
+
+impl History {
+    fn record(&self, id: &str, rec: &AgentRecord) -> Vec<SpoolSample> {
+        let Ok(mut all) = self.samples.lock() else {
+            return Vec::new();
+        };
+        let q = all.entry(id.to_string()).or_default();
+        if let Some(hb) = &rec.last_heartbeat {
+            let s = SpoolSample {
+                at_ns: rec.last_heartbeat_at,
+                spool_bytes: hb.spool_bytes,
+                dropped: hb.dropped,
+            };
+            if q.back().is_none_or(|b| b.at_ns != s.at_ns) {
+                q.push_back(s);
+            }
+            while q.len() > GROWING_SAMPLES + 1 {
+                q.pop_front();
+            }
+        }
+        q.iter().copied().collect()
+    }
+
+    fn forget(&self, keep: &BTreeSet<String>) {
+        if let Ok(mut all) = self.samples.lock() {
+            all.retain(|k, _| keep.contains(k));
+        }
+    }
+}
+
+/// An Agent's status from its registry record (`None`: the bus has never
+/// heard from it).
+pub fn agent_status(
+    rec: Option<&AgentRecord>,
+    now: OffsetDateTime,
+    samples: &[SpoolSample],
+) -> AgentStatus {
+    let Some(rec) = rec else {
+        return AgentStatus {
+            phase: "Pending".into(),
+            reason: "the bus has no record of this agent yet".into(),
+            ..Default::default()
+        };
+    };
+    let now_ns = now.unix_timestamp_nanos() as i64;
+    let (p, reason) = phase(rec, now_ns, MISSED_AFTER.as_nanos() as i64, samples);
+    let hb = rec.last_heartbeat.clone().unwrap_or_default();
+    AgentStatus {
+        phase: p.as_str().into(),
+        reason,
+        last_seen: (rec.last_seen > 0).then(|| rfc3339(rec.last_seen / 1_000_000_000)),
+        // Two decimals: enough to read, and no status write for noise.
+        events_per_second: (hb.events_per_second * 100.0).round() / 100.0,
+        events_total: rec.events,
+        spool_bytes: hb.spool_bytes,
+        dropped: hb.dropped,
+        collectors: hb
+            .collectors
+            .iter()
+            .map(|c| AgentCollectorStatus {
+                name: c.name.clone(),
+                mode: if c.paused {
+                    "paused".into()
+                } else {
+                    c.mode.clone()
+                },
+            })
+            .collect(),
+        version: if rec.version.is_empty() {
+            hb.version
+        } else {
+            rec.version.clone()
+        },
+        cert_serial: hb.cert_serial,
+    }
+}
+
+/// The name of the Agent for `set` on `node`.
+pub fn agent_name(set: &str, node: &str) -> String {
+    format!("{set}-{node}")
+}
+
+/// What one sync of an AgentSet's Agents did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub created: usize,
+    pub deleted: usize,
+    pub status_written: usize,
+    pub agents: usize,
+}
+
+fn label_selector(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Brings `set`'s Agents in line with its pods and nodes, and (with a
+/// registry) their statuses with the bus. Without a registry (the bus
+/// cannot be reached) statuses are left as they are.
+pub async fn sync_set(
+    ctx: &Context,
+    set: &AgentSet,
+    registry: Option<&Registry>,
+    history: &History,
+) -> Result<SyncReport, Error> {
+    let ns = super::namespace(set)?;
+    let name = set.name_any();
+    let now = ctx.now();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let sel = label_selector(&selector(COMPONENT, &name));
+    let pod_nodes: BTreeSet<String> = pods
+        .list(&ListParams::default().labels(&sel))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec.and_then(|s| s.node_name))
+        .collect();
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let existing_nodes: BTreeSet<String> = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|n| n.name_any())
+        .collect();
+    let wanted: BTreeSet<String> = pod_nodes.intersection(&existing_nodes).cloned().collect();
+
+    let agents: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let agent_sel = label_selector(&labels(COMPONENT, &name));
+    let have: BTreeMap<String, Agent> = agents
+        .list(&ListParams::default().labels(&agent_sel))
+        .await?
+        .items
+        .into_iter()
+        .filter(|a| a.spec.agent_set == name)
+        .map(|a| (a.spec.node.clone(), a))
+        .collect();
+
+    let mut report = SyncReport {
+        agents: wanted.len(),
+        ..Default::default()
+    };
+    for (node, a) in &have {
+        if !wanted.contains(node) {
+            agents
+                .delete(&a.name_any(), &DeleteParams::default())
+                .await?;
+            report.deleted += 1;
+        }
+    }
+
+    let ids: BTreeSet<String> = wanted.iter().map(|n| format!("{name}/{n}")).collect();
+    let work = wanted.iter().map(|node| {
+        let existing = have.get(node).cloned();
+        let id = format!("{name}/{node}");
+        let ns = ns.clone();
+        let name = name.clone();
+        async move {
+            let mut created = false;
+            let agent = match existing {
+                Some(a) => a,
+                None => {
+                    let a = Agent {
+                        metadata: owned_meta(set, COMPONENT, &agent_name(&name, node)),
+                        spec: AgentSpec {
+                            agent_set: name.clone(),
+                            node: node.clone(),
+                            agent_id: id.clone(),
+                        },
+                        status: None,
+                    };
+                    created = true;
+                    apply(&ctx.client, &ns, &a).await?
+                }
+            };
+            let mut wrote = false;
+            if let Some(reg) = registry {
+                let rec = reg.agents.get(&id);
+                let samples = rec.map(|r| history.record(&id, r)).unwrap_or_default();
+                let status = agent_status(rec, now, &samples);
+                wrote = write_status(&ctx.client, &agent, agent.status.as_ref(), &status).await?;
+            }
+            Ok::<_, Error>((created, wrote))
+        }
+    });
+    let results: Vec<(bool, bool)> = futures::stream::iter(work)
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    report.created = results.iter().filter(|r| r.0).count();
+    report.status_written = results.iter().filter(|r| r.1).count();
+    if registry.is_some() {
+        history.forget(&ids);
+    }
+    Ok(report)
+}
+
+/// One pass over every EventBus: read its registry, remember which
+/// certificates are loaded (CA rotation waits on them), and sync the
+/// Agents of every AgentSet sending to it.
+pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> {
+    let started = Instant::now();
+    let buses: Api<EventBus> = Api::all(ctx.client.clone());
+    let sets: Api<AgentSet> = Api::all(ctx.client.clone());
+    let all_sets = sets.list(&ListParams::default()).await?.items;
+    let mut total = 0;
+    let mut ok = true;
+    for bus in buses.list(&ListParams::default()).await?.items {
+        let ns = super::namespace(&bus)?;
+        let registry = match admin_pems(ctx, &bus).await? {
+            None => None,
+            Some(pems) => match fetch_registry(&replica_urls(&bus), &pems).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    ctx.metrics.registry_errors.inc();
+                    tracing::warn!(bus = %bus.name_any(), error = %e, "reading the agent registry failed");
+                    None
+                }
+            },
+        };
+        if let (Some(r), Ok(mut loaded)) = (&registry, ctx.loaded.lock()) {
+            loaded.insert(format!("{ns}/{}", bus.name_any()), r.loaded_serials.clone());
+        }
+        for set in all_sets.iter().filter(|s| {
+            s.namespace().as_deref() == Some(ns.as_str()) && s.spec.bus_ref.name == bus.name_any()
+        }) {
+            match sync_set(ctx, set, registry.as_ref(), history).await {
+                Ok(r) => total += r.agents,
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(agentset = %set.name_any(), error = %e, "agent sync failed");
+                }
+            }
+        }
+    }
+    ctx.metrics.agents.set(total as i64);
+    ctx.metrics.observe("agents", started.elapsed(), ok);
+    Ok(total)
+}
+
+/// Keeps `sync_all` running every `every` until `stop` resolves.
+pub async fn run(ctx: &Context, every: Duration, stop: impl std::future::Future<Output = ()>) {
+    let history = History::default();
+    tokio::pin!(stop);
+    loop {
+        if let Err(e) = sync_all(ctx, &history).await {
+            tracing::warn!(error = %e, "agent status sync failed");
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

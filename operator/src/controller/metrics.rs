@@ -1,0 +1,128 @@
+//! The operator's Prometheus metrics: reconciles, errors and durations per
+//! controller, certificate expiry, and the Agent status sync.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    pub namespace: String,
+    pub secret: String,
+}
+
+pub struct Metrics {
+    pub reconciles: Family<ControllerLabel, Counter>,
+    pub reconcile_errors: Family<ControllerLabel, Counter>,
+    pub reconcile_seconds: Family<ControllerLabel, Histogram>,
+    /// Unix seconds at which each issued certificate expires.
+    pub certificate_not_after: Family<CertLabel, Gauge>,
+    pub agents: Gauge,
+    pub registry_errors: Counter,
+    pub leader: Gauge,
+    registry: Mutex<Registry>,
+}
+
+fn label(controller: &str) -> ControllerLabel {
+    ControllerLabel {
+        controller: controller.into(),
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, controller: &str, took: Duration, ok: bool) {
+        let l = label(controller);
+        self.reconciles.get_or_create(&l).inc();
+        if !ok {
+            self.reconcile_errors.get_or_create(&l).inc();
+        }
+        self.reconcile_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn certificate(&self, namespace: &str, secret: &str, not_after: i64) {
+        self.certificate_not_after
+            .get_or_create(&CertLabel {
+                namespace: namespace.into(),
+                secret: secret.into(),
+            })
+            .set(not_after);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            // Writing into a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+            }),
+            certificate_not_after: Family::default(),
+            agents: Gauge::default(),
+            registry_errors: Counter::default(),
+            leader: Gauge::default(),
+            registry: Mutex::new(Registry::with_prefix("amoskys_operator")),
+        };
+        if let Ok(mut r) = m.registry.lock() {
+            r.register(
+                "reconciles",
+                "Reconciles run, per controller",
+                m.reconciles.clone(),
+            );
+            r.register(
+                "reconcile_errors",
+                "Reconciles that failed, per controller",
+                m.reconcile_errors.clone(),
+            );
+            r.register(
+                "reconcile_duration_seconds",
+                "Time one reconcile took, per controller",
+                m.reconcile_seconds.clone(),
+            );
+            r.register(
+                "certificate_not_after_seconds",
+                "Unix time at which an issued certificate expires, per Secret",
+                m.certificate_not_after.clone(),
+            );
+            r.register(
+                "agents",
+                "Agent resources the status sync keeps current",
+                m.agents.clone(),
+            );
+            r.register(
+                "registry_errors",
+                "Failed reads of a bus's agent registry",
+                m.registry_errors.clone(),
+            );
+            r.register(
+                "leader",
+                "1 while this replica holds the leader lease",
+                m.leader.clone(),
+            );
+        }
+        m
+    }
+}

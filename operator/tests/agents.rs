@@ -1,0 +1,200 @@
+//! `Agent` resources from a real bus registry: a bus in-process (RocksDB on
+//! a temp dir, mTLS on loopback) fed by a real agent, read with the admin
+//! certificate the way the operator does, written into the in-memory API.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use amoskys_eventbus::client::Pems;
+use amoskys_eventbus::config::{BusConfig, SyncPolicy};
+use amoskys_eventbus::pki::{DevPkiOptions, init_dev_pki};
+use amoskys_operator::controller::agents::{History, Registry, fetch_registry, sync_set};
+use amoskys_operator::crd::{Agent, AgentSet};
+use common::{NS, World, in_ns, sample_bus, sample_set, world_at};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::json;
+use time::OffsetDateTime;
+
+fn node(name: &str) -> Node {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}))
+        .unwrap()
+}
+
+fn agent_pod(set: &str, node: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{set}-agent-{node}"), "namespace": NS,
+                     "labels": amoskys_operator::labels::selector("agent", set)},
+        "spec": {"nodeName": node, "containers": [{"name": "agent"}]},
+    }))
+    .unwrap()
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn pems(dir: &std::path::Path) -> Pems {
+    let r = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    Pems {
+        ca: r("ca.crt"),
+        cert: r("tls.crt"),
+        key: r("tls.key"),
+    }
+}
+
+async fn registry(bus: SocketAddr, admin: &Pems) -> Registry {
+    fetch_registry(
+        &[(format!("https://{bus}"), Some("localhost".into()))],
+        admin,
+    )
+    .await
+    .unwrap()
+}
+
+/// Reads the registry until `ok` holds for the agent's record.
+async fn registry_until(
+    bus: SocketAddr,
+    admin: &Pems,
+    ok: impl Fn(&amoskys_proto::AgentRecord) -> bool,
+) -> Registry {
+    for _ in 0..100 {
+        let r = registry(bus, admin).await;
+        if r.agents.get("nodes/node-a").is_some_and(&ok) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the registry never showed the expected record");
+}
+
+fn agent(w: &World, name: &str) -> Option<Agent> {
+    w.api.get(Some(NS), name)
+}
+
+async fn sync(w: &World, reg: Option<&Registry>, history: &History) {
+    let set: AgentSet = w.api.get(Some(NS), "nodes").unwrap();
+    sync_set(&w.ctx, &set, reg, history).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_resources_follow_the_bus_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    init_dev_pki(&DevPkiOptions::new(&pki)).unwrap();
+    let mut cfg = BusConfig::defaults(tmp.path().join("bus"), pki.join("bus"));
+    cfg.listen = free_addr();
+    cfg.http = "127.0.0.1:0".parse().unwrap();
+    cfg.sync = SyncPolicy::Batch;
+    let bus = amoskys_eventbus::start(cfg).await.unwrap();
+    let addr = bus.grpc_addr;
+
+    let mut f = amoskys_agents::config::AgentConfigFile::default();
+    f.collectors.process.enabled = false;
+    f.collectors.inventory.enabled = false;
+    f.collectors.synthetic.enabled = true;
+    f.collectors.synthetic.rate = 50;
+    f.heartbeat_interval = Some("200ms".into());
+    let agent_cfg = amoskys_agents::config::resolve(
+        f,
+        amoskys_agents::config::AgentOverrides {
+            // What the DaemonSet passes: `<agentset>/<node>`.
+            agent_id: Some("nodes/node-a".into()),
+            node: Some("node-a".into()),
+            bus: Some(format!("https://{addr}")),
+            tls_dir: Some(pki.join("agent")),
+            spool_dir: Some(tmp.path().join("spool")),
+            http: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let running = amoskys_agents::start(agent_cfg).await.unwrap();
+
+    let w = world_at(OffsetDateTime::now_utc());
+    w.api.insert(&sample_bus());
+    w.api.insert(&sample_set());
+    for n in ["node-a", "node-b", "node-c"] {
+        w.api.insert(&node(n));
+    }
+    // The DaemonSet runs on a and b; c is excluded by its node selector.
+    w.api.insert(&in_ns(agent_pod("nodes", "node-a")));
+    w.api.insert(&in_ns(agent_pod("nodes", "node-b")));
+
+    let admin = pems(&pki.join("admin"));
+    let reg = registry_until(addr, &admin, |r| {
+        r.events > 0 && r.last_heartbeat.as_ref().is_some_and(|h| h.acked > 0)
+    })
+    .await;
+    // The bus's own certificate and the agent's count as loaded.
+    let agent_serial = amoskys_operator::pki::cert_facts(
+        &std::fs::read_to_string(pki.join("agent/tls.crt")).unwrap(),
+    )
+    .unwrap()
+    .0;
+    assert!(
+        reg.loaded_serials.contains(&agent_serial),
+        "{:?}",
+        reg.loaded_serials
+    );
+    assert_eq!(reg.loaded_serials.len(), 2);
+
+    let history = History::default();
+    sync(&w, Some(&reg), &history).await;
+    let a = agent(&w, "nodes-node-a").expect("an Agent for node-a");
+    assert_eq!(a.spec.agent_id, "nodes/node-a");
+    assert_eq!(
+        a.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "AgentSet"
+    );
+    let st = a.status.unwrap();
+    assert_eq!(st.phase, "Running", "{}", st.reason);
+    let rec = &reg.agents["nodes/node-a"];
+    assert_eq!(st.events_total, rec.events);
+    assert!(st.events_total > 0);
+    assert!(st.last_seen.is_some());
+    assert_eq!(st.cert_serial, agent_serial);
+    assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
+    assert!(
+        st.collectors
+            .iter()
+            .any(|c| c.name == "synthetic" && c.mode == "rate"),
+        "{:?}",
+        st.collectors
+    );
+    let b = agent(&w, "nodes-node-b").expect("an Agent for node-b");
+    assert_eq!(b.status.unwrap().phase, "Pending");
+    assert!(agent(&w, "nodes-node-c").is_none(), "no pod on node-c");
+
+    // Heartbeats stop arriving (the clock moves past the missed-heartbeat
+    // window while the registry still says connected).
+    w.clock.advance(Duration::from_secs(31));
+    sync(&w, Some(&reg), &history).await;
+    let st = agent(&w, "nodes-node-a").unwrap().status.unwrap();
+    assert_eq!(st.phase, "Disconnected");
+    assert!(st.reason.contains("no heartbeat"), "{}", st.reason);
+
+    // The agent goes away: its stream closes and the bus says so.
+    running.shutdown().await;
+    let reg = registry_until(addr, &admin, |r| !r.connected).await;
+    sync(&w, Some(&reg), &history).await;
+    let st = agent(&w, "nodes-node-a").unwrap().status.unwrap();
+    assert_eq!(st.phase, "Disconnected");
+    assert_eq!(st.reason, "no stream to the bus");
+
+    // The node is removed: its Agent goes. The pod is removed: its Agent goes.
+    w.api.delete::<Node>(None, "node-b");
+    sync(&w, Some(&reg), &history).await;
+    assert!(agent(&w, "nodes-node-b").is_none());
+    w.api.delete::<Pod>(Some(NS), "nodes-agent-node-a");
+    sync(&w, Some(&reg), &history).await;
+    assert!(agent(&w, "nodes-node-a").is_none());
+    assert!(w.api.list::<Agent>(Some(NS)).is_empty());
+
+    bus.shutdown().await.unwrap();
+}

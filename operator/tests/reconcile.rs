@@ -1,0 +1,702 @@
+//! The EventBus and AgentSet reconcilers against the in-memory API: the
+//! objects the samples become, idempotency, invalid specs, WAL growth, CA
+//! rotation through the Secrets, and cert-manager mode.
+
+mod common;
+
+use std::time::Duration;
+
+use amoskys_operator::crd::{AgentSet, EventBus};
+use amoskys_operator::pki;
+use common::{NS, World, in_ns, sample_bus, sample_set, world};
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use kube::api::DynamicObject;
+use serde_json::json;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+fn condition(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> (String, String, String) {
+    let c = conds
+        .iter()
+        .find(|c| c.type_ == t)
+        .unwrap_or_else(|| panic!("no {t} condition in {conds:?}"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+fn secret_text(s: &Secret, key: &str) -> String {
+    String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+/// The first certificate of a PEM text, as DER.
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+fn events(w: &World) -> Vec<Event> {
+    w.api.list::<Event>(Some(NS))
+}
+
+async fn started_world() -> World {
+    let w = world();
+    w.api.insert(&sample_bus());
+    w.api.insert(&sample_set());
+    w
+}
+
+#[tokio::test]
+async fn eventbus_sample_becomes_its_objects_and_a_second_pass_changes_nothing() {
+    let w = started_world().await;
+    w.reconcile_bus("amoskys").await;
+
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").expect("StatefulSet");
+    let pod = sts.spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("example.org/amoskys:test"));
+    assert_eq!(c.args.as_ref().unwrap()[0], "bus");
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true)
+    );
+    let claims = sts.spec.volume_claim_templates.as_ref().unwrap();
+    assert_eq!(claims[0].metadata.name.as_deref(), Some("wal"));
+    let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("EventBus", "amoskys")
+    );
+
+    let headless: Service = w
+        .api
+        .get(Some(NS), "amoskys-headless")
+        .expect("headless Service");
+    assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    let client: Service = w.api.get(Some(NS), "amoskys").expect("client Service");
+    assert_eq!(client.spec.unwrap().ports.unwrap().len(), 2);
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-config").expect("ConfigMap");
+    assert!(cm.data.unwrap()["bus.yaml"].contains("tlsDir: /etc/amoskys/tls"));
+    let _: PodDisruptionBudget = w.api.get(Some(NS), "amoskys").expect("PDB");
+
+    // Certificates: a CA, the server (SANs for both Services and every pod),
+    // the operator's admin client, the AgentSet's agent client.
+    let ca: Secret = w.api.get(Some(NS), "amoskys-ca").expect("CA Secret");
+    let ca_pem = secret_text(&ca, "tls.crt");
+    let ca_der = der(&ca_pem);
+    let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+    let server: Secret = w
+        .api
+        .get(Some(NS), "amoskys-server-tls")
+        .expect("server Secret");
+    assert_eq!(server.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(secret_text(&server, "ca.crt"), ca_pem);
+    let server_der = der(&secret_text(&server, "tls.crt"));
+    let (_, cert) = X509Certificate::from_der(&server_der).unwrap();
+    cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    for want in [
+        "amoskys.security.svc",
+        "amoskys-headless.security.svc.cluster.local",
+        "amoskys-0.amoskys-headless.security.svc",
+    ] {
+        assert!(
+            sans.contains(&want.to_string()),
+            "{want} missing from {sans:?}"
+        );
+    }
+    for (secret, role) in [("amoskys-admin-tls", "admin"), ("nodes-agent-tls", "agent")] {
+        let s: Secret = w
+            .api
+            .get(Some(NS), secret)
+            .unwrap_or_else(|| panic!("{secret}"));
+        let d = der(&secret_text(&s, "tls.crt"));
+        let (_, c) = X509Certificate::from_der(&d).unwrap();
+        c.verify_signature(Some(ca_cert.public_key())).unwrap();
+        let id = amoskys_eventbus::auth::PeerIdentity::from_der(&d).unwrap();
+        assert_eq!(id.role.map(|r| r.as_str()), Some(role), "{secret}");
+    }
+    // The agents' certificate goes away with their AgentSet.
+    let agent_tls: Secret = w.api.get(Some(NS), "nodes-agent-tls").unwrap();
+    assert_eq!(agent_tls.owner_references()[0].kind, "AgentSet");
+    let token: Secret = w
+        .api
+        .get(Some(NS), "amoskys-dashboard")
+        .expect("dashboard token");
+    assert!(secret_text(&token, "token").len() >= 32);
+
+    let bus = w.bus("amoskys");
+    let st = bus.status.clone().expect("status written");
+    assert_eq!(condition(&st.conditions, "CertificatesReady").0, "True");
+    let ready = condition(&st.conditions, "Ready");
+    assert_eq!(
+        (ready.0.as_str(), ready.1.as_str()),
+        ("False", "PodsNotReady")
+    );
+    assert_eq!(st.endpoint, "amoskys.security.svc:7443");
+    assert!(st.certificates.server_not_after.is_some());
+    assert_eq!(st.observed_generation, Some(1));
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("CACreated"))
+    );
+
+    let before = w.api.changes().len();
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(
+        w.changes_since(before),
+        Vec::<String>::new(),
+        "second pass wrote"
+    );
+
+    // The StatefulSet controller reports the pods ready: Ready=True, and the
+    // pass after that is again a no-op.
+    w.api.set_status::<StatefulSet>(
+        Some(NS),
+        "amoskys",
+        json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1,
+               "currentRevision": "r1", "updateRevision": "r1"}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(condition(&st.conditions, "Ready").0, "True");
+    assert_eq!(condition(&st.conditions, "Progressing").0, "False");
+    assert_eq!(st.ready_replicas, 1);
+    let before = w.api.changes().len();
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(w.changes_since(before), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn agentset_sample_becomes_a_daemonset_and_a_second_pass_changes_nothing() {
+    let w = started_world().await;
+    // Before the bus has issued the agents' certificate, the set waits.
+    w.reconcile_set("nodes").await;
+    assert!(w.api.get::<DaemonSet>(Some(NS), "nodes-agent").is_none());
+    let st = w.set("nodes").status.clone().unwrap();
+    assert_eq!(
+        condition(&st.conditions, "Ready").1,
+        "WaitingForCertificate"
+    );
+
+    w.reconcile_bus("amoskys").await;
+    w.reconcile_set("nodes").await;
+    let ds: DaemonSet = w.api.get(Some(NS), "nodes-agent").expect("DaemonSet");
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    let caps = pod.containers[0]
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .clone()
+        .unwrap()
+        .add
+        .unwrap_or_default();
+    // The sample enables flow capture: NET_RAW, and the host's network.
+    assert!(caps.contains(&"NET_RAW".to_string()), "{caps:?}");
+    assert_eq!(pod.host_network, Some(true));
+    let cm: ConfigMap = w
+        .api
+        .get(Some(NS), "nodes-agent-config")
+        .expect("agent ConfigMap");
+    assert!(cm.data.unwrap()["agent.yaml"].contains("flow"));
+
+    let before = w.api.changes().len();
+    w.reconcile_set("nodes").await;
+    assert_eq!(w.changes_since(before), Vec::<String>::new());
+
+    w.api.set_status::<DaemonSet>(
+        Some(NS),
+        "nodes-agent",
+        json!({"desiredNumberScheduled": 3, "numberReady": 3, "updatedNumberScheduled": 3,
+               "currentNumberScheduled": 3, "numberMisscheduled": 0, "observedGeneration": 1}),
+    );
+    w.reconcile_set("nodes").await;
+    let st = w.set("nodes").status.clone().unwrap();
+    assert_eq!((st.desired, st.ready), (3, 3));
+    assert_eq!(condition(&st.conditions, "Ready").0, "True");
+
+    // Paused: the pods go (a node selector no node has), nothing is deleted.
+    w.api
+        .patch::<AgentSet>(Some(NS), "nodes", json!({"spec": {"paused": true}}));
+    w.reconcile_set("nodes").await;
+    let ds: DaemonSet = w.api.get(Some(NS), "nodes-agent").unwrap();
+    let sel = ds.spec.template.spec.unwrap().node_selector.unwrap();
+    assert_eq!(
+        sel.get(amoskys_operator::agentset::PAUSED_NODE_LABEL)
+            .map(String::as_str),
+        Some("true")
+    );
+    let st = w.set("nodes").status.clone().unwrap();
+    assert_eq!(condition(&st.conditions, "Ready").1, "Paused");
+}
+
+/// Reconciles an invalid resource and checks the condition, the event and
+/// that nothing else was written.
+async fn assert_invalid(w: &World, kind: &str, name: &str, field: &str) {
+    let before: Vec<String> = w.api.names();
+    match kind {
+        "EventBus" => {
+            w.reconcile_bus(name).await;
+        }
+        _ => {
+            w.reconcile_set(name).await;
+        }
+    }
+    let conds = match kind {
+        "EventBus" => w.bus(name).status.clone().unwrap().conditions,
+        _ => w.set(name).status.clone().unwrap().conditions,
+    };
+    let (status, reason, message) = condition(&conds, "Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "InvalidSpec"),
+        "{message}"
+    );
+    assert!(
+        message.starts_with(field),
+        "{message:?} does not name {field}"
+    );
+    let evs = events(w);
+    assert!(
+        evs.iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidSpec")
+                && e.note.as_deref() == Some(message.as_str())
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)),
+        "no InvalidSpec event for {name}"
+    );
+    let new: Vec<String> = w
+        .api
+        .names()
+        .into_iter()
+        .filter(|n| !before.contains(n) && !n.starts_with("events/"))
+        .collect();
+    assert_eq!(
+        new,
+        Vec::<String>::new(),
+        "objects written for an invalid {kind}"
+    );
+    // Reporting again adds no second event and no write.
+    let changes = w.api.changes().len();
+    match kind {
+        "EventBus" => {
+            w.reconcile_bus(name).await;
+        }
+        _ => {
+            w.reconcile_set(name).await;
+        }
+    }
+    assert_eq!(w.changes_since(changes), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn invalid_resources_get_invalid_spec_an_event_and_no_objects() {
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.wal.retention = "a week".into();
+    w.api.insert(&bus);
+    assert_invalid(&w, "EventBus", "amoskys", "spec.wal.retention").await;
+
+    let mut tls = sample_bus();
+    tls.metadata.name = Some("short-ca".into());
+    tls.spec.tls.ca_validity = "30d".into();
+    w.api.insert(&tls);
+    assert_invalid(&w, "EventBus", "short-ca", "spec.tls.caValidity").await;
+
+    let mut no_bus: AgentSet = sample_set();
+    no_bus.metadata.name = Some("no-bus".into());
+    no_bus.spec.bus_ref.name = String::new();
+    w.api.insert(&no_bus);
+    assert_invalid(&w, "AgentSet", "no-bus", "spec.busRef.name").await;
+
+    let mut unknown: AgentSet = in_ns(
+        serde_saphyr::from_str(
+            "apiVersion: amoskys.io/v1alpha1\nkind: AgentSet\nmetadata: {name: unknown}\n\
+         spec: {busRef: {name: amoskys}, collectors: {nfs: {enabled: true}}}\n",
+        )
+        .unwrap(),
+    );
+    unknown.metadata.uid = None;
+    w.api.insert(&unknown);
+    assert_invalid(&w, "AgentSet", "unknown", "spec.collectors.nfs").await;
+
+    let mut missing_bus = sample_set();
+    missing_bus.metadata.name = Some("elsewhere".into());
+    missing_bus.spec.bus_ref.name = "nowhere".into();
+    w.api.insert(&missing_bus);
+    assert_invalid(&w, "AgentSet", "elsewhere", "spec.busRef.name").await;
+
+    let mut snmp = sample_set();
+    snmp.metadata.name = Some("switches".into());
+    snmp.spec.bus_ref.name = "short-ca".into();
+    snmp.spec.collectors.snmp.enabled = true;
+    w.api.insert(&snmp);
+    assert_invalid(
+        &w,
+        "AgentSet",
+        "switches",
+        "spec.collectors.snmp.targets[0].credentialsSecret",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn snmp_credentials_must_exist_with_the_right_keys() {
+    let w = started_world().await;
+    w.api.patch::<AgentSet>(
+        Some(NS),
+        "nodes",
+        json!({"spec": {"collectors": {"snmp": {"enabled": true}}}}),
+    );
+    let wrong_key = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("snmp-core-switch".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "password".to_string(),
+                k8s_openapi::ByteString(b"x".to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    w.api.insert(&wrong_key);
+    w.reconcile_set("nodes").await;
+    let (_, reason, message) =
+        condition(&w.set("nodes").status.clone().unwrap().conditions, "Ready");
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("has no key \"community\""), "{message}");
+
+    w.api.patch::<Secret>(
+        Some(NS),
+        "snmp-core-switch",
+        json!({"data": {"community": "cHVibGlj"}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    w.reconcile_set("nodes").await;
+    let ds: DaemonSet = w
+        .api
+        .get(Some(NS), "nodes-agent")
+        .expect("DaemonSet once the Secret is right");
+    let vols = ds.spec.template.spec.unwrap().volumes.unwrap();
+    assert!(
+        vols.iter()
+            .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+                == Some("snmp-core-switch"))
+    );
+}
+
+fn wal_claim(name: &str, size: &str) -> PersistentVolumeClaim {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS, "labels": amoskys_operator::labels::labels("bus", "amoskys")},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+        "status": {"capacity": {"storage": size}},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn growing_the_wal_expands_claims_and_reports_progress_and_shrinking_is_refused() {
+    let w = started_world().await;
+    w.reconcile_bus("amoskys").await;
+    let size = sample_bus().spec.wal.size;
+    w.api.insert(&wal_claim("wal-amoskys-0", &size));
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"wal": {"size": "40Gi"}}}),
+    );
+    w.reconcile_bus("amoskys").await;
+
+    let pvc: PersistentVolumeClaim = w.api.get(Some(NS), "wal-amoskys-0").unwrap();
+    let req = &pvc.spec.unwrap().resources.unwrap().requests.unwrap()["storage"];
+    assert_eq!(req.0, "40Gi");
+    // The template is immutable and stays as created.
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let tmpl = &sts.spec.volume_claim_templates.unwrap()[0];
+    assert_eq!(
+        tmpl.spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        size
+    );
+    let st = w.bus("amoskys").status.clone().unwrap();
+    let (status, reason, message) = condition(&st.conditions, "Progressing");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "ExpandingVolumes")
+    );
+    assert!(message.contains("wal-amoskys-0"), "{message}");
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ExpandingVolume"))
+    );
+
+    // The storage driver finishes.
+    w.api.set_status::<PersistentVolumeClaim>(
+        Some(NS),
+        "wal-amoskys-0",
+        json!({"capacity": {"storage": "40Gi"}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_ne!(
+        condition(&st.conditions, "Progressing").1,
+        "ExpandingVolumes"
+    );
+
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"wal": {"size": "20Gi"}}}),
+    );
+    let before = w.api.changes().len();
+    w.reconcile_bus("amoskys").await;
+    let st = w.bus("amoskys").status.clone().unwrap();
+    let (_, reason, message) = condition(&st.conditions, "Ready");
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.starts_with("spec.wal.size") && message.contains("not shrink"),
+        "{message}"
+    );
+    let writes: Vec<String> = w
+        .changes_since(before)
+        .into_iter()
+        .filter(|c| !c.contains("events/") && !c.contains("eventbuses/"))
+        .collect();
+    assert_eq!(writes, Vec::<String>::new());
+}
+
+fn ca_phase(w: &World) -> (String, String) {
+    let ca: Secret = w.api.get(Some(NS), "amoskys-ca").unwrap();
+    let phase = ca.annotations()[pki::PHASE_ANNOTATION].clone();
+    let issuer = w
+        .api
+        .get::<Secret>(Some(NS), "amoskys-server-tls")
+        .unwrap()
+        .annotations()[pki::ISSUER_ANNOTATION]
+        .clone();
+    (phase, issuer)
+}
+
+#[tokio::test]
+async fn ca_rotation_on_request_goes_through_its_phases_via_the_secrets() {
+    let w = started_world().await;
+    w.reconcile_bus("amoskys").await;
+    let (phase, first_issuer) = ca_phase(&w);
+    assert_eq!(phase, "Stable");
+
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"metadata": {"annotations": {pki::ROTATE_REQUEST_ANNOTATION: "now"}}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let (phase, issuer) = ca_phase(&w);
+    assert_eq!(
+        (phase.as_str(), issuer.as_str()),
+        ("BundlePublished", first_issuer.as_str())
+    );
+    // Every Secret now trusts both CAs.
+    let agent: Secret = w.api.get(Some(NS), "nodes-agent-tls").unwrap();
+    assert_eq!(
+        secret_text(&agent, "ca.crt")
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(st.certificates.rotation.as_deref(), Some("BundlePublished"));
+
+    // Nothing moves before the bundle has had time to reach the pods.
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(ca_phase(&w).0, "BundlePublished");
+    w.clock.advance(w.ctx.propagation + Duration::from_secs(1));
+    w.reconcile_bus("amoskys").await;
+    let (phase, issuer) = ca_phase(&w);
+    assert_eq!(phase, "LeavesReissued");
+    assert_ne!(issuer, first_issuer, "leaves re-signed by the new CA");
+
+    // The old CA stays until what is loaded no longer needs it: the bus
+    // still reports the old server certificate.
+    let old_serials = vec!["00:old".to_string()];
+    w.ctx
+        .loaded
+        .lock()
+        .unwrap()
+        .insert(format!("{NS}/amoskys"), old_serials);
+    w.clock.advance(w.ctx.propagation * 3);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(ca_phase(&w).0, "LeavesReissued");
+
+    let now_loaded: Vec<String> = ["amoskys-server-tls", "amoskys-admin-tls", "nodes-agent-tls"]
+        .iter()
+        .map(|s| {
+            let sec: Secret = w.api.get(Some(NS), s).unwrap();
+            pki::cert_facts(&secret_text(&sec, "tls.crt")).unwrap().0
+        })
+        .collect();
+    w.ctx
+        .loaded
+        .lock()
+        .unwrap()
+        .insert(format!("{NS}/amoskys"), now_loaded);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(ca_phase(&w).0, "Stable");
+    let agent: Secret = w.api.get(Some(NS), "nodes-agent-tls").unwrap();
+    assert_eq!(
+        secret_text(&agent, "ca.crt")
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        1
+    );
+    let phases: Vec<String> = events(&w)
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.reason.as_deref(),
+                Some("CABundlePublished" | "CALeavesReissued" | "CARotationCompleted")
+            )
+        })
+        .filter_map(|e| e.note.clone())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "CA rotation phase BundlePublished",
+            "CA rotation phase LeavesReissued",
+            "CA rotation phase Stable"
+        ]
+    );
+    // The request is remembered: later passes do not rotate again.
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(ca_phase(&w).0, "Stable");
+}
+
+#[tokio::test]
+async fn expired_certificates_are_recovered_without_deleting_anything() {
+    let w = started_world().await;
+    w.reconcile_bus("amoskys").await;
+    let old: Secret = w.api.get(Some(NS), "amoskys-server-tls").unwrap();
+    // Long past both the leaves' and the CA's lifetime (the sample: 90d, 3650d).
+    w.clock.advance(Duration::from_secs(3651 * 86_400));
+    w.reconcile_bus("amoskys").await;
+    let new: Secret = w.api.get(Some(NS), "amoskys-server-tls").unwrap();
+    let (_, not_after) = pki::cert_facts(&secret_text(&new, "tls.crt")).unwrap();
+    assert!(not_after > w.clock.now().unix_timestamp());
+    assert_ne!(secret_text(&old, "ca.crt"), secret_text(&new, "ca.crt"));
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(condition(&st.conditions, "CertificatesReady").0, "True");
+}
+
+#[tokio::test]
+async fn leaf_renewal_requeues_at_the_deadline() {
+    let w = started_world().await;
+    let action = w.reconcile_bus("amoskys").await;
+    let s = format!("{action:?}");
+    assert!(s.contains("requeue_after: Some"), "{s}");
+    let old: Secret = w.api.get(Some(NS), "amoskys-server-tls").unwrap();
+    // Renewal is due at two thirds of the 90-day life.
+    w.clock.advance(Duration::from_secs(61 * 86_400));
+    w.reconcile_bus("amoskys").await;
+    let new: Secret = w.api.get(Some(NS), "amoskys-server-tls").unwrap();
+    assert_ne!(secret_text(&old, "tls.crt"), secret_text(&new, "tls.crt"));
+    assert_eq!(secret_text(&old, "ca.crt"), secret_text(&new, "ca.crt"));
+}
+
+#[tokio::test]
+async fn cert_manager_issues_when_an_issuer_is_named() {
+    let w = world();
+    let mut bus: EventBus = sample_bus();
+    bus.spec.tls.issuer_ref =
+        Some(serde_json::from_value(json!({"name": "corp-ca", "kind": "ClusterIssuer"})).unwrap());
+    w.api.insert(&bus);
+    w.api.insert(&sample_set());
+    w.reconcile_bus("amoskys").await;
+
+    assert!(
+        w.api.get::<Secret>(Some(NS), "amoskys-ca").is_none(),
+        "no CA of our own"
+    );
+    let ar = amoskys_operator::controller::eventbus::certificate_resource();
+    let certs: Vec<DynamicObject> = {
+        let api: kube::Api<DynamicObject> =
+            kube::Api::namespaced_with(w.ctx.client.clone(), NS, &ar);
+        api.list(&Default::default()).await.unwrap().items
+    };
+    let names: Vec<String> = certs.iter().map(|c| c.name_any()).collect();
+    assert_eq!(
+        names,
+        ["amoskys-admin-tls", "amoskys-server-tls", "nodes-agent-tls"]
+    );
+    let server = certs
+        .iter()
+        .find(|c| c.name_any() == "amoskys-server-tls")
+        .unwrap();
+    assert_eq!(server.data["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(server.data["spec"]["secretName"], "amoskys-server-tls");
+    assert!(
+        server.data["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == "amoskys.security.svc")
+    );
+    let agent = certs
+        .iter()
+        .find(|c| c.name_any() == "nodes-agent-tls")
+        .unwrap();
+    assert_eq!(
+        agent.data["spec"]["uris"][0],
+        amoskys_eventbus::auth::Role::Agent.uri()
+    );
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(condition(&st.conditions, "CertificatesReady").0, "False");
+}
