@@ -307,15 +307,15 @@ fn invalid_specs_name_the_field() {
         s.spec.collectors.snmp.targets[0].credentials_secret = String::new();
     });
     assert_eq!(e.field, "spec.collectors.snmp.targets[0].credentialsSecret");
-    // An unknown collector is refused when the resource is read.
+    // An unknown collector is kept when the resource is read, and named.
     let text = std::fs::read_to_string(repo("config/agentset.yaml"))
         .unwrap()
         .replace(
             "    synthetic:\n",
             "    keylogger:\n      enabled: true\n    synthetic:\n",
         );
-    let err = serde_saphyr::from_str::<AgentSet>(&text)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("keylogger"), "{err}");
+    let set: AgentSet = serde_saphyr::from_str(&text).unwrap();
+    let e = agentset::validate(&set).unwrap_err();
+    assert_eq!(e.field, "spec.collectors.keylogger", "{e}");
+    assert!(e.message.contains("process, flow, snmp, inventory, synthetic"), "{e}");
 }
