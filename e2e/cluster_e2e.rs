@@ -183,6 +183,7 @@ fn chart_samples_agents_events_and_a_ca_rotation_in_a_real_cluster() {
             (n > 0).then_some(n)
         });
         let _ = pf.kill();
+        let _ = pf.wait();
         assert!(events > 0);
 
         // Rotate the CA; watch every Agent while it runs to completion.

@@ -66,7 +66,17 @@ pub async fn client() -> Result<Client, Error> {
     Ok(Client::try_default().await?)
 }
 
+/// Runs until SIGTERM or Ctrl-C.
 pub async fn run(client: Client, opts: Options) -> Result<(), Error> {
+    run_until(client, opts, wait_for_signal()).await
+}
+
+/// Runs until `stop` resolves (or the lease is lost).
+pub async fn run_until(
+    client: Client,
+    opts: Options,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         opts.image.clone(),
@@ -93,7 +103,7 @@ pub async fn run(client: Client, opts: Options) -> Result<(), Error> {
     });
     let sig = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         sig.cancel();
     });
@@ -139,13 +149,23 @@ pub async fn run(client: Client, opts: Options) -> Result<(), Error> {
     let lost = shutdown.clone();
     let lost_flag = lost_lease.clone();
     let mut watch_leader = leader.clone();
+    // This task holds a receiver too; it must end on shutdown, or the
+    // lease task would never see every receiver gone and release.
     tokio::spawn(async move {
-        while watch_leader.changed().await.is_ok() {
-            if !*watch_leader.borrow() {
-                tracing::warn!("lost the leader lease");
-                lost_flag.store(true, Ordering::Relaxed);
-                lost.cancel();
-                return;
+        loop {
+            tokio::select! {
+                _ = lost.cancelled() => return,
+                changed = watch_leader.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if !*watch_leader.borrow() {
+                        tracing::warn!("lost the leader lease");
+                        lost_flag.store(true, Ordering::Relaxed);
+                        lost.cancel();
+                        return;
+                    }
+                }
             }
         }
     });

@@ -317,5 +317,9 @@ fn invalid_specs_name_the_field() {
     let set: AgentSet = serde_saphyr::from_str(&text).unwrap();
     let e = agentset::validate(&set).unwrap_err();
     assert_eq!(e.field, "spec.collectors.keylogger", "{e}");
-    assert!(e.message.contains("process, flow, snmp, inventory, synthetic"), "{e}");
+    assert!(
+        e.message
+            .contains("process, flow, snmp, inventory, synthetic"),
+        "{e}"
+    );
 }

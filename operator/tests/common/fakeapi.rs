@@ -357,6 +357,20 @@ impl FakeApi {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
+                // A watch gets an empty stream after a pause, as if the
+                // server had closed it with nothing new; watchers re-list.
+                if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        send.send_response(
+                            Response::builder()
+                                .status(StatusCode::OK)
+                                .body(Body::from(Vec::new()))
+                                .unwrap(),
+                        );
+                    });
+                    continue;
+                }
                 let resp = store.lock().unwrap().handle(
                     &parts.method,
                     parts.uri.path(),
