@@ -46,7 +46,7 @@ pub enum Error {
     #[error("issuing certificates: {0}")]
     Pki(#[from] amoskys_eventbus::pki::PkiError),
     #[error("{kind} {name} has no namespace")]
-    NoNamespace { kind: &'static str, name: String },
+    NoNamespace { kind: String, name: String },
     #[error("serializing {what}: {source}")]
     Json {
         what: &'static str,
@@ -134,17 +134,9 @@ impl Context {
 
 pub fn namespace<K: Resource<DynamicType = ()>>(obj: &K) -> Result<String, Error> {
     obj.namespace().ok_or_else(|| Error::NoNamespace {
-        kind: leak_kind::<K>(),
+        kind: K::kind(&()).into_owned(),
         name: obj.name_any(),
     })
-}
-
-fn leak_kind<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "EventBus" => "EventBus",
-        "AgentSet" => "AgentSet",
-        _ => "object",
-    }
 }
 
 /// Server-side apply of `obj` with the operator's field manager.
