@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::crd::{AgentSet, AgentSetCollectors, EventBus};
 use crate::eventbus::{InvalidSpec, invalid, is_quantity};
-use crate::labels::{CONFIG_HASH, DEFAULT_IMAGE, hash, labels, owned_meta, rendered, selector};
+use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
 
 pub const COMPONENT: &str = "agent";
 pub const CONFIG_DIR: &str = "/etc/amoskys/config";
@@ -225,11 +225,7 @@ pub fn daemonset(set: &AgentSet, bus: &EventBus, operator_image: Option<&str>) -
     let s = &set.spec;
     let config = agent_config(set);
     let p = privileges(&s.collectors);
-    let image = if s.image.is_empty() {
-        operator_image.unwrap_or(DEFAULT_IMAGE).to_string()
-    } else {
-        s.image.clone()
-    };
+    let image = crate::labels::image(&s.image, operator_image);
     let ns = set.namespace().unwrap_or_else(|| "default".into());
     let spool = format!("{SPOOL_ROOT}/{ns}-{name}");
     let mut mounts = vec![

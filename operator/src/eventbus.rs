@@ -21,7 +21,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::crd::EventBus;
-use crate::labels::{CONFIG_HASH, DEFAULT_IMAGE, hash, labels, owned_meta, rendered, selector};
+use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
 
 pub const COMPONENT: &str = "bus";
 pub const CONFIG_DIR: &str = "/etc/amoskys/config";
@@ -325,11 +325,7 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
     let n = Names::of(&name);
     let s = &bus.spec;
     let config = bus_config(bus);
-    let image = if s.image.is_empty() {
-        operator_image.unwrap_or(DEFAULT_IMAGE).to_string()
-    } else {
-        s.image.clone()
-    };
+    let image = crate::labels::image(&s.image, operator_image);
     let sel = selector(COMPONENT, &name);
     let container = Container {
         name: "bus".into(),

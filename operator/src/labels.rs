@@ -15,6 +15,23 @@ pub const CONFIG_HASH: &str = "amoskys.io/config-hash";
 /// The image used when a resource names none.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/amoskys/amoskys:", env!("CARGO_PKG_VERSION"));
 
+/// The image a pod runs: the resource's own, else the operator's, else the default.
+pub fn image(spec_image: &str, operator_image: Option<&str>) -> String {
+    if spec_image.is_empty() {
+        operator_image.unwrap_or(DEFAULT_IMAGE).to_string()
+    } else {
+        spec_image.to_string()
+    }
+}
+
+/// `k=v,k=v`, a label selector for LIST calls.
+pub fn selector_query(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn labels(component: &str, instance: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "amoskys".to_string()),

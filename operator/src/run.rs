@@ -191,7 +191,7 @@ pub async fn run_until(
         })
         .run(
             controller::eventbus::reconcile,
-            controller::eventbus::error_policy,
+            controller::requeue_on_error,
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
@@ -205,7 +205,7 @@ pub async fn run_until(
         })
         .run(
             controller::agentset::reconcile,
-            controller::agentset::error_policy,
+            controller::requeue_on_error,
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));

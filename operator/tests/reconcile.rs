@@ -448,24 +448,11 @@ async fn growing_the_wal_expands_claims_and_reports_progress_and_shrinking_is_re
     w.reconcile_bus("amoskys").await;
 
     let pvc: PersistentVolumeClaim = w.api.get(Some(NS), "wal-amoskys-0").unwrap();
-    let req = &pvc.spec.unwrap().resources.unwrap().requests.unwrap()["storage"];
-    assert_eq!(req.0, "40Gi");
+    assert_eq!(common::claim_storage(&pvc), "40Gi");
     // The template is immutable and stays as created.
     let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
     let tmpl = &sts.spec.volume_claim_templates.unwrap()[0];
-    assert_eq!(
-        tmpl.spec
-            .as_ref()
-            .unwrap()
-            .resources
-            .as_ref()
-            .unwrap()
-            .requests
-            .as_ref()
-            .unwrap()["storage"]
-            .0,
-        size
-    );
+    assert_eq!(common::claim_storage(tmpl), size);
     let st = w.bus("amoskys").status.clone().unwrap();
     let (status, reason, message) = condition(&st.conditions, "Progressing");
     assert_eq!(

@@ -125,17 +125,7 @@ fn the_bus_statefulset_services_and_pdb() {
     );
     assert!(pod.topology_spread_constraints.is_some());
     let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
-    let storage = &claim
-        .spec
-        .as_ref()
-        .unwrap()
-        .resources
-        .as_ref()
-        .unwrap()
-        .requests
-        .as_ref()
-        .unwrap()["storage"];
-    assert_eq!(storage.0, "20Gi");
+    assert_eq!(common::claim_storage(claim), "20Gi");
     assert_eq!(sts.owner_references()[0].kind, "EventBus");
 
     // A config change rolls the pods; the same spec keeps the same hash.

@@ -20,7 +20,7 @@ use super::{Context, Error, apply, rfc3339, write_status};
 use crate::agentset::COMPONENT;
 use crate::crd::{Agent, AgentCollectorStatus, AgentSet, AgentSpec, AgentStatus, EventBus};
 use crate::eventbus::Names;
-use crate::labels::{labels, owned_meta, selector};
+use crate::labels::{labels, owned_meta, selector, selector_query};
 
 /// An agent is Disconnected after this long without a heartbeat (three
 /// missed heartbeats at the agent's default 10 s interval).
@@ -212,13 +212,6 @@ pub struct SyncReport {
     pub agents: usize,
 }
 
-fn label_selector(m: &BTreeMap<String, String>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Brings `set`'s Agents in line with its pods and nodes, and (with a
 /// registry) their statuses with the bus. Without a registry (the bus
 /// cannot be reached) statuses are left as they are.
@@ -232,7 +225,7 @@ pub async fn sync_set(
     let name = set.name_any();
     let now = ctx.now();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let sel = label_selector(&selector(COMPONENT, &name));
+    let sel = selector_query(&selector(COMPONENT, &name));
     let pod_nodes: BTreeSet<String> = pods
         .list(&ListParams::default().labels(&sel))
         .await?
@@ -252,7 +245,7 @@ pub async fn sync_set(
     let wanted: BTreeSet<String> = pod_nodes.intersection(&existing_nodes).cloned().collect();
 
     let agents: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
-    let agent_sel = label_selector(&labels(COMPONENT, &name));
+    let agent_sel = selector_query(&labels(COMPONENT, &name));
     let have: BTreeMap<String, Agent> = agents
         .list(&ListParams::default().labels(&agent_sel))
         .await?

@@ -4,7 +4,7 @@
 //! CA signs it); this one waits for it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amoskys_agents::config::SnmpVersion;
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
-use super::{Context, Error, apply, condition, namespace, report_invalid, write_status};
+use super::{Context, Error, apply, condition, namespace, observed, report_invalid, write_status};
 use crate::agentset::{Names, config_map, daemonset, validate};
 use crate::crd::{AgentSet, AgentSetStatus, EventBus};
 use crate::eventbus::{InvalidSpec, invalid};
@@ -24,18 +24,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 const WAIT: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(set: Arc<AgentSet>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let r = reconcile_set(&set, &ctx).await;
-    ctx.metrics
-        .observe("agentset", started.elapsed(), r.is_ok());
-    if let Err(e) = &r {
-        tracing::warn!(agentset = %set.name_any(), error = %e, "reconcile failed");
-    }
-    r
-}
-
-pub fn error_policy(_set: Arc<AgentSet>, _e: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(15))
+    observed(&ctx, "agentset", &set.name_any(), reconcile_set(&set, &ctx)).await
 }
 
 /// The keys an SNMP target's Secret must hold.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amoskys_eventbus::auth::Role;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -16,15 +16,15 @@ use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::{
-    Context, Error, apply, condition, namespace, quantity_bytes, report_invalid, rfc3339, secret,
-    secret_content, secret_current, write_status,
+    Context, Error, apply, condition, namespace, observed, quantity_bytes, report_invalid, rfc3339,
+    secret, secret_content, secret_current, write_status,
 };
 use crate::crd::{AgentSet, CertificateStatus, EventBus, EventBusStatus, IssuerRef};
 use crate::eventbus::{
     COMPONENT, InvalidSpec, Names, config_map, endpoint, invalid, pdb, server_dns_names, services,
     statefulset, tls_lifetimes, validate,
 };
-use crate::labels::{MANAGER, owned_meta, selector};
+use crate::labels::{MANAGER, owned_meta, selector, selector_query};
 use crate::pki::{self, Change, LeafKind, LeafSpec, Phase, Policy};
 
 /// Common name of the operator's own (admin) certificate.
@@ -35,18 +35,7 @@ pub const ROTATE_HANDLED_ANNOTATION: &str = "amoskys.io/rotate-ca-handled";
 const RESYNC: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(bus: Arc<EventBus>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let r = reconcile_bus(&bus, &ctx).await;
-    ctx.metrics
-        .observe("eventbus", started.elapsed(), r.is_ok());
-    if let Err(e) = &r {
-        tracing::warn!(bus = %bus.name_any(), error = %e, "reconcile failed");
-    }
-    r
-}
-
-pub fn error_policy(_bus: Arc<EventBus>, _e: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(15))
+    observed(&ctx, "eventbus", &bus.name_any(), reconcile_bus(&bus, &ctx)).await
 }
 
 /// The AgentSets in `ns` whose busRef names `bus`.
@@ -108,11 +97,7 @@ async fn wal_claims(
     bus: &str,
 ) -> Result<Vec<PersistentVolumeClaim>, Error> {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    let sel = selector(COMPONENT, bus)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let sel = selector_query(&selector(COMPONENT, bus));
     Ok(api.list(&ListParams::default().labels(&sel)).await?.items)
 }
 
@@ -282,14 +267,7 @@ async fn issue_certificates(
         if secret_current(leaves_have.get(&spec.secret), &want) {
             continue;
         }
-        let meta = match sets
-            .iter()
-            .find(|s| crate::agentset::Names::of(&s.name_any()).tls_secret == spec.secret)
-        {
-            // An AgentSet's certificate goes when the AgentSet does.
-            Some(set) => owned_meta(set, crate::agentset::COMPONENT, &spec.secret),
-            None => owned_meta(bus, COMPONENT, &spec.secret),
-        };
+        let meta = leaf_meta(bus, sets, spec);
         apply(&ctx.client, &ns, &secret(meta, "kubernetes.io/tls", &want)).await?;
     }
     for change in &changes {
@@ -325,6 +303,23 @@ async fn issue_certificates(
         status,
         deadline: state.next_deadline(policy),
     })
+}
+
+/// Metadata of a leaf's Secret (or Certificate): an AgentSet's certificate
+/// is owned by the AgentSet, so it goes when the AgentSet does; the rest by
+/// the bus.
+fn leaf_meta(
+    bus: &EventBus,
+    sets: &[AgentSet],
+    spec: &LeafSpec,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    match sets
+        .iter()
+        .find(|s| crate::agentset::Names::of(&s.name_any()).tls_secret == spec.secret)
+    {
+        Some(set) => owned_meta(set, crate::agentset::COMPONENT, &spec.secret),
+        None => owned_meta(bus, COMPONENT, &spec.secret),
+    }
 }
 
 /// Logs and records as an event what a PKI step changed.
@@ -381,14 +376,7 @@ async fn cert_manager_certificates(
     let mut present = 0;
     let mut status = CertificateStatus::default();
     for spec in specs {
-        let owner_set = sets
-            .iter()
-            .find(|s| crate::agentset::Names::of(&s.name_any()).tls_secret == spec.secret);
-        let meta = match owner_set {
-            Some(set) => owned_meta(set, crate::agentset::COMPONENT, &spec.secret),
-            None => owned_meta(bus, COMPONENT, &spec.secret),
-        };
-        let cert = certificate(meta, spec, issuer, policy, &ar);
+        let cert = certificate(leaf_meta(bus, sets, spec), spec, issuer, policy, &ar);
         api.patch(
             &spec.secret,
             &PatchParams::apply(MANAGER).force(),

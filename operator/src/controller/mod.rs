@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -130,6 +131,28 @@ impl Context {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
     }
+}
+
+/// Runs one reconcile, recording its duration and outcome per controller.
+pub async fn observed(
+    ctx: &Context,
+    controller: &str,
+    name: &str,
+    reconcile: impl std::future::Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let r = reconcile.await;
+    ctx.metrics
+        .observe(controller, started.elapsed(), r.is_ok());
+    if let Err(e) = &r {
+        tracing::warn!(controller, name, error = %e, "reconcile failed");
+    }
+    r
+}
+
+/// After a failed reconcile (an API error), try again shortly.
+pub fn requeue_on_error<K>(_obj: Arc<K>, _e: &Error, _ctx: Arc<Context>) -> Action {
+    Action::requeue(Duration::from_secs(15))
 }
 
 pub fn namespace<K: Resource<DynamicType = ()>>(obj: &K) -> Result<String, Error> {

@@ -39,6 +39,14 @@ pub fn sample_set() -> AgentSet {
     in_ns(sample("config/agentset.yaml"))
 }
 
+/// The storage a claim (or claim template) requests.
+pub fn claim_storage(c: &k8s_openapi::api::core::v1::PersistentVolumeClaim) -> String {
+    let spec = c.spec.as_ref().unwrap();
+    spec.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"]
+        .0
+        .clone()
+}
+
 /// A clock the test sets.
 #[derive(Clone)]
 pub struct TestClock(Arc<Mutex<OffsetDateTime>>);
