@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The bus alone: ack latency at a fixed rate, peak RSS at full load, and the
-# time from start to ready with many events stored.
+# The bus alone: ack latency at a fixed rate (three runs, after the disk's own
+# fsync latency), peak RSS at full load, and the time from start to ready with
+# many events stored.
 #
 # Usage: e2e/bench-bus.sh [STORED_EVENTS]   (default 10000000)
 set -euo pipefail
@@ -27,7 +28,12 @@ ready_ms() { # ms from now until /readyz answers 200
 bench() { "$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" "$@" | tail -1; }
 
 start_bus; ready_ms >/dev/null
-echo "[latency @10k/s] $(bench --events 300000 --rate 10000 --agents 4 --batch 10 --window 64 --agent-prefix lat)"
+# The disk's own fsync tail is the floor under the ack p99, and it varies
+# from minute to minute on shared machines: print it next to the runs.
+echo "[disk]           $(python3 e2e/disk-fsync.py "$work")"
+for run in 1 2 3; do
+  echo "[latency @10k/s] $(bench --events 300000 --rate 10000 --agents 4 --batch 10 --window 64 --agent-prefix "lat$run")"
+done
 echo "[full load]      $(bench --events "$STORED" --agents 4 --agent-prefix load) bus_rss_peak_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$pid/status)"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 start_bus

@@ -285,7 +285,8 @@ struct BenchArgs {
     event_bytes: usize,
     #[arg(long, default_value_t = 4)]
     agents: usize,
-    /// Total events per second (default: as fast as acks allow).
+    /// Total events per second, sent by each agent with exponential gaps as
+    /// independent agents do (default: as fast as acks allow).
     #[arg(long)]
     rate: Option<u64>,
     #[arg(long, default_value_t = 512)]

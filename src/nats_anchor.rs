@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::bench::{BenchReport, synthetic_event};
+use amoskys_eventbus::bench::{BenchReport, Pacer, synthetic_event};
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
@@ -75,11 +75,10 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
             let agent = format!("nats-{i}");
             let mut pending = FuturesOrdered::new();
             let mut lat = Vec::with_capacity(per as usize);
-            let t0 = Instant::now();
+            let mut pacer = rate.map(Pacer::new);
             for seq in 1..=per {
-                if let Some(r) = rate {
-                    tokio::time::sleep_until((t0 + Duration::from_secs_f64(seq as f64 / r)).into())
-                        .await;
+                if let Some(p) = &mut pacer {
+                    p.wait(1).await;
                 }
                 let payload = synthetic_event(&agent, seq, bytes).encode_to_vec();
                 let sent = Instant::now();

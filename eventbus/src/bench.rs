@@ -92,6 +92,38 @@ pub fn synthetic_event(agent: &str, seq: u64, bytes: usize) -> Event {
     e
 }
 
+/// Paces one agent at a mean rate with exponential gaps between sends
+/// (Poisson arrivals), as independent agents produce. A fixed schedule would
+/// start every agent's sends in the same instant, and the latency measured
+/// would be that of their collisions.
+pub struct Pacer {
+    next: Instant,
+    per_second: f64,
+}
+
+impl Pacer {
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            next: Instant::now(),
+            per_second: per_second.max(f64::MIN_POSITIVE),
+        }
+    }
+
+    /// Waits until the next send is due; `events` is its size, which sets
+    /// the mean gap to the one after it.
+    pub async fn wait(&mut self, events: u64) {
+        tokio::time::sleep_until(self.next.into()).await;
+        let mean = events as f64 / self.per_second;
+        self.next += Duration::from_secs_f64(exponential_gap(mean, rand::random()));
+    }
+}
+
+/// An exponentially distributed gap with the given mean, from a uniform
+/// sample `u` in [0, 1).
+pub fn exponential_gap(mean: f64, u: f64) -> f64 {
+    -(1.0 - u.clamp(0.0, 1.0 - f64::EPSILON)).ln() * mean
+}
+
 /// The `p` quantile (0..=1) of sorted values; 0 when empty.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -180,13 +212,12 @@ async fn run_agent(
         let bytes = opts.event_bytes;
         let agent = agent.to_string();
         tokio::spawn(async move {
-            let start = Instant::now();
+            let mut pacer = rate.map(Pacer::new);
             let mut seq = 0u64;
             while seq < n {
                 let k = batch.min(n - seq);
-                if let Some(r) = rate {
-                    let due = start + Duration::from_secs_f64(seq as f64 / r);
-                    tokio::time::sleep_until(due.into()).await;
+                if let Some(p) = &mut pacer {
+                    p.wait(k).await;
                 }
                 let Ok(permit) = window.acquire().await else {
                     return;
@@ -243,4 +274,26 @@ async fn run_agent(
     }
     producer.abort();
     Ok(lat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_gaps_have_the_mean_and_spread_of_poisson_arrivals() {
+        assert_eq!(exponential_gap(4.0, 0.0), 0.0);
+        let n = 200_000;
+        let mut gaps: Vec<f64> = (0..n)
+            .map(|_| exponential_gap(4.0, rand::random()))
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / n as f64;
+        assert!((mean - 4.0).abs() < 0.1, "mean gap {mean}");
+        gaps.sort_by(|a, b| a.total_cmp(b));
+        // Exponential: median = mean * ln 2, p99 = mean * ln 100.
+        let median = percentile(&gaps, 0.5);
+        let p99 = percentile(&gaps, 0.99);
+        assert!((median - 4.0 * 2f64.ln()).abs() < 0.1, "median {median}");
+        assert!((p99 - 4.0 * 100f64.ln()).abs() < 0.5, "p99 {p99}");
+    }
 }
