@@ -10,7 +10,9 @@ use std::time::Duration;
 use amoskys_eventbus::client::Pems;
 use amoskys_eventbus::config::{BusConfig, SyncPolicy};
 use amoskys_eventbus::pki::{DevPkiOptions, init_dev_pki};
-use amoskys_operator::controller::agents::{History, Registry, fetch_registry, sync_set};
+use amoskys_operator::controller::agents::{
+    History, Registry, fetch_registry, node_names, sync_set,
+};
 use amoskys_operator::crd::{Agent, AgentSet};
 use common::{NS, World, in_ns, sample_bus, sample_set, world_at};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -79,7 +81,8 @@ fn agent(w: &World, name: &str) -> Option<Agent> {
 
 async fn sync(w: &World, reg: Option<&Registry>, history: &History) {
     let set: AgentSet = w.api.get(Some(NS), "nodes").unwrap();
-    sync_set(&w.ctx, &set, reg, history).await.unwrap();
+    let nodes = node_names(&w.ctx).await.unwrap();
+    sync_set(&w.ctx, &set, &nodes, reg, history).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

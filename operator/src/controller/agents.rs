@@ -212,12 +212,26 @@ pub struct SyncReport {
     pub agents: usize,
 }
 
-/// Brings `set`'s Agents in line with its pods and nodes, and (with a
-/// registry) their statuses with the bus. Without a registry (the bus
-/// cannot be reached) statuses are left as they are.
+/// The names of the cluster's Nodes. Only their metadata is read: at a
+/// thousand nodes full objects would be megabytes per pass.
+pub async fn node_names(ctx: &Context) -> Result<BTreeSet<String>, Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    Ok(nodes
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|n| n.name_any())
+        .collect())
+}
+
+/// Brings `set`'s Agents in line with its pods and the cluster's `nodes`,
+/// and (with a registry) their statuses with the bus. Without a registry
+/// (the bus cannot be reached) statuses are left as they are.
 pub async fn sync_set(
     ctx: &Context,
     set: &AgentSet,
+    nodes: &BTreeSet<String>,
     registry: Option<&Registry>,
     history: &History,
 ) -> Result<SyncReport, Error> {
@@ -234,15 +248,7 @@ pub async fn sync_set(
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| p.spec.and_then(|s| s.node_name))
         .collect();
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let existing_nodes: BTreeSet<String> = nodes
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .map(|n| n.name_any())
-        .collect();
-    let wanted: BTreeSet<String> = pod_nodes.intersection(&existing_nodes).cloned().collect();
+    let wanted: BTreeSet<String> = pod_nodes.intersection(nodes).cloned().collect();
 
     let agents: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
     let agent_sel = selector_query(&labels(COMPONENT, &name));
@@ -322,6 +328,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
     let buses: Api<EventBus> = Api::all(ctx.client.clone());
     let sets: Api<AgentSet> = Api::all(ctx.client.clone());
     let all_sets = sets.list(&ListParams::default()).await?.items;
+    let nodes = node_names(ctx).await?;
     let mut total = 0;
     let mut ok = true;
     for bus in buses.list(&ListParams::default()).await?.items {
@@ -343,7 +350,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
         for set in all_sets.iter().filter(|s| {
             s.namespace().as_deref() == Some(ns.as_str()) && s.spec.bus_ref.name == bus.name_any()
         }) {
-            match sync_set(ctx, set, registry.as_ref(), history).await {
+            match sync_set(ctx, set, &nodes, registry.as_ref(), history).await {
                 Ok(r) => total += r.agents,
                 Err(e) => {
                     ok = false;

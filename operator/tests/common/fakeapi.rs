@@ -166,6 +166,7 @@ impl Store {
         path: &str,
         query: &str,
         ctype: &str,
+        accept: &str,
         body: &[u8],
     ) -> Response<Body> {
         self.requests += 1;
@@ -220,6 +221,23 @@ impl Store {
                     .map(|(_, v)| v.clone())
                     .filter(|v| labels_match(v, &selector))
                     .collect();
+                // A metadata-only list, as the API server answers it.
+                if accept.contains("as=PartialObjectMetadataList") {
+                    let items: Vec<Value> = items
+                        .iter()
+                        .map(|v| {
+                            json!({
+                                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                "metadata": v["metadata"],
+                            })
+                        })
+                        .collect();
+                    return ok(&json!({
+                        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                        "metadata": { "resourceVersion": self.version.to_string() },
+                        "items": items,
+                    }));
+                }
                 ok(&json!({
                     "apiVersion": "v1", "kind": "List",
                     "metadata": { "resourceVersion": self.version.to_string() },
@@ -351,12 +369,15 @@ impl FakeApi {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                let ctype = parts
-                    .headers
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
+                let header = |name: &str| {
+                    parts
+                        .headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let (ctype, accept) = (header("content-type"), header("accept"));
                 // A watch gets an empty stream after a pause, as if the
                 // server had closed it with nothing new; watchers re-list.
                 if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
@@ -376,6 +397,7 @@ impl FakeApi {
                     parts.uri.path(),
                     parts.uri.query().unwrap_or(""),
                     &ctype,
+                    &accept,
                     &bytes,
                 );
                 send.send_response(resp);
