@@ -221,9 +221,11 @@ impl Store {
                     .map(|(_, v)| v.clone())
                     .filter(|v| labels_match(v, &selector))
                     .collect();
-                // A metadata-only list, as the API server answers it.
-                if accept.contains("as=PartialObjectMetadataList") {
-                    let items: Vec<Value> = items
+                // A metadata-only list carries each item's metadata alone,
+                // as the API server answers it.
+                let (api_version, kind, items) = if accept.contains("as=PartialObjectMetadataList")
+                {
+                    let items = items
                         .iter()
                         .map(|v| {
                             json!({
@@ -232,14 +234,12 @@ impl Store {
                             })
                         })
                         .collect();
-                    return ok(&json!({
-                        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
-                        "metadata": { "resourceVersion": self.version.to_string() },
-                        "items": items,
-                    }));
-                }
+                    ("meta.k8s.io/v1", "PartialObjectMetadataList", items)
+                } else {
+                    ("v1", "List", items)
+                };
                 ok(&json!({
-                    "apiVersion": "v1", "kind": "List",
+                    "apiVersion": api_version, "kind": kind,
                     "metadata": { "resourceVersion": self.version.to_string() },
                     "items": items,
                 }))
