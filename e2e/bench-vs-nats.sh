@@ -4,7 +4,11 @@
 #   durable: fsync before ack  (bus --sync batch  vs JetStream sync_interval: always)
 #   nofsync: no fsync before ack (bus --sync never vs JetStream's default sync_interval)
 # Both sides use TLS with client certificates, file storage, acked async publishes,
-# the same event size, connection count and in-flight window.
+# the same event size, connection count and in-flight window. JetStream gets one
+# event per message in the throughput runs.
+# Then ack latency at 10,000 events/s, durable, in batches of 10 events (one
+# message per batch for JetStream, so both make one durable write per batch),
+# after the disk's own latency.
 #
 # Usage: e2e/bench-vs-nats.sh [EVENTS] [EVENT_BYTES] [AGENTS]
 set -euo pipefail
@@ -28,33 +32,35 @@ P="$work/pki"
 
 rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
-run_bus() { # $1 = sync policy
+run_bus() { # $1 = sync policy, then bench arguments
+  local sync=$1; shift
   rm -rf "$work/bus"
   "$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" \
-    --tls-dir "$P/bus" --sync "$1" 2>"$work/bus.log" &
+    --tls-dir "$P/bus" --sync "$sync" 2>"$work/bus.log" &
   local pid=$!; pids+=("$pid")
   wait_port 19464
   local line
-  line=$("$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" --events "$EVENTS" \
-    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1) || line="bench: failed: see above"
+  line=$("$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" --event-bytes "$BYTES" \
+    --agents "$AGENTS" "$@" | tail -1) || line="bench: failed: see above"
   echo "$line bus_rss_peak_mb=$(rss_mb $pid)"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }
 
-run_nats() { # $1 = sync_interval line or empty
+run_nats() { # $1 = sync_interval line or empty, then bench arguments
+  local sync=$1; shift
   rm -rf "$work/js"; mkdir -p "$work/js"
   cat >"$work/nats.conf" <<CONF
 listen: 127.0.0.1:14222
 max_payload: 8MB
-jetstream { store_dir: "$work/js" $1 }
+jetstream { store_dir: "$work/js" $sync }
 tls { cert_file: "$P/bus/tls.crt", key_file: "$P/bus/tls.key", ca_file: "$P/bus/ca.crt", verify: true }
 CONF
   nats-server -c "$work/nats.conf" 2>"$work/nats.log" &
   local pid=$!; pids+=("$pid")
   wait_port 14222
   local line
-  line=$("$BIN" bench --nats tls://127.0.0.1:14222 --tls-dir "$P/agent" --events "$EVENTS" \
-    --event-bytes "$BYTES" --agents "$AGENTS" --batch "$BATCH" --window "$WINDOW" | tail -1) || line="bench(nats): failed: see above"
+  line=$("$BIN" bench --nats tls://127.0.0.1:14222 --tls-dir "$P/agent" --event-bytes "$BYTES" \
+    --agents "$AGENTS" "$@" | tail -1) || line="bench(nats): failed: see above"
   echo "$line nats_rss_peak_mb=$(rss_mb $pid)"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -65,9 +71,13 @@ echo "workload: events=$EVENTS event_bytes=$BYTES agents=$AGENTS in_flight_per_a
 echo "nats-server $(nats-server --version 2>&1 | head -1)"
 for mode in durable nofsync; do
   if [ "$mode" = durable ]; then bus_sync=batch; js_sync=", sync_interval: always"; else bus_sync=never; js_sync=""; fi
-  b=$(run_bus "$bus_sync")
-  n=$(run_nats "$js_sync")
+  b=$(run_bus "$bus_sync" --events "$EVENTS" --batch "$BATCH" --window "$WINDOW")
+  n=$(run_nats "$js_sync" --events "$EVENTS" --batch 1 --window $((BATCH * WINDOW)))
   echo "[$mode] $b"
   echo "[$mode] $n"
   awk -v a="$(eps "$b")" -v c="$(eps "$n")" -v m="$mode" 'BEGIN { printf "[%s] ratio bus/jetstream = %.2fx\n", m, (c > 0 ? a / c : 0) }'
 done
+echo "[disk] $(python3 e2e/disk-fsync.py "$work")"
+latency=(--events 300000 --rate 10000 --batch 10 --window 64)
+echo "[latency @10k/s durable] $(run_bus batch "${latency[@]}")"
+echo "[latency @10k/s durable] $(run_nats ", sync_interval: always" "${latency[@]}")"

@@ -289,8 +289,10 @@ struct BenchArgs {
     /// independent agents do (default: as fast as acks allow).
     #[arg(long)]
     rate: Option<u64>,
+    /// Events per batch (with --nats: per message, one Batch each).
     #[arg(long, default_value_t = 512)]
     batch: usize,
+    /// Unacked batches (with --nats: messages) allowed per agent.
     #[arg(long, default_value_t = 16)]
     window: usize,
     #[arg(long, default_value = "bench")]
@@ -615,7 +617,8 @@ async fn nats_bench(a: &BenchArgs, url: &str) -> Result<()> {
         event_bytes: a.event_bytes,
         agents: a.agents,
         rate: a.rate,
-        in_flight: a.batch * a.window,
+        batch: a.batch,
+        in_flight: a.window,
     })
     .await?;
     for e in &report.errors {

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use amoskys_eventbus::bench::{BenchReport, Pacer, synthetic_event};
+use amoskys_proto::Batch;
 use anyhow::{Context, Result};
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use prost::Message;
+use tokio::sync::mpsc;
 
 pub struct NatsBench<'a> {
     pub url: &'a str,
@@ -21,7 +22,10 @@ pub struct NatsBench<'a> {
     pub event_bytes: usize,
     pub agents: usize,
     pub rate: Option<u64>,
-    /// Unacked publishes allowed per agent (batch x window of the bus bench).
+    /// Events per message: each message is one `Batch`, as the bus bench
+    /// sends it, so both stores make one durable write per batch.
+    pub batch: usize,
+    /// Unacked messages allowed per agent.
     pub in_flight: usize,
 }
 
@@ -58,10 +62,10 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
         // One connection per agent, as each bus agent has its own.
         let in_flight = b.in_flight.max(1);
         // The context bounds unacked publishes itself (5,000 by default) and
-        // blocks publish() beyond that; while this loop holds the ack futures
-        // that would deadlock, so its bound must be above the bench window.
+        // blocks publish() beyond that; the collector below keeps at most
+        // in_flight acks, so the context's bound only has to be above that.
         let js = jetstream::context::ContextBuilder::new()
-            .max_ack_inflight(in_flight + 1)
+            .max_ack_inflight(in_flight + 2)
             // Under fsync a deep window's acks take seconds; the default 5 s
             // would count them as failures the bus side never has.
             .timeout(Duration::from_secs(120))
@@ -69,35 +73,47 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
             .build(connect().await?);
         let acked = acked.clone();
         let bytes = b.event_bytes;
+        let batch = b.batch.max(1) as u64;
         let rate = b.rate.map(|r| (r as f64 / b.agents.max(1) as f64).max(1.0));
+        // Acks are awaited on their own task, as the bus bench reads acks
+        // beside its producer: awaiting them in the publish loop would time an
+        // ack when the loop gets round to it (a paced loop only does so when
+        // the window is full), not when it arrived.
+        let (pending, mut acks) =
+            mpsc::channel::<(PublishAckFuture, Instant, u64)>(in_flight.saturating_sub(1).max(1));
+        let collector = tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per as usize);
+            while let Some((ack, sent, events)) = acks.recv().await {
+                ack.await?;
+                lat.push(sent.elapsed().as_secs_f64() * 1e3);
+                acked.fetch_add(events, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
         tasks.push(tokio::spawn(async move {
             let subject = format!("amoskys.bench.{i}");
             let agent = format!("nats-{i}");
-            let mut pending = FuturesOrdered::new();
-            let mut lat = Vec::with_capacity(per as usize);
             let mut pacer = rate.map(Pacer::new);
-            for seq in 1..=per {
+            let mut seq = 0u64;
+            while seq < per {
+                let k = batch.min(per - seq);
                 if let Some(p) = &mut pacer {
-                    p.wait(1).await;
+                    p.wait(k).await;
                 }
-                let payload = synthetic_event(&agent, seq, bytes).encode_to_vec();
+                let events = (1..=k)
+                    .map(|j| synthetic_event(&agent, seq + j, bytes))
+                    .collect();
+                seq += k;
+                let payload = Batch { events }.encode_to_vec();
                 let sent = Instant::now();
                 let ack = js.publish(subject.clone(), payload.into()).await?;
-                pending.push_back(async move { (ack.await, sent) });
-                while pending.len() >= in_flight {
-                    if let Some((r, sent)) = pending.next().await {
-                        r?;
-                        lat.push(sent.elapsed().as_secs_f64() * 1e3);
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
+                if pending.send((ack, sent, k)).await.is_err() {
+                    // The collector stopped on a failed ack; its error is the one to report.
+                    break;
                 }
             }
-            while let Some((r, sent)) = pending.next().await {
-                r?;
-                lat.push(sent.elapsed().as_secs_f64() * 1e3);
-                acked.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<_, anyhow::Error>(lat)
+            drop(pending);
+            collector.await?
         }));
     }
     let mut lat = Vec::new();
