@@ -75,7 +75,7 @@ pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientErro
 }
 
 /// A client's TLS material held in memory (the operator reads it from a Secret).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pems {
     pub ca: Vec<u8>,
     pub cert: Vec<u8>,

@@ -11,7 +11,7 @@ use amoskys_eventbus::client::Pems;
 use amoskys_eventbus::config::{BusConfig, SyncPolicy};
 use amoskys_eventbus::pki::{DevPkiOptions, init_dev_pki};
 use amoskys_operator::controller::agents::{
-    History, Registry, fetch_registry, node_names, sync_set,
+    History, Registry, RegistryReader, ReplicaUrl, fetch_registry, node_names, sync_set,
 };
 use amoskys_operator::crd::{Agent, AgentSet};
 use common::{NS, World, in_ns, sample_bus, sample_set, world_at};
@@ -50,13 +50,14 @@ fn pems(dir: &std::path::Path) -> Pems {
     }
 }
 
+fn replica(bus: SocketAddr) -> ReplicaUrl {
+    (format!("https://{bus}"), Some("localhost".into()))
+}
+
 async fn registry(bus: SocketAddr, admin: &Pems) -> Registry {
-    fetch_registry(
-        &[(format!("https://{bus}"), Some("localhost".into()))],
-        admin,
-    )
-    .await
-    .unwrap()
+    let r = fetch_registry(&[replica(bus)], admin).await;
+    assert!(r.complete(), "{:?}", r.unreachable);
+    r
 }
 
 /// Reads the registry until `ok` holds for the agent's record.
@@ -173,6 +174,67 @@ async fn agent_resources_follow_the_bus_registry() {
     let b = agent(&w, "nodes-node-b").expect("an Agent for node-b");
     assert_eq!(b.status.unwrap().phase, "Pending");
     assert!(agent(&w, "nodes-node-c").is_none(), "no pod on node-c");
+
+    // Connections are kept from one read to the next, and dialled again
+    // when the credentials change or a read fails.
+    let reader = RegistryReader::default();
+    for _ in 0..3 {
+        assert!(reader.read(&[replica(addr)], &admin).await.complete());
+    }
+    assert_eq!(reader.connects(), 1);
+    let denied = reader
+        .read(&[replica(addr)], &pems(&pki.join("reader")))
+        .await;
+    assert_eq!(reader.connects(), 2);
+    assert!(
+        denied.unreachable[0]
+            .1
+            .to_lowercase()
+            .contains("permission"),
+        "{:?}",
+        denied.unreachable
+    );
+
+    // One replica of two does not answer: the other's records are read,
+    // and rotation is given no loaded serials to go on.
+    let dead = replica(free_addr());
+    let partial = reader.read(&[replica(addr), dead.clone()], &admin).await;
+    assert_eq!(
+        reader.connects(),
+        3,
+        "the failed connection is dialled again"
+    );
+    assert!(partial.agents.contains_key("nodes/node-a"));
+    assert_eq!(partial.unreachable.len(), 1);
+    assert_eq!(partial.unreachable[0].0, dead.0);
+    assert!(partial.loaded_for_rotation().is_none());
+    assert_eq!(
+        reg.loaded_for_rotation(),
+        Some(reg.loaded_serials.as_slice())
+    );
+    reader.retain(&[replica(addr)].into());
+    reader.read(&[replica(addr)], &admin).await;
+    assert_eq!(reader.connects(), 3);
+    reader.retain(&Default::default());
+    reader.read(&[replica(addr)], &admin).await;
+    assert_eq!(
+        reader.connects(),
+        4,
+        "a dropped replica's connection is closed"
+    );
+
+    // An agent whose record a partial registry lacks keeps its status; a
+    // complete registry without it means the bus has never heard of it.
+    let lacking = Registry {
+        unreachable: vec![(dead.0.clone(), "refused".into())],
+        ..Default::default()
+    };
+    sync(&w, Some(&lacking), &history).await;
+    let st = agent(&w, "nodes-node-a").unwrap().status.unwrap();
+    assert_eq!(st.phase, "Running");
+    sync(&w, Some(&Registry::default()), &history).await;
+    let st = agent(&w, "nodes-node-a").unwrap().status.unwrap();
+    assert_eq!(st.phase, "Pending");
 
     // Heartbeats stop arriving (the clock moves past the missed-heartbeat
     // window while the registry still says connected).

@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::{BusClient, Pems, connect_channel_pem};
+use amoskys_eventbus::client::{BusClient, ClientError, Pems, connect_channel_pem};
 use amoskys_eventbus::phase::{GROWING_SAMPLES, SpoolSample, phase};
 use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
 use time::OffsetDateTime;
 
 use super::{Context, Error, apply, rfc3339, write_status};
@@ -34,6 +35,9 @@ const CONCURRENCY: usize = 16;
 pub struct Registry {
     pub agents: HashMap<String, AgentRecord>,
     pub loaded_serials: Vec<String>,
+    /// Replicas that did not answer, with why; the records they hold are
+    /// missing from `agents`.
+    pub unreachable: Vec<(String, String)>,
 }
 
 impl Registry {
@@ -55,36 +59,131 @@ impl Registry {
             }
         }
     }
+
+    /// Whether every replica answered: only then does a missing record mean
+    /// the bus has never heard from an agent.
+    pub fn complete(&self) -> bool {
+        self.unreachable.is_empty()
+    }
+
+    /// The loaded serials CA rotation may wait on. A replica that did not
+    /// answer may still hold a certificate the rotation is about to stop
+    /// trusting, so a partial read gives none.
+    pub fn loaded_for_rotation(&self) -> Option<&[String]> {
+        self.complete().then_some(self.loaded_serials.as_slice())
+    }
 }
 
-/// Reads the registry and loaded server certificate of every bus replica
-/// at `urls`, as the admin client `pems`.
-pub async fn fetch_registry(
-    urls: &[(String, Option<String>)],
-    pems: &Pems,
-) -> Result<Registry, amoskys_eventbus::client::ClientError> {
-    let mut reg = Registry::default();
-    for (url, server_name) in urls {
-        let ch = connect_channel_pem(url, server_name.as_deref(), pems).await?;
-        let mut c = BusClient::from_channel(ch, 64 * 1024 * 1024);
-        let stats = c.admin.stats(StatsRequest {}).await?.into_inner();
-        if !stats.server_cert_serial.is_empty() {
-            reg.loaded_serials.push(stats.server_cert_serial);
+/// A replica's address: URL and the name to verify its certificate against.
+pub type ReplicaUrl = (String, Option<String>);
+
+/// Longest one replica's registry read may take; a replica that hangs must
+/// not stall the sync of every other bus.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads bus registries over admin connections kept from one pass to the
+/// next (otherwise every pass costs a TLS handshake per replica). A
+/// connection is dialled again when the admin credentials change or a read
+/// through it fails.
+#[derive(Default)]
+pub struct RegistryReader {
+    clients: Mutex<HashMap<ReplicaUrl, (Pems, BusClient)>>,
+    connects: Counter,
+}
+
+impl RegistryReader {
+    /// `connects` counts the connections dialled.
+    pub fn new(connects: Counter) -> Self {
+        Self {
+            clients: Mutex::default(),
+            connects,
         }
+    }
+
+    pub fn connects(&self) -> u64 {
+        self.connects.get()
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<ReplicaUrl, (Pems, BusClient)>> {
+        // The map holds no invariant a panicking holder could break.
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn client(&self, replica: &ReplicaUrl, pems: &Pems) -> Result<BusClient, ClientError> {
+        if let Some((have, c)) = self.clients().get(replica)
+            && have == pems
+        {
+            return Ok(c.clone());
+        }
+        let ch = connect_channel_pem(&replica.0, replica.1.as_deref(), pems).await?;
+        self.connects.inc();
+        let c = BusClient::from_channel(ch, 64 * 1024 * 1024);
+        self.clients()
+            .insert(replica.clone(), (pems.clone(), c.clone()));
+        Ok(c)
+    }
+
+    /// One replica's loaded server certificate serial and agent records.
+    async fn read_one(
+        &self,
+        replica: &ReplicaUrl,
+        pems: &Pems,
+    ) -> Result<(String, Vec<AgentRecord>), ClientError> {
+        let mut c = self.client(replica, pems).await?;
+        let stats = c.admin.stats(StatsRequest {}).await?.into_inner();
         let list = c
             .admin
             .list_agents(ListAgentsRequest {})
             .await?
             .into_inner();
-        reg.add(list.agents);
+        Ok((stats.server_cert_serial, list.agents))
     }
-    reg.loaded_serials.sort();
-    reg.loaded_serials.dedup();
-    Ok(reg)
+
+    /// Reads every replica at `urls` at once, as the admin client `pems`.
+    /// Replicas that fail are listed in `unreachable`, not fatal.
+    pub async fn read(&self, urls: &[ReplicaUrl], pems: &Pems) -> Registry {
+        let reads = urls.iter().map(|replica| async move {
+            match tokio::time::timeout(READ_TIMEOUT, self.read_one(replica, pems)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", READ_TIMEOUT.as_secs())),
+            }
+        });
+        let results = futures::future::join_all(reads).await;
+        let mut reg = Registry::default();
+        for (replica, result) in urls.iter().zip(results) {
+            match result {
+                Ok((serial, agents)) => {
+                    if !serial.is_empty() {
+                        reg.loaded_serials.push(serial);
+                    }
+                    reg.add(agents);
+                }
+                Err(why) => {
+                    self.clients().remove(replica);
+                    reg.unreachable.push((replica.0.clone(), why));
+                }
+            }
+        }
+        reg.loaded_serials.sort();
+        reg.loaded_serials.dedup();
+        reg
+    }
+
+    /// Closes connections to replicas not in `keep` (buses deleted or
+    /// scaled down).
+    pub fn retain(&self, keep: &BTreeSet<ReplicaUrl>) {
+        self.clients().retain(|k, _| keep.contains(k));
+    }
+}
+
+/// Reads the registry and loaded server certificate of every bus replica
+/// at `urls`, as the admin client `pems`, over new connections.
+pub async fn fetch_registry(urls: &[ReplicaUrl], pems: &Pems) -> Registry {
+    RegistryReader::default().read(urls, pems).await
 }
 
 /// Where the operator reaches each replica of `bus` in the cluster.
-pub fn replica_urls(bus: &EventBus) -> Vec<(String, Option<String>)> {
+pub fn replica_urls(bus: &EventBus) -> Vec<ReplicaUrl> {
     let n = Names::of(&bus.name_any());
     let ns = bus.namespace().unwrap_or_else(|| "default".into());
     (0..bus.spec.replicas)
@@ -227,7 +326,8 @@ pub async fn node_names(ctx: &Context) -> Result<BTreeSet<String>, Error> {
 
 /// Brings `set`'s Agents in line with its pods and the cluster's `nodes`,
 /// and (with a registry) their statuses with the bus. Without a registry
-/// (the bus cannot be reached) statuses are left as they are.
+/// (the bus cannot be reached) statuses are left as they are, and so are
+/// those of agents whose records a partial registry lacks.
 pub async fn sync_set(
     ctx: &Context,
     set: &AgentSet,
@@ -299,7 +399,8 @@ pub async fn sync_set(
                 }
             };
             let mut wrote = false;
-            if let Some(reg) = registry {
+            // A replica that did not answer may hold this agent's record.
+            if let Some(reg) = registry.filter(|r| r.complete() || r.agents.contains_key(&id)) {
                 let rec = reg.agents.get(&id);
                 let samples = rec.map(|r| history.record(&id, r)).unwrap_or_default();
                 let status = agent_status(rec, now, &samples);
@@ -336,21 +437,27 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
     };
     let mut total = 0;
     let mut ok = true;
+    let mut replicas = BTreeSet::new();
     for bus in buses.list(&ListParams::default()).await?.items {
         let ns = super::namespace(&bus)?;
+        let urls = replica_urls(&bus);
+        replicas.extend(urls.iter().cloned());
         let registry = match admin_pems(ctx, &bus).await? {
             None => None,
-            Some(pems) => match fetch_registry(&replica_urls(&bus), &pems).await {
-                Ok(r) => Some(r),
-                Err(e) => {
+            Some(pems) => {
+                let r = ctx.registry_reader.read(&urls, &pems).await;
+                for (replica, error) in &r.unreachable {
                     ctx.metrics.registry_errors.inc();
-                    tracing::warn!(bus = %bus.name_any(), error = %e, "reading the agent registry failed");
-                    None
+                    tracing::warn!(bus = %bus.name_any(), %replica, %error, "reading the agent registry failed");
                 }
-            },
+                // With no replica answering there is nothing to go on.
+                (urls.is_empty() || r.unreachable.len() < urls.len()).then_some(r)
+            }
         };
-        if let (Some(r), Ok(mut loaded)) = (&registry, ctx.loaded.lock()) {
-            loaded.insert(format!("{ns}/{}", bus.name_any()), r.loaded_serials.clone());
+        if let Some(serials) = registry.as_ref().and_then(Registry::loaded_for_rotation)
+            && let Ok(mut loaded) = ctx.loaded.lock()
+        {
+            loaded.insert(format!("{ns}/{}", bus.name_any()), serials.to_vec());
         }
         for set in all_sets.iter().filter(|s| {
             s.namespace().as_deref() == Some(ns.as_str()) && s.spec.bus_ref.name == bus.name_any()
@@ -364,6 +471,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
             }
         }
     }
+    ctx.registry_reader.retain(&replicas);
     ctx.metrics.agents.set(total as i64);
     ctx.metrics.observe("agents", started.elapsed(), ok);
     Ok(total)

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub certificate_not_after: Family<CertLabel, Gauge>,
     pub agents: Gauge,
     pub registry_errors: Counter,
+    pub registry_connects: Counter,
     pub leader: Gauge,
     registry: Mutex<Registry>,
 }
@@ -83,6 +84,7 @@ impl Default for Metrics {
             certificate_not_after: Family::default(),
             agents: Gauge::default(),
             registry_errors: Counter::default(),
+            registry_connects: Counter::default(),
             leader: Gauge::default(),
             registry: Mutex::new(Registry::with_prefix("amoskys_operator")),
         };
@@ -114,8 +116,13 @@ impl Default for Metrics {
             );
             r.register(
                 "registry_errors",
-                "Failed reads of a bus's agent registry",
+                "Failed reads of a bus replica's agent registry",
                 m.registry_errors.clone(),
+            );
+            r.register(
+                "registry_connects",
+                "Admin connections dialled to bus replicas (kept between registry reads)",
+                m.registry_connects.clone(),
             );
             r.register(
                 "leader",

@@ -75,6 +75,8 @@ pub struct Context {
     /// Serials of the certificates each bus and its agents have loaded, by
     /// `namespace/bus`, as last read from the bus (see [`agents`]).
     pub loaded: Mutex<HashMap<String, Vec<String>>>,
+    /// The agent sync's connections to bus replicas.
+    pub registry_reader: agents::RegistryReader,
 }
 
 impl Context {
@@ -86,16 +88,19 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
+        let metrics = Arc::new(metrics::Metrics::default());
+        let registry_reader = agents::RegistryReader::new(metrics.registry_connects.clone());
         Self {
             client,
             image,
             clock,
             recorder,
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics,
             // kubelet's Secret sync (up to a minute) plus the bus's and
             // agents' file reload interval.
             propagation: Duration::from_secs(120),
             loaded: Mutex::new(HashMap::new()),
+            registry_reader,
         }
     }
 
