@@ -1,14 +1,16 @@
 //! End-to-end on loopback: real `amoskys bus` and `amoskys agent`
-//! processes; the agent killed with SIGKILL, started with bad configuration.
+//! processes; the agent killed with SIGKILL, started with bad configuration;
+//! and `amoskys up`, the local all-in-one the README starts with.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::BusClient;
+use amoskys_eventbus::client::{BusClient, ClientOptions};
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, Filter, QueryRequest};
 use common::{Agent, BIN, Bus, free_port, opts, pki, start_bus};
@@ -144,4 +146,173 @@ fn bad_agent_config_exits_nonzero_naming_the_key() {
         e.contains("collectors.snmp.targets[0].authPasswordFile"),
         "{e}"
     );
+}
+
+/// A running `amoskys up` and what it printed until it said it was up.
+struct Up {
+    child: Agent,
+    lines: Vec<String>,
+}
+
+impl Up {
+    fn start(data: &Path, grpc: u16, http: u16) -> Up {
+        let mut child = Command::new(BIN)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .env("AMOSKYS_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let child = Agent(child);
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("`amoskys up` never said it was up ({e}): {lines:?}"));
+            let done = line.starts_with("Ctrl-C stops everything");
+            lines.push(line);
+            if done {
+                return Up { child, lines };
+            }
+        }
+    }
+
+    /// The value printed after `label` (its first word).
+    fn printed(&self, label: &str) -> String {
+        self.lines
+            .iter()
+            .find_map(|l| l.trim_start().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {label:?} line in {:?}", self.lines))
+            .to_string()
+    }
+
+    /// Ctrl-C, and the exit status within 30 s.
+    fn interrupt(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`amoskys up` did not stop on Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// GET over HTTP/1.0: status code and body.
+fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// The seqs of `agent`'s synthetic events stored on the bus at `grpc`, once
+/// there are more than `more_than`.
+async fn synthetic_seqs(grpc: u16, data: &Path, agent: &str, more_than: usize) -> BTreeSet<u64> {
+    let opts = ClientOptions::new(format!("https://127.0.0.1:{grpc}"), data.join("pki/reader"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seqs: BTreeSet<u64> = BusClient::connect(&opts)
+            .await
+            .unwrap()
+            .query_all(QueryRequest {
+                filter: Some(Filter {
+                    agent_ids: vec![agent.into()],
+                    ..Default::default()
+                }),
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| matches!(e.payload, Some(Payload::Synthetic(_))))
+            .map(|e| e.seq)
+            .collect();
+        if seqs.len() > more_than {
+            return seqs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} synthetic events from {agent}",
+            seqs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_bus_agent_and_dashboard_stops_on_ctrl_c_and_keeps_its_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("amoskys");
+    let (grpc, http) = (free_port(), free_port());
+
+    let up = Up::start(&data, grpc, http);
+    let token = up.printed("dashboard:");
+    let token = token.split("login?token=").nth(1).unwrap().to_string();
+    let on_disk = std::fs::read_to_string(data.join("dashboard-token")).unwrap();
+    assert_eq!(
+        token,
+        on_disk.trim(),
+        "the printed link carries the saved token"
+    );
+    let agent = up.printed("agent:");
+    let ca = std::fs::read(data.join("pki/ca/tls.crt")).unwrap();
+
+    // The agent's events reach the bus, and the dashboard shows the agent.
+    let first = synthetic_seqs(grpc, &data, &agent, 2).await;
+    let (status, body) = http_get(http, "/api/agents", Some(&token));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&agent), "{body}");
+    assert_eq!(http_get(http, "/api/agents", None).0, 401);
+
+    let st = up.interrupt();
+    assert!(st.success(), "Ctrl-C exits 0: {st:?}");
+
+    // A second `up` reuses the PKI, the token and what was stored, and the
+    // agent goes on from its last seq (a restart from 1 would be dropped as
+    // duplicates).
+    let up = Up::start(&data, grpc, http);
+    assert_eq!(std::fs::read(data.join("pki/ca/tls.crt")).unwrap(), ca);
+    assert!(up.printed("dashboard:").ends_with(&token));
+    let again = synthetic_seqs(grpc, &data, &agent, first.len() + 2).await;
+    assert!(
+        first.is_subset(&again),
+        "events stored before the stop are kept"
+    );
+    assert!(again.last() > first.last(), "new events after the restart");
+    let st = up.interrupt();
+    assert!(st.success(), "Ctrl-C exits 0: {st:?}");
 }
