@@ -34,7 +34,7 @@ rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
 run_bus() { # $1 = sync policy, then bench arguments
   local sync=$1; shift
-  rm -rf "$work/bus"
+  fresh_dir "$work/bus"
   "$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" \
     --tls-dir "$P/bus" --sync "$sync" 2>"$work/bus.log" &
   local pid=$!; pids+=("$pid")
@@ -48,7 +48,7 @@ run_bus() { # $1 = sync policy, then bench arguments
 
 run_nats() { # $1 = sync_interval line or empty, then bench arguments
   local sync=$1; shift
-  rm -rf "$work/js"; mkdir -p "$work/js"
+  fresh_dir "$work/js"; mkdir -p "$work/js"
   cat >"$work/nats.conf" <<CONF
 listen: 127.0.0.1:14222
 max_payload: 8MB
