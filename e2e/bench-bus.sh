@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The bus alone: ack latency at a fixed rate (three runs, after the disk's own
-# fsync latency), peak RSS at full load, and the time from start to ready with
-# many events stored.
+# The bus alone: ack latency and write -> live tail latency at a fixed rate
+# (three runs, after the disk's own fsync latency), peak RSS at full load, and
+# the time from start to ready with many events stored.
 #
 # Usage: e2e/bench-bus.sh [STORED_EVENTS]   (default 10000000)
 set -euo pipefail
@@ -32,7 +32,7 @@ start_bus; ready_ms >/dev/null
 # from minute to minute on shared machines: print it next to the runs.
 echo "[disk]           $(python3 e2e/disk-fsync.py "$work")"
 for run in 1 2 3; do
-  echo "[latency @10k/s] $(bench --events 300000 --rate 10000 --agents 4 --batch 10 --window 64 --agent-prefix "lat$run")"
+  echo "[latency @10k/s] $(bench --events 300000 --rate 10000 --agents 4 --batch 10 --window 64 --agent-prefix "lat$run" --tail-tls-dir "$P/reader")"
 done
 echo "[full load]      $(bench --events "$STORED" --agents 4 --agent-prefix load) bus_rss_peak_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$pid/status)"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true

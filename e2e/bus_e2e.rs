@@ -351,6 +351,8 @@ async fn cli_query_prints_json_lines_with_offsets_and_bench_reports() {
         ])
         .arg("--tls-dir")
         .arg(root.join("pki/agent"))
+        .arg("--tail-tls-dir")
+        .arg(root.join("pki/reader"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -365,6 +367,23 @@ async fn cli_query_prints_json_lines_with_offsets_and_bench_reports() {
         "{last}"
     );
     assert!(last.contains("ack_p99_ms="));
+    // The Tail subscriber saw every event of the run.
+    assert!(last.contains(" tail_events=5000 tail_p50_ms="), "{last}");
+    // A Tail as an agent is refused, and the bench says so.
+    let out = Command::new(BIN)
+        .args(["bench", "--bus", &url, "--events", "10", "--agents", "1"])
+        .arg("--tls-dir")
+        .arg(root.join("pki/agent"))
+        .arg("--tail-tls-dir")
+        .arg(root.join("pki/agent"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("bench: error: tail:") && stdout.contains("Tail"),
+        "{stdout}"
+    );
 
     let out = Command::new(BIN)
         .args([

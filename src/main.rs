@@ -297,6 +297,10 @@ struct BenchArgs {
     window: usize,
     #[arg(long, default_value = "bench")]
     agent_prefix: String,
+    /// A reader's TLS directory: also follow the run's events on a Tail
+    /// stream and report the write → tail latency.
+    #[arg(long)]
+    tail_tls_dir: Option<PathBuf>,
     /// Run the same workload against NATS JetStream at this URL instead
     /// (the benchmark anchor; needs a build with `--features nats-anchor`).
     #[arg(long)]
@@ -590,6 +594,7 @@ async fn bench_cmd(a: BenchArgs) -> Result<()> {
         batch: a.batch,
         window: a.window,
         agent_prefix: a.agent_prefix,
+        tail_tls_dir: a.tail_tls_dir,
     })
     .await;
     for e in &report.errors {

@@ -1,13 +1,14 @@
 //! `amoskys bench`: publishes synthetic events at a bus over mTLS and reports
 //! durable throughput and ack latency.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use amoskys_proto::event::Payload;
 use amoskys_proto::publish_response::Msg as OutMsg;
-use amoskys_proto::{Event, Hello, Severity, SyntheticEvent};
+use amoskys_proto::{Event, Filter, Hello, Severity, SyntheticEvent, TailRequest};
 use prost::Message;
 use tokio::sync::Mutex;
 
@@ -25,6 +26,9 @@ pub struct BenchOptions {
     /// Batches in flight per agent.
     pub window: usize,
     pub agent_prefix: String,
+    /// A reader's TLS directory: when set, the run's events are also
+    /// followed on a Tail stream and the write → tail latency reported.
+    pub tail_tls_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -37,6 +41,17 @@ pub struct BenchReport {
     pub ack_p99_ms: f64,
     pub ack_max_ms: f64,
     pub errors: Vec<String>,
+    pub tail: Option<TailReport>,
+}
+
+/// What a Tail subscriber saw of the run: how many of its events arrived,
+/// and the time from each event's creation (its `observed_at`, just before
+/// the bench sends it) to its arrival on the stream.
+#[derive(Clone, Debug, Default)]
+pub struct TailReport {
+    pub events: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 impl BenchReport {
@@ -58,14 +73,22 @@ impl BenchReport {
             ack_p99_ms: percentile(&lat, 0.99),
             ack_max_ms: lat.last().copied().unwrap_or(0.0),
             errors,
+            tail: None,
         }
     }
 
     pub fn line(&self) -> String {
-        format!(
+        let mut line = format!(
             "bench: events={} acked={} eps={:.0} ack_p50_ms={:.3} ack_p99_ms={:.3}",
             self.events, self.acked, self.eps, self.ack_p50_ms, self.ack_p99_ms
-        )
+        );
+        if let Some(t) = &self.tail {
+            line += &format!(
+                " tail_events={} tail_p50_ms={:.3} tail_p99_ms={:.3}",
+                t.events, t.p50_ms, t.p99_ms
+            );
+        }
+        line
     }
 }
 
@@ -133,24 +156,113 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+fn agent_id(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i}")
+}
+
+/// Latencies (ms) of the events a Tail subscriber has received so far.
+type TailLatencies = Arc<std::sync::Mutex<Vec<f64>>>;
+
+/// Opens a Tail stream from now for `agents` as the reader in `tls_dir`;
+/// once it is open, a task records each arriving event's latency.
+async fn follow(
+    opts: &BenchOptions,
+    tls_dir: PathBuf,
+    agents: Vec<String>,
+) -> Result<(tokio::task::JoinHandle<()>, TailLatencies), crate::client::ClientError> {
+    let mut reader = opts.client.clone();
+    reader.tls_dir = tls_dir;
+    let mut stream = BusClient::connect(&reader)
+        .await?
+        .tail(TailRequest {
+            from_now: true,
+            filter: Some(Filter {
+                agent_ids: agents,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let lat = TailLatencies::default();
+    let seen = lat.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(chunk)) = stream.message().await {
+            let now = crate::writer::now_ns();
+            if let Ok(mut l) = seen.lock() {
+                l.extend(
+                    chunk
+                        .events
+                        .iter()
+                        .map(|e| (now - e.observed_at) as f64 / 1e6),
+                );
+            }
+        }
+    });
+    Ok((task, lat))
+}
+
+/// Waits until the subscriber has `expected` events, or nothing more came
+/// for 5 s, and summarises what it saw.
+async fn tail_report(
+    task: tokio::task::JoinHandle<()>,
+    lat: TailLatencies,
+    expected: u64,
+) -> TailReport {
+    let count = || lat.lock().map_or(0, |l| l.len() as u64);
+    let (mut last, mut since) = (count(), Instant::now());
+    while count() < expected && since.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if count() != last {
+            (last, since) = (count(), Instant::now());
+        }
+    }
+    task.abort();
+    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_by(|a, b| a.total_cmp(b));
+    TailReport {
+        events: l.len() as u64,
+        p50_ms: percentile(&l, 0.50),
+        p99_ms: percentile(&l, 0.99),
+    }
+}
+
 /// Runs the benchmark. A bus failure mid-run ends the affected agents; the
 /// report still counts what was acked before it.
 pub async fn run(opts: BenchOptions) -> BenchReport {
+    let agents = opts.agents.max(1);
+    let tail = match opts.tail_tls_dir.clone() {
+        None => None,
+        Some(dir) => {
+            let ids = (0..agents)
+                .map(|i| agent_id(&opts.agent_prefix, i))
+                .collect();
+            match follow(&opts, dir, ids).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    return BenchReport {
+                        events: opts.events,
+                        errors: vec![format!("tail: {e}")],
+                        ..Default::default()
+                    };
+                }
+            }
+        }
+    };
     let acked = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let per_agent = opts.events / opts.agents.max(1) as u64;
-    let extra = opts.events % opts.agents.max(1) as u64;
+    let per_agent = opts.events / agents as u64;
+    let extra = opts.events % agents as u64;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..opts.agents.max(1) {
+    for i in 0..agents {
         let n = per_agent + u64::from((i as u64) < extra);
         let opts = opts.clone();
         let acked = acked.clone();
         let latencies = latencies.clone();
         let errors = errors.clone();
         tasks.push(tokio::spawn(async move {
-            let agent = format!("{}-{i}", opts.agent_prefix);
+            let agent = agent_id(&opts.agent_prefix, i);
             let rate = opts
                 .rate
                 .map(|r| (r as f64 / opts.agents.max(1) as f64).max(1.0));
@@ -169,13 +281,12 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
     let seconds = started.elapsed().as_secs_f64();
     let lat = std::mem::take(&mut *latencies.lock().await);
     let errors = std::mem::take(&mut *errors.lock().await);
-    BenchReport::from_latencies(
-        opts.events,
-        acked.load(Ordering::SeqCst),
-        seconds,
-        lat,
-        errors,
-    )
+    let acked = acked.load(Ordering::SeqCst);
+    let mut report = BenchReport::from_latencies(opts.events, acked, seconds, lat, errors);
+    if let Some((task, lat)) = tail {
+        report.tail = Some(tail_report(task, lat, acked).await);
+    }
+    report
 }
 
 type AgentResult = Result<Vec<f64>, (Vec<f64>, String)>;
