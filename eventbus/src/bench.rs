@@ -172,8 +172,8 @@ async fn follow(
 ) -> Result<(tokio::task::JoinHandle<()>, TailLatencies), crate::client::ClientError> {
     let mut reader = opts.client.clone();
     reader.tls_dir = tls_dir;
-    let mut stream = BusClient::connect(&reader)
-        .await?
+    let mut client = BusClient::connect(&reader).await?;
+    let mut stream = client
         .tail(TailRequest {
             from_now: true,
             filter: Some(Filter {
@@ -186,6 +186,8 @@ async fn follow(
     let lat = TailLatencies::default();
     let seen = lat.clone();
     let task = tokio::spawn(async move {
+        // Held while the stream is read, so its connection stays open.
+        let _client = client;
         while let Ok(Some(chunk)) = stream.message().await {
             let now = crate::writer::now_ns();
             if let Ok(mut l) = seen.lock() {
