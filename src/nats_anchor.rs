@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::bench::{BenchReport, Pacer, synthetic_event};
+use amoskys_eventbus::bench::{BenchReport, Workload};
 use amoskys_proto::Batch;
 use anyhow::{Context, Result};
 use async_nats::jetstream::context::PublishAckFuture;
@@ -72,9 +72,8 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
             .ack_timeout(Duration::from_secs(120))
             .build(connect().await?);
         let acked = acked.clone();
-        let bytes = b.event_bytes;
-        let batch = b.batch.max(1) as u64;
         let rate = b.rate.map(|r| (r as f64 / b.agents.max(1) as f64).max(1.0));
+        let mut work = Workload::new(&format!("nats-{i}"), 0, per, b.batch, b.event_bytes, rate);
         // Acks are awaited on their own task, as the bus bench reads acks
         // beside its producer: awaiting them in the publish loop would time an
         // ack when the loop gets round to it (a paced loop only does so when
@@ -92,18 +91,9 @@ pub async fn run(b: NatsBench<'_>) -> Result<BenchReport> {
         });
         tasks.push(tokio::spawn(async move {
             let subject = format!("amoskys.bench.{i}");
-            let agent = format!("nats-{i}");
-            let mut pacer = rate.map(Pacer::new);
-            let mut seq = 0u64;
-            while seq < per {
-                let k = batch.min(per - seq);
-                if let Some(p) = &mut pacer {
-                    p.wait(k).await;
-                }
-                let events = (1..=k)
-                    .map(|j| synthetic_event(&agent, seq + j, bytes))
-                    .collect();
-                seq += k;
+            while work.due().await {
+                let events = work.take();
+                let k = events.len() as u64;
                 let payload = Batch { events }.encode_to_vec();
                 let sent = Instant::now();
                 let ack = js.publish(subject.clone(), payload.into()).await?;

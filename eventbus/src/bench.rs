@@ -119,13 +119,13 @@ pub fn synthetic_event(agent: &str, seq: u64, bytes: usize) -> Event {
 /// (Poisson arrivals), as independent agents produce. A fixed schedule would
 /// start every agent's sends in the same instant, and the latency measured
 /// would be that of their collisions.
-pub struct Pacer {
+struct Pacer {
     next: Instant,
     per_second: f64,
 }
 
 impl Pacer {
-    pub fn new(per_second: f64) -> Self {
+    fn new(per_second: f64) -> Self {
         Self {
             next: Instant::now(),
             per_second: per_second.max(f64::MIN_POSITIVE),
@@ -134,7 +134,7 @@ impl Pacer {
 
     /// Waits until the next send is due; `events` is its size, which sets
     /// the mean gap to the one after it.
-    pub async fn wait(&mut self, events: u64) {
+    async fn wait(&mut self, events: u64) {
         tokio::time::sleep_until(self.next.into()).await;
         let mean = events as f64 / self.per_second;
         self.next += Duration::from_secs_f64(exponential_gap(mean, rand::random()));
@@ -145,6 +145,69 @@ impl Pacer {
 /// sample `u` in [0, 1).
 pub fn exponential_gap(mean: f64, u: f64) -> f64 {
     -(1.0 - u.clamp(0.0, 1.0 - f64::EPSILON)).ln() * mean
+}
+
+/// One agent's synthetic events: `n` of them numbered after `base`, in
+/// batches of `batch`, paced at `rate` events/s when given. The bus bench and
+/// the NATS anchor both draw from it, so both send the same workload.
+pub struct Workload {
+    agent: String,
+    bytes: usize,
+    batch: u64,
+    /// Last seq handed out, and the last to hand out.
+    seq: u64,
+    end: u64,
+    pacer: Option<Pacer>,
+}
+
+impl Workload {
+    pub fn new(
+        agent: &str,
+        base: u64,
+        n: u64,
+        batch: usize,
+        bytes: usize,
+        rate: Option<f64>,
+    ) -> Self {
+        Self {
+            agent: agent.to_string(),
+            bytes,
+            batch: batch.max(1) as u64,
+            seq: base,
+            end: base + n,
+            pacer: rate.map(Pacer::new),
+        }
+    }
+
+    fn next_len(&self) -> u64 {
+        self.batch.min(self.end - self.seq)
+    }
+
+    /// Waits until the next batch is due; false once every event was taken.
+    pub async fn due(&mut self) -> bool {
+        let k = self.next_len();
+        if k == 0 {
+            return false;
+        }
+        if let Some(p) = &mut self.pacer {
+            p.wait(k).await;
+        }
+        true
+    }
+
+    /// The next batch, its events stamped now.
+    pub fn take(&mut self) -> Vec<Event> {
+        let (from, k) = (self.seq, self.next_len());
+        self.seq += k;
+        (1..=k)
+            .map(|j| synthetic_event(&self.agent, from + j, self.bytes))
+            .collect()
+    }
+
+    /// The seq of the last event taken.
+    pub fn last_seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 /// The `p` quantile (0..=1) of sorted values; 0 when empty.
@@ -321,26 +384,18 @@ async fn run_agent(
     let producer = {
         let sent_at = sent_at.clone();
         let window = window.clone();
-        let batch = opts.batch.max(1) as u64;
-        let bytes = opts.event_bytes;
-        let agent = agent.to_string();
+        let mut work = Workload::new(agent, base, n, opts.batch, opts.event_bytes, rate);
         tokio::spawn(async move {
-            let mut pacer = rate.map(Pacer::new);
-            let mut seq = 0u64;
-            while seq < n {
-                let k = batch.min(n - seq);
-                if let Some(p) = &mut pacer {
-                    p.wait(k).await;
-                }
+            while work.due().await {
                 let Ok(permit) = window.acquire().await else {
                     return;
                 };
                 permit.forget();
-                let events: Vec<Event> = (1..=k)
-                    .map(|j| synthetic_event(&agent, base + seq + j, bytes))
-                    .collect();
-                seq += k;
-                sent_at.lock().await.push_back((base + seq, Instant::now()));
+                let events = work.take();
+                sent_at
+                    .lock()
+                    .await
+                    .push_back((work.last_seq(), Instant::now()));
                 let req = amoskys_proto::PublishRequest {
                     msg: Some(amoskys_proto::publish_request::Msg::Batch(
                         amoskys_proto::Batch { events },

@@ -11,7 +11,7 @@ use amoskys_eventbus::client::Pems;
 use amoskys_eventbus::config::{BusConfig, SyncPolicy};
 use amoskys_eventbus::pki::{DevPkiOptions, init_dev_pki};
 use amoskys_operator::controller::agents::{
-    History, Registry, RegistryReader, ReplicaUrl, fetch_registry, node_names, sync_set,
+    History, Registry, RegistryReader, ReplicaUrl, node_names, sync_set,
 };
 use amoskys_operator::crd::{Agent, AgentSet};
 use common::{NS, World, in_ns, sample_bus, sample_set, world_at};
@@ -55,7 +55,7 @@ fn replica(bus: SocketAddr) -> ReplicaUrl {
 }
 
 async fn registry(bus: SocketAddr, admin: &Pems) -> Registry {
-    let r = fetch_registry(&[replica(bus)], admin).await;
+    let r = RegistryReader::default().read(&[replica(bus)], admin).await;
     assert!(r.complete(), "{:?}", r.unreachable);
     r
 }

@@ -176,12 +176,6 @@ impl RegistryReader {
     }
 }
 
-/// Reads the registry and loaded server certificate of every bus replica
-/// at `urls`, as the admin client `pems`, over new connections.
-pub async fn fetch_registry(urls: &[ReplicaUrl], pems: &Pems) -> Registry {
-    RegistryReader::default().read(urls, pems).await
-}
-
 /// Where the operator reaches each replica of `bus` in the cluster.
 pub fn replica_urls(bus: &EventBus) -> Vec<ReplicaUrl> {
     let n = Names::of(&bus.name_any());
