@@ -492,3 +492,191 @@ async fn bench_reports_what_was_acked_when_the_bus_dies_mid_run() {
     assert!(last.starts_with("bench: events=50000000 acked="), "{last}");
     assert!(acked > 0 && acked < 50_000_000, "{last}");
 }
+
+/// Runs the CLI; returns whether it succeeded and what it printed.
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("AMOSKYS_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn http_body(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    http_body(port, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_into_a_bus_that_holds_what_it_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    pki(&root.join("pki"));
+    let cfg = root.join("bus.yaml");
+    let backup_dir = root.join("backup");
+    std::fs::write(
+        &cfg,
+        format!("backup:\n  dir: {}\n  interval: 0s\n", s(&backup_dir)),
+    )
+    .unwrap();
+    let bus = common::start_bus_with(root, "batch", None, &["--config", &s(&cfg)]);
+    let url = format!("https://127.0.0.1:{}", bus.grpc);
+    let bench = |prefix: &str| {
+        cli(&[
+            "bench",
+            "--bus",
+            &url,
+            "--tls-dir",
+            &s(&root.join("pki/agent")),
+            "--events",
+            "2000",
+            "--agents",
+            "2",
+            "--batch",
+            "50",
+            "--agent-prefix",
+            prefix,
+        ])
+    };
+    let (ok, out) = bench("before");
+    assert!(ok && out.contains("acked=2000"), "{out}");
+
+    // Only an admin may ask for a backup.
+    let now = |who: &str| {
+        cli(&[
+            "backup",
+            "now",
+            "--bus",
+            &url,
+            "--tls-dir",
+            &s(&root.join("pki").join(who)),
+        ])
+    };
+    let (ok, out) = now("reader");
+    assert!(!ok && out.contains("Admin.Backup"), "{out}");
+    let (ok, out) = now("admin");
+    assert!(ok && out.starts_with("backup 1 taken at "), "{out}");
+    assert!(out.contains("1 backups kept in"), "{out}");
+    assert_eq!(metric(bus.http, "amoskys_bus_backups_total"), 1.0);
+
+    // Writes after the backup are not in it; the bus dies without a clean close.
+    let (ok, out) = bench("after");
+    assert!(ok && out.contains("acked=2000"), "{out}");
+    drop(bus);
+
+    let (ok, out) = cli(&["backup", "list", "--dir", &s(&backup_dir), "--verify"]);
+    assert!(ok, "{out}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(
+        rows[0].trim_start().starts_with("1 ") && rows[0].ends_with("ok"),
+        "{out}"
+    );
+
+    let (ok, out) = cli(&[
+        "backup",
+        "restore",
+        "--dir",
+        &s(&backup_dir),
+        "--data-dir",
+        &s(&root.join("data")),
+    ]);
+    assert!(!ok && out.contains("is not empty"), "{out}");
+    let (ok, out) = cli(&[
+        "backup",
+        "restore",
+        "--dir",
+        &s(&backup_dir),
+        "--data-dir",
+        &s(&root.join("second/data")),
+        "--id",
+        "7",
+    ]);
+    assert!(
+        !ok && out.contains("no backup with id 7 (ids held: 1)"),
+        "{out}"
+    );
+
+    // The restored bus runs in its own root, sharing the PKI, and backs up
+    // on a schedule into a directory of its own.
+    let second = root.join("second");
+    let (ok, out) = cli(&[
+        "backup",
+        "restore",
+        "--dir",
+        &s(&backup_dir),
+        "--data-dir",
+        &s(&second.join("data")),
+    ]);
+    assert!(ok && out.starts_with("restored backup 1 "), "{out}");
+    std::os::unix::fs::symlink(root.join("pki"), second.join("pki")).unwrap();
+    let cfg2 = root.join("bus2.yaml");
+    let backup2 = root.join("backup2");
+    std::fs::write(
+        &cfg2,
+        format!(
+            "backup:\n  dir: {}\n  interval: 1s\n  keep: 2\n",
+            s(&backup2)
+        ),
+    )
+    .unwrap();
+    let bus2 = common::start_bus_with(&second, "batch", None, &["--config", &s(&cfg2)]);
+    for agent in ["before-0", "before-1"] {
+        assert_eq!(
+            stored_seqs(&bus2, root, agent).await,
+            (1..=1000).collect::<Vec<_>>(),
+            "{agent}"
+        );
+    }
+    assert_eq!(stored_seqs(&bus2, root, "after-0").await, Vec::<u64>::new());
+
+    // The registry came back with the events: the agent is told where it
+    // stands, and what it resends from before that is dropped as a duplicate.
+    let o = opts(&bus2, root, "agent");
+    let mut c = BusClient::connect(&o).await.unwrap();
+    let p = c.publisher(hello("before-0"), 8).await.unwrap();
+    assert_eq!(p.welcome_acked_seq, 1000);
+    drop(p);
+    let acked = Arc::new(AtomicU64::new(0));
+    publish_until_broken(o, "before-0".into(), 991, 1010, acked.clone()).await;
+    assert_eq!(acked.load(Ordering::SeqCst), 1010);
+    assert_eq!(
+        stored_seqs(&bus2, root, "before-0").await,
+        (1..=1010).collect::<Vec<_>>()
+    );
+
+    // Scheduled backups, the oldest removed past `keep`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(bus2.http, "amoskys_bus_backups_total") < 3.0 {
+        assert!(Instant::now() < deadline, "no third scheduled backup");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        metric(
+            bus2.http,
+            "amoskys_bus_backup_last_success_timestamp_seconds"
+        ) > 1.7e9
+    );
+    assert_eq!(metric(bus2.http, "amoskys_bus_backup_errors_total"), 0.0);
+    let (ok, out) = cli(&["backup", "list", "--dir", &s(&backup2)]);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 1 + 2, "{out}");
+}

@@ -1,7 +1,7 @@
 //! `amoskys`: the one multi-call binary. It parses flags and calls the crates.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use amoskys_agents::AgentOverrides;
 use amoskys_eventbus::bench::{self, BenchOptions};
@@ -53,6 +53,9 @@ enum Cmd {
     Events(EventsCmd),
     /// Publish synthetic events and report durable throughput and ack latency.
     Bench(BenchArgs),
+    /// Back up a bus's store, list backups, restore one.
+    #[command(subcommand)]
+    Backup(BackupCmd),
     /// Run the Kubernetes operator (in a cluster, or from a kubeconfig).
     Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions (EventBus, AgentSet, Agent) as YAML.
@@ -165,6 +168,38 @@ struct BusArgs {
     /// File of dashboard reader tokens (read-only: no control).
     #[arg(long)]
     reader_token_file: Option<PathBuf>,
+    /// Take backups of the store into this directory (daily unless the
+    /// config file's backup.interval says otherwise).
+    #[arg(long)]
+    backup_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Ask a running bus to take a backup now (needs an admin certificate).
+    Now {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the backups in a backup directory.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Also check every file of each backup against its recorded checksum.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Restore a backup into a missing or empty data directory; then start
+    /// the bus on it.
+    Restore {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Backup to restore (default: the newest).
+        #[arg(long)]
+        id: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -578,6 +613,87 @@ async fn events(cmd: EventsCmd) -> Result<()> {
     Ok(())
 }
 
+fn unix_time(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
+    use amoskys_eventbus::backup::Backups;
+    let existing = |dir: &Path| -> Result<Backups> {
+        anyhow::ensure!(dir.is_dir(), "backup dir {} does not exist", dir.display());
+        Ok(Backups::open(dir)?)
+    };
+    match cmd {
+        BackupCmd::Now { conn } => {
+            let mut client = BusClient::connect(&conn.options()).await?;
+            let b = client
+                .admin
+                .backup(amoskys_proto::BackupRequest {})
+                .await
+                .map_err(amoskys_eventbus::client::ClientError::from)?
+                .into_inner();
+            println!(
+                "backup {} taken at {}: {} bytes in {} files; {} backups kept in {}",
+                b.backup_id,
+                unix_time(b.created_at),
+                b.size_bytes,
+                b.files,
+                b.backups_kept,
+                b.dir
+            );
+        }
+        BackupCmd::List { dir, verify } => {
+            let backups = existing(&dir)?;
+            let mut failed = 0;
+            println!(
+                "{:>6}  {:<20}  {:>14}  {:>6}{}",
+                "ID",
+                "CREATED",
+                "BYTES",
+                "FILES",
+                if verify { "  VERIFIED" } else { "" }
+            );
+            for b in backups.list() {
+                let check = if verify {
+                    match backups.verify(b.id) {
+                        Ok(()) => "  ok".to_string(),
+                        Err(e) => {
+                            failed += 1;
+                            format!("  FAILED: {e}")
+                        }
+                    }
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{:>6}  {:<20}  {:>14}  {:>6}{check}",
+                    b.id,
+                    unix_time(b.created_at),
+                    b.size_bytes,
+                    b.files
+                );
+            }
+            anyhow::ensure!(failed == 0, "{failed} backup(s) failed verification");
+        }
+        BackupCmd::Restore { dir, data_dir, id } => {
+            let mut backups = existing(&dir)?;
+            let b = tokio::task::spawn_blocking(move || {
+                backups.restore(id, &data_dir).map(|b| (b, data_dir))
+            })
+            .await??;
+            println!(
+                "restored backup {} (taken at {}) into {}; start the bus with --data-dir {}",
+                b.0.id,
+                unix_time(b.0.created_at),
+                b.1.display(),
+                b.1.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.agents == 0 || a.batch == 0 || a.window == 0 {
         bail!("--agents, --batch and --window must be at least 1");
@@ -664,6 +780,7 @@ async fn main() -> Result<()> {
                     http_tls: a.http_tls,
                     admin_token_file: a.admin_token_file,
                     reader_token_file: a.reader_token_file,
+                    backup_dir: a.backup_dir,
                 },
             )?;
             run_bus(cfg).await
@@ -690,6 +807,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Events(cmd) => events(cmd).await,
         Cmd::Bench(a) => bench_cmd(a).await,
+        Cmd::Backup(cmd) => backup_cmd(cmd).await,
         Cmd::Operator(a) => {
             let client = amoskys_operator::run::client()
                 .await

@@ -83,7 +83,30 @@ pub struct BusConfigFile {
     pub admin_token_file: Option<PathBuf>,
     pub reader_token_file: Option<PathBuf>,
     pub dashboard: Option<DashboardFile>,
+    pub backup: Option<BackupFile>,
 }
+
+/// The `backup:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackupFile {
+    pub dir: Option<PathBuf>,
+    pub interval: Option<String>,
+    pub keep: Option<u32>,
+}
+
+/// Where and how often the bus backs up its store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupConfig {
+    pub dir: PathBuf,
+    /// None: only when asked (Admin.Backup).
+    pub interval: Option<Duration>,
+    /// Backups kept; older ones are removed after each new one.
+    pub keep: u32,
+}
+
+pub const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_BACKUP_KEEP: u32 = 7;
 
 /// The `dashboard:` section.
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +158,7 @@ pub struct BusConfig {
     /// (not requiring) client certificates so an admin certificate can sign in.
     pub http_tls: bool,
     pub dashboard: DashboardConfig,
+    pub backup: Option<BackupConfig>,
 }
 
 impl BusConfig {
@@ -163,6 +187,7 @@ impl BusConfig {
                 tail_max_events_per_second: 500,
                 agent_missed_after: Duration::from_secs(30),
             },
+            backup: None,
         }
     }
 }
@@ -182,6 +207,7 @@ pub struct BusOverrides {
     pub http_tls: bool,
     pub admin_token_file: Option<PathBuf>,
     pub reader_token_file: Option<PathBuf>,
+    pub backup_dir: Option<PathBuf>,
 }
 
 pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
@@ -346,6 +372,7 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
             c.dashboard.agent_missed_after = parse_duration("dashboard.agentMissedAfter", &v)?;
         }
     }
+    c.backup = resolve_backup(flags.backup_dir, file.backup, &c.data_dir)?;
     if let Some(v) = file.log_format
         && v != "text"
         && v != "json"
@@ -353,6 +380,57 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
         return Err(invalid("logFormat", format!("{v:?} is not text or json")));
     }
     Ok(c)
+}
+
+fn resolve_backup(
+    flag_dir: Option<PathBuf>,
+    file: Option<BackupFile>,
+    data_dir: &Path,
+) -> Result<Option<BackupConfig>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let Some(dir) = flag_dir.or(file.dir) else {
+        if file.interval.is_some() || file.keep.is_some() {
+            return Err(invalid(
+                "backup.dir",
+                "required when backup.interval or backup.keep is set",
+            ));
+        }
+        return Ok(None);
+    };
+    // Inside the data dir a backup would be lost with the store it guards,
+    // and RocksDB would find foreign files among its own.
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    if abs(&dir).starts_with(abs(data_dir)) {
+        return Err(invalid(
+            "backup.dir",
+            format!("{} is inside dataDir {}", dir.display(), data_dir.display()),
+        ));
+    }
+    let interval = match file.interval {
+        None => Some(DEFAULT_BACKUP_INTERVAL),
+        Some(v) => {
+            let d = parse_duration("backup.interval", &v)?;
+            if d.is_zero() {
+                None
+            } else if d < Duration::from_secs(1) {
+                return Err(invalid(
+                    "backup.interval",
+                    "must be at least 1s (or 0 for on demand only)",
+                ));
+            } else {
+                Some(d)
+            }
+        }
+    };
+    let keep = file.keep.unwrap_or(DEFAULT_BACKUP_KEEP);
+    if keep == 0 {
+        return Err(invalid("backup.keep", "must be at least 1"));
+    }
+    Ok(Some(BackupConfig {
+        dir,
+        interval,
+        keep,
+    }))
 }
 
 #[cfg(test)]
@@ -426,5 +504,46 @@ mod tests {
         let bad =
             serde_saphyr::from_str::<BusConfigFile>("dashboard:\n  colour: red\n").unwrap_err();
         assert!(bad.to_string().contains("colour"), "{bad}");
+    }
+
+    #[test]
+    fn backup_section() {
+        let file = |y: &str| serde_saphyr::from_str::<BusConfigFile>(y).unwrap();
+        assert_eq!(
+            resolve(BusConfigFile::default(), base()).unwrap().backup,
+            None
+        );
+        let c = resolve(file("backup:\n  dir: /b\n"), base()).unwrap();
+        assert_eq!(
+            c.backup,
+            Some(BackupConfig {
+                dir: "/b".into(),
+                interval: Some(DEFAULT_BACKUP_INTERVAL),
+                keep: DEFAULT_BACKUP_KEEP,
+            })
+        );
+        let mut flags = base();
+        flags.backup_dir = Some("/flag".into());
+        let c = resolve(
+            file("backup:\n  dir: /b\n  interval: 0s\n  keep: 2\n"),
+            flags,
+        )
+        .unwrap();
+        let b = c.backup.unwrap();
+        assert_eq!((b.dir, b.interval, b.keep), ("/flag".into(), None, 2));
+
+        for (yaml, key) in [
+            ("backup:\n  keep: 3\n", "backup.dir:"),
+            ("backup:\n  dir: /d/backup\n", "backup.dir:"),
+            ("backup:\n  dir: /b\n  keep: 0\n", "backup.keep:"),
+            ("backup:\n  dir: /b\n  interval: 10ms\n", "backup.interval:"),
+            (
+                "backup:\n  dir: /b\n  interval: daily\n",
+                "backup.interval:",
+            ),
+        ] {
+            let e = resolve(file(yaml), base()).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{yaml:?}: {e}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod backup;
 pub mod bench;
 pub mod client;
 pub mod config;

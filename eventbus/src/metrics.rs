@@ -64,6 +64,11 @@ pub struct BusMetrics {
     pub retention_deleted: Family<ReasonLabel, Counter>,
     pub tail_subscribers: Gauge,
     pub tail_lagged: Counter,
+    pub backups: Counter,
+    pub backup_errors: Counter,
+    pub backup_seconds: Histogram,
+    pub backup_last_success: Gauge,
+    pub backup_bytes: Gauge,
 }
 
 impl BusMetrics {
@@ -99,6 +104,11 @@ impl BusMetrics {
             retention_deleted: Family::default(),
             tail_subscribers: Gauge::default(),
             tail_lagged: Counter::default(),
+            backups: Counter::default(),
+            backup_errors: Counter::default(),
+            backup_seconds: Histogram::new(exponential_buckets(0.01, 4.0, 10)),
+            backup_last_success: Gauge::default(),
+            backup_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -231,6 +241,27 @@ impl BusMetrics {
             "dashboard_tail_skipped",
             "Events not sent to dashboard tail viewers (rate cap or slow viewer)",
             m.dashboard_tail_skipped.clone(),
+        );
+        r.register("backups", "Backups of the store taken", m.backups.clone());
+        r.register(
+            "backup_errors",
+            "Backups of the store that failed",
+            m.backup_errors.clone(),
+        );
+        r.register(
+            "backup_seconds",
+            "Time to take one backup",
+            m.backup_seconds.clone(),
+        );
+        r.register(
+            "backup_last_success_timestamp_seconds",
+            "Unix time of the newest backup taken by this process (0: none yet)",
+            m.backup_last_success.clone(),
+        );
+        r.register(
+            "backup_size_bytes",
+            "Bytes the newest backup refers to (shared table files included)",
+            m.backup_bytes.clone(),
         );
         Self { registry, ..m }
     }

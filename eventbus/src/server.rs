@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::alerts::RecentAlerts;
+use crate::backup::Backups;
 use crate::config::BusConfig;
 use crate::dashboard::Dashboard;
 use crate::http;
@@ -39,6 +40,8 @@ pub enum BusError {
     },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     #[error("{0}")]
     Other(String),
 }
@@ -130,6 +133,14 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
             return Err(e.into());
         }
     };
+    let backups = match open_backups(&cfg).await {
+        Ok(b) => b,
+        Err(e) => {
+            stop.cancel();
+            let _ = http_task.await;
+            return Err(e);
+        }
+    };
     let store = Arc::new(store);
     let registry = Arc::new(Registry::with_records(agents));
     let _ = http_state.store.set(store.clone());
@@ -172,6 +183,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         next_control_id: AtomicU64::new(0),
         alerts,
         tls: tls.clone(),
+        backups: backups.as_ref().map(|(b, _)| b.clone()),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());
@@ -179,6 +191,11 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     let _ = http_state.dashboard.set(crate::dashboard::router(dash));
 
     spawn_retention(state.clone());
+    if let (Some((_, newest)), Some(every)) =
+        (&backups, cfg.backup.as_ref().and_then(|b| b.interval))
+    {
+        spawn_backups(state.clone(), every, *newest);
+    }
 
     let incoming = crate::tls::incoming(grpc_listener, tls, metrics.clone(), stop.clone());
     let max = cfg.max_message_bytes;
@@ -250,6 +267,46 @@ fn backfill_alerts(store: Arc<Store>, alerts: Arc<RecentAlerts>) {
         match store.read_from(from, SCAN as usize) {
             Ok(events) => alerts.observe(&events),
             Err(e) => warn!(error = %e, "could not read recent alerts from the store"),
+        }
+    });
+}
+
+type SharedBackups = Arc<tokio::sync::Mutex<Backups>>;
+
+/// Opens the backup directory, if one is configured, with the time of the
+/// newest backup it holds (Unix seconds).
+async fn open_backups(cfg: &BusConfig) -> Result<Option<(SharedBackups, Option<i64>)>, BusError> {
+    let Some(b) = &cfg.backup else {
+        return Ok(None);
+    };
+    let dir = b.dir.clone();
+    let opened = tokio::task::spawn_blocking(move || Backups::open(&dir))
+        .await
+        .map_err(|e| BusError::Other(format!("opening the backup dir: {e}")))??;
+    let newest = opened.list().last().map(|i| i.created_at);
+    info!(dir = %b.dir.display(), backups = opened.list().len(), interval = ?b.interval, keep = b.keep, "backups enabled");
+    Ok(Some((Arc::new(tokio::sync::Mutex::new(opened)), newest)))
+}
+
+/// Takes a backup every `every`, the first one `every` after the newest
+/// already in the directory (now, when there is none), so that restarts
+/// neither postpone backups nor add extra ones. A failed backup is retried
+/// within a minute.
+fn spawn_backups(state: Arc<BusState>, every: Duration, newest: Option<i64>) {
+    tokio::spawn(async move {
+        let now = now_ns() / 1_000_000_000;
+        let mut wait = newest.map_or(Duration::ZERO, |t| {
+            Duration::from_secs(u64::try_from(t + every.as_secs() as i64 - now).unwrap_or(0))
+        });
+        loop {
+            tokio::select! {
+                _ = state.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = match state.backup("schedule").await {
+                Ok(_) => every,
+                Err(_) => every.min(Duration::from_secs(60)),
+            };
         }
     });
 }

@@ -10,9 +10,9 @@ use amoskys_proto::event_bus_server::EventBus;
 use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{
-    Ack, Batch, ControlRequest, ControlResponse, Event, Hello, ListAgentsRequest,
-    ListAgentsResponse, PublishRequest, PublishResponse, QueryRequest, QueryResponse, Severity,
-    StatsRequest, StatsResponse, TailRequest, Welcome, control,
+    Ack, BackupRequest, BackupResponse, Batch, ControlRequest, ControlResponse, Event, Hello,
+    ListAgentsRequest, ListAgentsResponse, PublishRequest, PublishResponse, QueryRequest,
+    QueryResponse, Severity, StatsRequest, StatsResponse, TailRequest, Welcome, control,
 };
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -50,6 +50,8 @@ pub struct BusState {
     pub next_control_id: AtomicU64,
     pub alerts: Arc<crate::alerts::RecentAlerts>,
     pub tls: Arc<crate::tls::ReloadingTls>,
+    /// Set when a backup directory is configured; one backup at a time.
+    pub backups: Option<Arc<tokio::sync::Mutex<crate::backup::Backups>>>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -130,6 +132,68 @@ fn validate_hello(h: &Hello) -> Result<(), Status> {
 }
 
 impl BusState {
+    /// Takes a backup of the store now. Backups run one at a time: a second
+    /// caller waits for the first to finish, then takes its own. `by` is
+    /// logged with the outcome.
+    pub async fn backup(&self, by: &str) -> Result<BackupResponse, Status> {
+        let Some(backups) = &self.backups else {
+            return Err(Status::failed_precondition(
+                "this bus has no backup directory (config key backup.dir or flag --backup-dir)",
+            ));
+        };
+        let keep = self.cfg.backup.as_ref().map_or(1, |b| b.keep);
+        let mut guard = backups.clone().lock_owned().await;
+        let store = self.store.clone();
+        let t0 = Instant::now();
+        let done = tokio::task::spawn_blocking(move || {
+            let made = guard.create(&store, keep)?;
+            Ok::<_, crate::backup::BackupError>((
+                made,
+                guard.list().len(),
+                guard.dir().display().to_string(),
+            ))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("backup task: {e}")))?;
+        let m = &self.metrics;
+        match done {
+            Ok((b, kept, dir)) => {
+                let took = t0.elapsed();
+                m.backups.inc();
+                m.backup_seconds.observe(took.as_secs_f64());
+                m.backup_last_success.set(b.created_at);
+                m.backup_bytes.set(b.size_bytes as i64);
+                info!(
+                    by,
+                    backup_id = b.id,
+                    size_bytes = b.size_bytes,
+                    files = b.files,
+                    kept,
+                    took_ms = took.as_millis() as u64,
+                    "backup taken"
+                );
+                Ok(BackupResponse {
+                    backup_id: b.id,
+                    created_at: b.created_at,
+                    size_bytes: b.size_bytes,
+                    files: b.files,
+                    backups_kept: kept as u32,
+                    dir,
+                })
+            }
+            Err(e) => {
+                m.backup_errors.inc();
+                warn!(by, error = %e, "backup failed");
+                Err(match e {
+                    crate::backup::BackupError::Store(StoreError::Unavailable) => {
+                        Status::unavailable(e.to_string())
+                    }
+                    _ => Status::internal(e.to_string()),
+                })
+            }
+        }
+    }
+
     /// Serves one Publish stream after its Hello until the agent closes it,
     /// it sends something invalid, or the bus stops.
     async fn publish_session(
@@ -513,6 +577,17 @@ impl Admin for AdminService {
             .await
             .map(Response::new)
             .map_err(Status::invalid_argument)
+    }
+
+    async fn backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<BackupResponse>, Status> {
+        let peer = authorize(&req, Permission::Admin, "Admin.Backup")?;
+        self.0
+            .backup(&format!("cert:{}", peer.common_name))
+            .await
+            .map(Response::new)
     }
 }
 

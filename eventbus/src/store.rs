@@ -519,6 +519,19 @@ impl Store {
     }
 
     /// Closes the database after flushing; later calls get `Unavailable`.
+    /// Takes a backup through `engine` while writes go on. The WAL is copied
+    /// with the table files (no flush first), so the backup holds every write
+    /// that completed before it started without forcing a memtable flush.
+    pub fn backup_into(
+        &self,
+        engine: &mut rocksdb::backup::BackupEngine,
+    ) -> Result<(), StoreError> {
+        let db = self.db()?;
+        engine
+            .create_new_backup_flush(&*db, false)
+            .map_err(|e| self.rocks(e))
+    }
+
     pub fn close(&self) -> Result<(), StoreError> {
         let flushed = self.flush();
         let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
