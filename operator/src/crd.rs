@@ -48,6 +48,9 @@ pub struct EventBusSpec {
     pub tls: TlsSpec,
     #[serde(default)]
     pub service: ServiceSpec,
+    /// Backups of each pod's store onto a volume of its own; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
 }
 
 fn one() -> i32 {
@@ -80,6 +83,34 @@ impl Default for WalSpec {
             retention: "7d".into(),
             max_bytes: String::new(),
             sync: "batch".into(),
+        }
+    }
+}
+
+/// Backups of the store (`amoskys backup`): incremental, each pod onto its
+/// own backup volume, restorable with `amoskys backup restore`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BackupSpec {
+    /// How often, e.g. 24h, 6h; 0s for only when asked (Admin.Backup).
+    pub interval: String,
+    /// Backups kept per pod; older ones are removed.
+    #[schemars(range(min = 1))]
+    pub keep: u32,
+    /// StorageClass of the backup volumes; the cluster default when empty.
+    pub storage_class_name: Option<String>,
+    /// Backup volume size. Like the WAL's, it can grow but not shrink.
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.matches('^[0-9]+(Ki|Mi|Gi|Ti)$')", "message": "size must be a quantity like 10Gi"}]))]
+    pub size: String,
+}
+
+impl Default for BackupSpec {
+    fn default() -> Self {
+        Self {
+            interval: "24h".into(),
+            keep: 7,
+            storage_class_name: None,
+            size: "10Gi".into(),
         }
     }
 }

@@ -28,6 +28,7 @@ pub const CONFIG_DIR: &str = "/etc/amoskys/config";
 pub const TLS_DIR: &str = "/etc/amoskys/tls";
 pub const TOKEN_DIR: &str = "/etc/amoskys/dashboard";
 pub const WAL_DIR: &str = "/var/lib/amoskys/wal";
+pub const BACKUP_DIR: &str = "/var/lib/amoskys/backup";
 /// The bus drains for up to its shutdown grace (20 s) on SIGTERM; the pod
 /// gets more so it is never killed mid-drain.
 pub const TERMINATION_GRACE_SECONDS: i64 = 40;
@@ -139,6 +140,24 @@ pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
             format!("{:?} is not a quantity like 10Gi", s.wal.size),
         ));
     }
+    if let Some(b) = &s.backup {
+        let every = duration("spec.backup.interval", &b.interval)?;
+        if !every.is_zero() && every < Duration::from_secs(1) {
+            return Err(invalid(
+                "spec.backup.interval",
+                "must be at least 1s (or 0s for on demand only)",
+            ));
+        }
+        if b.keep == 0 {
+            return Err(invalid("spec.backup.keep", "must be at least 1"));
+        }
+        if !is_quantity(&b.size) {
+            return Err(invalid(
+                "spec.backup.size",
+                format!("{:?} is not a quantity like 10Gi", b.size),
+            ));
+        }
+    }
     tls_lifetimes(bus)?;
     if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&s.service.r#type.as_str()) {
         return Err(invalid(
@@ -182,6 +201,15 @@ struct BusFile<'a> {
     sync: &'a str,
     admin_token_file: String,
     log_format: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup: Option<BackupFile<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackupFile<'a> {
+    dir: &'a str,
+    interval: &'a str,
+    keep: u32,
 }
 
 pub fn bus_config(bus: &EventBus) -> String {
@@ -196,6 +224,11 @@ pub fn bus_config(bus: &EventBus) -> String {
         sync: &s.wal.sync,
         admin_token_file: format!("{TOKEN_DIR}/token"),
         log_format: "json",
+        backup: s.backup.as_ref().map(|b| BackupFile {
+            dir: BACKUP_DIR,
+            interval: &b.interval,
+            keep: b.keep,
+        }),
     };
     rendered(bus, &f)
 }
@@ -351,12 +384,17 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: s.resources.clone(),
         security_context: Some(restricted()),
-        volume_mounts: Some(vec![
-            mount("wal", WAL_DIR),
-            mount("config", CONFIG_DIR),
-            mount("tls", TLS_DIR),
-            mount("dashboard", TOKEN_DIR),
-        ]),
+        volume_mounts: Some(
+            [
+                mount("wal", WAL_DIR),
+                mount("config", CONFIG_DIR),
+                mount("tls", TLS_DIR),
+                mount("dashboard", TOKEN_DIR),
+            ]
+            .into_iter()
+            .chain(s.backup.as_ref().map(|_| mount("backup", BACKUP_DIR)))
+            .collect(),
+        ),
         ..Default::default()
     };
     let secret = |vol: &str, secret: &str| Volume {
@@ -426,34 +464,72 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                 }),
                 spec: Some(pod),
             },
-            volume_claim_templates: Some(vec![wal_claim(bus)]),
+            volume_claim_templates: Some(claim_templates(bus)),
             ..Default::default()
         },
         ..Default::default()
     }
 }
 
-fn wal_claim(bus: &EventBus) -> PersistentVolumeClaim {
-    PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some("wal".into()),
-            labels: Some(labels(COMPONENT, &bus.name_any())),
-            ..Default::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: bus.spec.wal.storage_class_name.clone(),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_string(),
-                    Quantity(bus.spec.wal.size.clone()),
-                )])),
+/// The volumes each pod gets, with the spec fields that size them. A
+/// pod's claim is named `<template>-<statefulset>-<ordinal>`.
+pub struct ClaimKind {
+    pub template: &'static str,
+    pub size_field: &'static str,
+    pub size: String,
+    storage_class_name: Option<String>,
+}
+
+impl ClaimKind {
+    /// Whether `claim` (a PVC name) was made from this template.
+    pub fn owns(&self, bus: &str, claim: &str) -> bool {
+        claim
+            .strip_prefix(self.template)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_prefix(bus))
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|ordinal| ordinal.parse::<u32>().is_ok())
+    }
+}
+
+pub fn claim_kinds(bus: &EventBus) -> Vec<ClaimKind> {
+    let s = &bus.spec;
+    let wal = ClaimKind {
+        template: "wal",
+        size_field: "spec.wal.size",
+        size: s.wal.size.clone(),
+        storage_class_name: s.wal.storage_class_name.clone(),
+    };
+    let backup = s.backup.as_ref().map(|b| ClaimKind {
+        template: "backup",
+        size_field: "spec.backup.size",
+        size: b.size.clone(),
+        storage_class_name: b.storage_class_name.clone(),
+    });
+    std::iter::once(wal).chain(backup).collect()
+}
+
+fn claim_templates(bus: &EventBus) -> Vec<PersistentVolumeClaim> {
+    claim_kinds(bus)
+        .into_iter()
+        .map(|k| PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(k.template.into()),
+                labels: Some(labels(COMPONENT, &bus.name_any())),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: k.storage_class_name,
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".to_string(), Quantity(k.size))])),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        })
+        .collect()
 }
 
 /// Keeps all but one bus pod up through voluntary disruptions (node

@@ -48,6 +48,14 @@ fn events(w: &World) -> Vec<Event> {
     w.api.list::<Event>(Some(NS))
 }
 
+/// Writes since `before` other than Events and EventBus status.
+fn object_writes(w: &World, before: usize) -> Vec<String> {
+    w.changes_since(before)
+        .into_iter()
+        .filter(|c| !c.contains("events/") && !c.contains("eventbuses/"))
+        .collect()
+}
+
 async fn started_world() -> World {
     let w = world();
     w.api.insert(&sample_bus());
@@ -493,12 +501,114 @@ async fn growing_the_wal_expands_claims_and_reports_progress_and_shrinking_is_re
         message.starts_with("spec.wal.size") && message.contains("not shrink"),
         "{message}"
     );
-    let writes: Vec<String> = w
-        .changes_since(before)
-        .into_iter()
-        .filter(|c| !c.contains("events/") && !c.contains("eventbuses/"))
+    assert_eq!(object_writes(&w, before), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn backups_add_a_volume_by_recreating_the_statefulset_and_keep_its_pods() {
+    let w = started_world().await;
+    w.reconcile_bus("amoskys").await;
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"backup": {"interval": "6h", "size": "5Gi"}}}),
+    );
+
+    // Claim templates are immutable: the StatefulSet goes, orphaning (not
+    // deleting) its pods, and comes back with the backup volume.
+    let before = w.api.changes().len();
+    w.reconcile_bus("amoskys").await;
+    assert!(
+        w.changes_since(before)
+            .contains(&"DELETE statefulsets/amoskys propagationPolicy=Orphan".to_string()),
+        "{:?}",
+        w.changes_since(before)
+    );
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("RecreatingStatefulSet"))
+    );
+    w.reconcile_bus("amoskys").await;
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").expect("StatefulSet again");
+    let claims = sts.spec.volume_claim_templates.as_ref().unwrap();
+    let names: Vec<_> = claims
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
         .collect();
-    assert_eq!(writes, Vec::<String>::new());
+    assert_eq!(names, ["wal", "backup"]);
+    assert_eq!(common::claim_storage(&claims[1]), "5Gi");
+    let c = &sts.spec.template.spec.as_ref().unwrap().containers[0];
+    assert!(
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "backup" && m.mount_path == amoskys_operator::eventbus::BACKUP_DIR)
+    );
+
+    // The bus reads the config the operator wrote, backup section included.
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-config").unwrap();
+    let yaml = cm.data.unwrap()["bus.yaml"].clone();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("bus.yaml"), yaml).unwrap();
+    let file = amoskys_eventbus::config::read_config_file(&tmp.path().join("bus.yaml")).unwrap();
+    let cfg = amoskys_eventbus::config::resolve(file, Default::default()).unwrap();
+    let b = cfg.backup.expect("backup config");
+    assert_eq!(b.dir.to_str(), Some(amoskys_operator::eventbus::BACKUP_DIR));
+    assert_eq!(
+        (b.interval, b.keep),
+        (Some(Duration::from_secs(6 * 3600)), 7)
+    );
+
+    // Settled: a further pass writes nothing but status.
+    let before = w.api.changes().len();
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(object_writes(&w, before), Vec::<String>::new());
+
+    // Backup volumes grow like WAL volumes and refuse to shrink.
+    let wal_size = sample_bus().spec.wal.size;
+    w.api.insert(&wal_claim("wal-amoskys-0", &wal_size));
+    w.api.insert(&wal_claim("backup-amoskys-0", "5Gi"));
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"backup": {"size": "8Gi"}}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let pvc: PersistentVolumeClaim = w.api.get(Some(NS), "backup-amoskys-0").unwrap();
+    assert_eq!(common::claim_storage(&pvc), "8Gi");
+    let wal: PersistentVolumeClaim = w.api.get(Some(NS), "wal-amoskys-0").unwrap();
+    assert_eq!(
+        common::claim_storage(&wal),
+        wal_size,
+        "the WAL claim is left alone"
+    );
+    let st = w.bus("amoskys").status.clone().unwrap();
+    let (_, reason, message) = condition(&st.conditions, "Progressing");
+    assert_eq!(reason, "ExpandingVolumes");
+    assert!(
+        message.contains("backup-amoskys-0: 5Gi of 8Gi"),
+        "{message}"
+    );
+
+    for (patch, field) in [
+        (json!({"size": "1Gi"}), "spec.backup.size"),
+        (
+            json!({"size": "8Gi", "interval": "hourly"}),
+            "spec.backup.interval",
+        ),
+        (json!({"interval": "10ms"}), "spec.backup.interval"),
+        (json!({"interval": "0s", "keep": 0}), "spec.backup.keep"),
+    ] {
+        w.api
+            .patch::<EventBus>(Some(NS), "amoskys", json!({"spec": {"backup": patch}}));
+        w.reconcile_bus("amoskys").await;
+        let st = w.bus("amoskys").status.clone().unwrap();
+        let (_, reason, message) = condition(&st.conditions, "Ready");
+        assert_eq!(reason, "InvalidSpec", "{patch}");
+        assert!(message.starts_with(field), "{patch}: {message}");
+    }
 }
 
 fn ca_phase(w: &World) -> (String, String) {

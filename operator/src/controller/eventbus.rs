@@ -10,7 +10,10 @@ use amoskys_eventbus::auth::Role;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PropagationPolicy,
+};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
@@ -21,8 +24,8 @@ use super::{
 };
 use crate::crd::{AgentSet, CertificateStatus, EventBus, EventBusStatus, IssuerRef};
 use crate::eventbus::{
-    COMPONENT, InvalidSpec, Names, config_map, endpoint, invalid, pdb, server_dns_names, services,
-    statefulset, tls_lifetimes, validate,
+    COMPONENT, InvalidSpec, Names, claim_kinds, config_map, endpoint, invalid, pdb,
+    server_dns_names, services, statefulset, tls_lifetimes, validate,
 };
 use crate::labels::{MANAGER, owned_meta, selector, selector_query};
 use crate::pki::{self, Change, LeafKind, LeafSpec, Phase, Policy};
@@ -90,8 +93,8 @@ pub fn policy(bus: &EventBus, propagation: Duration) -> Result<Policy, InvalidSp
     })
 }
 
-/// Volume claims of the bus's StatefulSet.
-async fn wal_claims(
+/// Volume claims of the bus's StatefulSet (WAL and backup).
+async fn bus_claims(
     ctx: &Context,
     ns: &str,
     bus: &str,
@@ -121,25 +124,37 @@ fn capacity(pvc: &PersistentVolumeClaim) -> Option<String> {
         .map(|q| q.0.clone())
 }
 
-/// Volumes only grow: a smaller `spec.wal.size` than a claim already has is
-/// refused before anything is written.
-fn check_wal_size(bus: &EventBus, claims: &[PersistentVolumeClaim]) -> Result<(), InvalidSpec> {
-    let want = quantity_bytes(&bus.spec.wal.size).unwrap_or(0);
-    for c in claims {
-        if let Some(have) = requested(c)
-            && quantity_bytes(&have).is_some_and(|h| h > want)
-        {
-            return Err(invalid(
-                "spec.wal.size",
-                format!(
-                    "{} is smaller than claim {} ({have}); WAL volumes can grow but not shrink",
-                    bus.spec.wal.size,
-                    c.name_any()
-                ),
-            ));
+/// Volumes only grow: a size smaller than a claim already has is refused
+/// before anything is written.
+fn check_claim_sizes(bus: &EventBus, claims: &[PersistentVolumeClaim]) -> Result<(), InvalidSpec> {
+    let name = bus.name_any();
+    for kind in claim_kinds(bus) {
+        let want = quantity_bytes(&kind.size).unwrap_or(0);
+        for c in claims.iter().filter(|c| kind.owns(&name, &c.name_any())) {
+            if let Some(have) = requested(c)
+                && quantity_bytes(&have).is_some_and(|h| h > want)
+            {
+                return Err(invalid(
+                    kind.size_field,
+                    format!(
+                        "{} is smaller than claim {} ({have}); volumes can grow but not shrink",
+                        kind.size,
+                        c.name_any()
+                    ),
+                ));
+            }
         }
     }
     Ok(())
+}
+
+fn template_names(sts: &StatefulSet) -> Vec<String> {
+    sts.spec
+        .volume_claim_templates
+        .iter()
+        .flatten()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect()
 }
 
 /// What the certificates look like after this pass, for the status.
@@ -161,9 +176,9 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
 
-    let claims = wal_claims(ctx, &ns, &name).await?;
+    let claims = bus_claims(ctx, &ns, &name).await?;
     let checked = validate(bus)
-        .and_then(|_| check_wal_size(bus, &claims))
+        .and_then(|_| check_claim_sizes(bus, &claims))
         .and_then(|_| policy(bus, ctx.propagation));
     let policy = match checked {
         Ok(p) => p,
@@ -189,8 +204,37 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
     let mut desired = statefulset(bus, image);
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(existing) = sts_api.get_opt(&name).await? {
-        // Claim templates are immutable; a grown size reaches the claims
-        // below instead.
+        if existing.metadata.deletion_timestamp.is_some() {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        let (have, want) = (template_names(&existing), template_names(&desired));
+        if have != want {
+            // Claim templates are immutable, so a volume added (or dropped)
+            // needs a new StatefulSet. Orphaning the pods keeps them serving;
+            // the new StatefulSet adopts them and rolls them onto the new
+            // template. Claims of a dropped volume stay, as they always do.
+            sts_api
+                .delete(
+                    &name,
+                    &DeleteParams {
+                        propagation_policy: Some(PropagationPolicy::Orphan),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            ctx.event(
+                bus,
+                false,
+                "RecreatingStatefulSet",
+                "Recreate",
+                format!(
+                    "volume claim templates {have:?} -> {want:?}: recreating the StatefulSet, keeping its pods"
+                ),
+            )
+            .await;
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        // A grown size reaches the claims below instead.
         desired.spec.volume_claim_templates = existing.spec.volume_claim_templates.clone();
     }
     let sts = apply(&ctx.client, &ns, &desired).await?;
@@ -489,35 +533,41 @@ async fn expand_claims(
     ctx: &Context,
     ns: &str,
 ) -> Result<Option<String>, Error> {
-    let want_q = &bus.spec.wal.size;
-    let want = quantity_bytes(want_q).unwrap_or(0);
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let bus_name = bus.name_any();
     let mut pending = Vec::new();
-    for c in claims {
-        let name = c.name_any();
-        if requested(c).and_then(|q| quantity_bytes(&q)).unwrap_or(0) < want {
-            let body =
-                serde_json::json!({"spec": {"resources": {"requests": {"storage": want_q}}}});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-                .await?;
-            ctx.event(
-                bus,
-                false,
-                "ExpandingVolume",
-                "ExpandVolume",
-                format!("{name}: requested {want_q}"),
-            )
-            .await;
-        }
-        let cap = capacity(c).unwrap_or_default();
-        if quantity_bytes(&cap).unwrap_or(0) < want {
-            pending.push(format!(
-                "{name}: {} of {want_q}",
-                if cap.is_empty() { "?" } else { &cap }
-            ));
+    for kind in claim_kinds(bus) {
+        let want_q = &kind.size;
+        let want = quantity_bytes(want_q).unwrap_or(0);
+        for c in claims
+            .iter()
+            .filter(|c| kind.owns(&bus_name, &c.name_any()))
+        {
+            let name = c.name_any();
+            if requested(c).and_then(|q| quantity_bytes(&q)).unwrap_or(0) < want {
+                let body =
+                    serde_json::json!({"spec": {"resources": {"requests": {"storage": want_q}}}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+                    .await?;
+                ctx.event(
+                    bus,
+                    false,
+                    "ExpandingVolume",
+                    "ExpandVolume",
+                    format!("{name}: requested {want_q}"),
+                )
+                .await;
+            }
+            let cap = capacity(c).unwrap_or_default();
+            if quantity_bytes(&cap).unwrap_or(0) < want {
+                pending.push(format!(
+                    "{name}: {} of {want_q}",
+                    if cap.is_empty() { "?" } else { &cap }
+                ));
+            }
         }
     }
-    Ok((!pending.is_empty()).then(|| format!("expanding WAL volumes: {}", pending.join(", "))))
+    Ok((!pending.is_empty()).then(|| format!("expanding volumes: {}", pending.join(", "))))
 }
 
 fn bus_status(

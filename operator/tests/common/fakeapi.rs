@@ -335,7 +335,13 @@ impl Store {
             }
             (Method::DELETE, Some(name)) => match self.objects.remove(&key_of(name)) {
                 Some(v) => {
-                    self.changes.push(format!("DELETE {}/{name}", p.plural));
+                    let how = body
+                        .get("propagationPolicy")
+                        .and_then(Value::as_str)
+                        .map(|p| format!(" propagationPolicy={p}"))
+                        .unwrap_or_default();
+                    self.changes
+                        .push(format!("DELETE {}/{name}{how}", p.plural));
                     ok(&v)
                 }
                 None => not_found(name),
