@@ -284,8 +284,24 @@ async fn open_backups(cfg: &BusConfig) -> Result<Option<(SharedBackups, Option<i
         .await
         .map_err(|e| BusError::Other(format!("opening the backup dir: {e}")))??;
     let newest = opened.list().last().map(|i| i.created_at);
+    if same_filesystem(&b.dir, &cfg.data_dir) {
+        warn!(
+            dir = %b.dir.display(),
+            data_dir = %cfg.data_dir.display(),
+            "backup.dir is on the same filesystem as dataDir: backups will not survive losing that disk, \
+             and while one runs it slows the WAL's fsyncs (docs/operations.md, Backups and restore)"
+        );
+    }
     info!(dir = %b.dir.display(), backups = opened.list().len(), interval = ?b.interval, keep = b.keep, "backups enabled");
     Ok(Some((Arc::new(tokio::sync::Mutex::new(opened)), newest)))
+}
+
+fn same_filesystem(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
 }
 
 /// Takes a backup every `every`, the first one `every` after the newest
@@ -354,4 +370,18 @@ fn spawn_retention(state: Arc<BusState>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn same_filesystem_compares_devices() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        assert!(super::same_filesystem(&a, &b));
+        assert!(!super::same_filesystem(&a, std::path::Path::new("/proc")));
+        assert!(!super::same_filesystem(&a, &tmp.path().join("missing")));
+    }
 }
