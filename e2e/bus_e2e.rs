@@ -282,6 +282,20 @@ fn bad_config_or_flag_exits_nonzero_naming_the_field() {
             ],
             "shutdownGrace",
         ),
+        (
+            vec![
+                "--config".into(),
+                cfg("backup.yaml", "backup:\n  keep: 0\n  dir: /b\n")
+                    .display()
+                    .to_string(),
+            ],
+            "backup.keep",
+        ),
+        // A backup directory that cannot be created stops the start.
+        (
+            vec!["--backup-dir".into(), "/proc/amoskys-backup".into()],
+            "backup dir /proc/amoskys-backup",
+        ),
     ];
     for (args, field) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -572,6 +586,20 @@ async fn a_backup_taken_under_load_restores_into_a_bus_that_holds_what_it_held()
     };
     let (ok, out) = now("reader");
     assert!(!ok && out.contains("Admin.Backup"), "{out}");
+    // A bus without a backup directory says so.
+    std::fs::create_dir(root.join("other")).unwrap();
+    std::os::unix::fs::symlink(root.join("pki"), root.join("other/pki")).unwrap();
+    let other = common::start_bus_with(&root.join("other"), "batch", None, &[]);
+    let (ok, out) = cli(&[
+        "backup",
+        "now",
+        "--bus",
+        &format!("https://127.0.0.1:{}", other.grpc),
+        "--tls-dir",
+        &s(&root.join("pki/admin")),
+    ]);
+    assert!(!ok && out.contains("no backup directory"), "{out}");
+    drop(other);
     let (ok, out) = now("admin");
     assert!(ok && out.starts_with("backup 1 taken at "), "{out}");
     assert!(out.contains("1 backups kept in"), "{out}");
