@@ -177,11 +177,18 @@ async fn dashboard_in_a_real_browser() {
     let token_file = root.join("admin-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let ports = (free_port(), free_port());
+    // With a backup dir and no backup in it yet, the bus takes one at start.
+    let backup_dir = root.join("backup");
     let _bus = start_bus_with(
         root,
         "batch",
         Some(ports),
-        &["--admin-token-file", token_file.to_str().unwrap()],
+        &[
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+            "--backup-dir",
+            backup_dir.to_str().unwrap(),
+        ],
     );
     let _agent = start_agent(root, ports.0, AGENT, AGENT_CONFIG);
     let base = format!("http://127.0.0.1:{}", ports.1);
@@ -215,6 +222,17 @@ async fn dashboard_in_a_real_browser() {
     })
     .await;
     assert_eq!(c.current_url().await.unwrap().path(), "/");
+    let backup = until(
+        &c,
+        "the backup card",
+        "const v = document.getElementById('backup'); return v ? v.parentElement.innerText : null;",
+        |v| {
+            v.as_str()
+                .is_some_and(|s| s.contains("ago") && s.contains("1 kept"))
+        },
+    )
+    .await;
+    println!("backup card: {backup}");
     shot(&c, "02-overview").await;
 
     // The agent's row appears and turns Running with its heartbeats.

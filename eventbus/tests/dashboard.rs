@@ -115,8 +115,18 @@ fn heartbeat(agent: &str, seq: u64) -> Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_roles_and_data() {
     let env = Env::new();
-    let bus = amoskys_eventbus::start(with_tokens(&env)).await.unwrap();
+    let mut cfg = with_tokens(&env);
+    let backups = tempfile::tempdir().unwrap();
+    cfg.backup = Some(amoskys_eventbus::config::BackupConfig {
+        dir: backups.path().to_path_buf(),
+        interval: None,
+        keep: 3,
+    });
+    let bus = amoskys_eventbus::start(cfg).await.unwrap();
     let http = Http::new(&bus);
+    let o = http.get("/api/overview", Some(ADMIN)).await.json();
+    assert_eq!(o["backup"]["count"], 0);
+    assert!(o["backup"]["newest_at"].is_null());
 
     let mut c = client(&bus, &env.pki("agent")).await;
     let mut a = c.publisher(hello("node-a"), 8).await.unwrap();
@@ -247,6 +257,19 @@ async fn credentials_roles_and_data() {
         "ssh-brute-force: 40 failed logins"
     );
     assert!(overview["wal_bytes"].as_u64().unwrap() > 0);
+    let mut admin = client(&bus, &env.pki("admin")).await;
+    let made = admin
+        .admin
+        .backup(amoskys_proto::BackupRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let o = http.get("/api/overview", Some(ADMIN)).await.json();
+    assert_eq!(o["backup"]["count"], 1);
+    assert_eq!(o["backup"]["running"], false);
+    assert_eq!(o["backup"]["newest_at"], made.created_at * 1000);
+    assert_eq!(o["backup"]["newest_bytes"], made.size_bytes);
+    assert_eq!(o["backup"]["errors"], 0);
     assert!(
         overview["certificate"]["expires_in_seconds"]
             .as_i64()

@@ -107,6 +107,27 @@ pub async fn overview(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> Api
         .iter()
         .map(event_line)
         .collect();
+    let backup = match &bus.backups {
+        None => Value::Null,
+        Some(b) => {
+            let errors = bus.metrics.backup_errors.get();
+            match b.try_lock() {
+                Ok(held) => {
+                    let list = held.list();
+                    let newest = list.last();
+                    json!({
+                        "running": false,
+                        "count": list.len(),
+                        "newest_at": newest.map(|n| n.created_at * 1000),
+                        "newest_bytes": newest.map(|n| n.size_bytes),
+                        "errors": errors,
+                    })
+                }
+                // A backup holds the lock while it runs.
+                Err(_) => json!({"running": true, "errors": errors}),
+            }
+        }
+    };
     Ok(Json(json!({
         "version": crate::service::VERSION,
         "now": ms(now_ns()),
@@ -129,6 +150,7 @@ pub async fn overview(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> Api
             "expires_in_seconds": not_after - now_ns() / 1_000_000_000,
         },
         "recent_alerts": alerts,
+        "backup": backup,
     })))
 }
 

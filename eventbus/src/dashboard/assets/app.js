@@ -107,6 +107,7 @@ function overview() {
       card(`agents: ${phases}`, fmt.n(o.agents_total), "agents-total"),
       card(`bus certificate ${cert.serial.slice(0, 12)}… expires`, fmt.dur(cert.expires_in_seconds), "cert"),
       card(`WAL ${o.writable ? "writable" : "NOT writable"} · sync ${o.sync_policy}`, o.version, "version"),
+      ...(o.backup ? [backupCard(o.backup)] : []),
       ...Object.entries(o.eps_by_collector).map(([c, v]) => card(`${c} events/s`, fmt.rate(v))));
     const series = [{ name: "total", values: o.series.total }].concat(
       Object.entries(o.series.by_collector).map(([name, values]) => ({ name, values })));
@@ -114,6 +115,13 @@ function overview() {
     alerts.tBodies[0].replaceChildren(...(o.recent_alerts.length ? o.recent_alerts.map(e => eventRow(e, () => showEvent(e.offset))) :
       [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No alerts."))]));
   });
+}
+
+function backupCard(b) {
+  const failed = b.errors ? ` · ${fmt.n(b.errors)} failed` : "";
+  if (b.running) return card(`backup running${failed}`, "…", "backup");
+  const label = `last backup · ${fmt.n(b.count)} kept` + (b.newest_bytes ? ` · ${fmt.bytes(b.newest_bytes)}` : "") + failed;
+  return card(label, b.newest_at ? fmt.ago(b.newest_at) : "none yet", "backup");
 }
 
 // ---- Agents ---------------------------------------------------------------
