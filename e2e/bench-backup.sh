@@ -22,11 +22,6 @@ start_bus() { # DATA_DIR
   pid=$!
   pids+=("$pid")
 }
-ready_ms() {
-  local t0; t0=$(date +%s%N)
-  until curl -sf -o /dev/null http://127.0.0.1:19464/readyz; do sleep 0.005; done
-  echo $(( ($(date +%s%N) - t0) / 1000000 ))
-}
 bench() { "$BIN" bench --bus "$URL" --tls-dir "$P/agent" "$@" | tail -1; }
 latency() { bench --events 200000 --rate 10000 --agents 4 --batch 10 --window 64 --agent-prefix "$1"; }
 # Prints the backup line and how long the request took.
@@ -39,7 +34,7 @@ backup_dir=${BACKUP_DIR:-$work/backup}/amoskys-bench-$$
 trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work" "$backup_dir"' EXIT
 printf 'backup:\n  dir: %s\n  interval: 0s\n  keep: 3\n' "$backup_dir" >"$work/bus.yaml"
 
-start_bus "$work/bus"; ready_ms >/dev/null
+start_bus "$work/bus"; ready_ms 19464 >/dev/null
 echo "[fill]                 $(bench --events "$STORED" --agents 4 --agent-prefix fill)"
 echo "[store]                data_mb=$(du -sm "$work/bus" | cut -f1)"
 # Let the compactions the fill started finish, so they do not land in the
@@ -60,5 +55,5 @@ t0=$(date +%s%N)
 "$BIN" backup restore --dir "$backup_dir" --data-dir "$work/restored" >/dev/null
 echo "[restore]              restore_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
 start_bus "$work/restored"
-echo "[restored bus]         ready_ms=$(ready_ms) $(curl -s http://127.0.0.1:19464/metrics | grep '^amoskys_bus_stored_event_count' | tr -d '\n')"
+echo "[restored bus]         ready_ms=$(ready_ms 19464) $(curl -s http://127.0.0.1:19464/metrics | grep '^amoskys_bus_stored_event_count' | tr -d '\n')"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true

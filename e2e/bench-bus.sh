@@ -20,14 +20,9 @@ start_bus() {
   "$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" --tls-dir "$P/bus" 2>>"$work/bus.log" &
   pid=$!
 }
-ready_ms() { # ms from now until /readyz answers 200
-  local t0; t0=$(date +%s%N)
-  until curl -sf -o /dev/null http://127.0.0.1:19464/readyz; do sleep 0.005; done
-  echo $(( ($(date +%s%N) - t0) / 1000000 ))
-}
 bench() { "$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" "$@" | tail -1; }
 
-start_bus; ready_ms >/dev/null
+start_bus; ready_ms 19464 >/dev/null
 # The disk's own fsync tail is the floor under the ack p99, and it varies
 # from minute to minute on shared machines: print it next to the runs.
 echo "[disk]           $(python3 e2e/disk-fsync.py "$work")"
@@ -37,5 +32,5 @@ done
 echo "[full load]      $(bench --events "$STORED" --agents 4 --agent-prefix load) bus_rss_peak_mb=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$pid/status)"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 start_bus
-echo "[restart]        stored=$((STORED + 300000)) ready_ms=$(ready_ms)"
+echo "[restart]        stored=$((STORED + 300000)) ready_ms=$(ready_ms 19464)"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""

@@ -24,6 +24,13 @@ wait_port() {
   return 1
 }
 
+# Milliseconds from now until the bus's /readyz on 127.0.0.1:$1 answers 200.
+ready_ms() {
+  local t0; t0=$(date +%s%N)
+  until curl -sf -o /dev/null "http://127.0.0.1:$1/readyz"; do sleep 0.005; done
+  echo $(( ($(date +%s%N) - t0) / 1000000 ))
+}
+
 # A scratch directory in $work and a list of background pids ($pids, append
 # to it) that are killed, and the directory removed, when the script exits.
 bench_workdir() {

@@ -678,16 +678,14 @@ async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
         }
         BackupCmd::Restore { dir, data_dir, id } => {
             let mut backups = existing(&dir)?;
-            let b = tokio::task::spawn_blocking(move || {
-                backups.restore(id, &data_dir).map(|b| (b, data_dir))
-            })
-            .await??;
+            let target = data_dir.clone();
+            let b = tokio::task::spawn_blocking(move || backups.restore(id, &target)).await??;
             println!(
                 "restored backup {} (taken at {}) into {}; start the bus with --data-dir {}",
-                b.0.id,
-                unix_time(b.0.created_at),
-                b.1.display(),
-                b.1.display()
+                b.id,
+                unix_time(b.created_at),
+                data_dir.display(),
+                data_dir.display()
             );
         }
     }

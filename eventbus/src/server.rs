@@ -283,7 +283,8 @@ async fn open_backups(cfg: &BusConfig) -> Result<Option<(SharedBackups, Option<i
     let opened = tokio::task::spawn_blocking(move || Backups::open(&dir))
         .await
         .map_err(|e| BusError::Other(format!("opening the backup dir: {e}")))??;
-    let newest = opened.list().last().map(|i| i.created_at);
+    let held = opened.list();
+    let newest = held.last().map(|i| i.created_at);
     if same_filesystem(&b.dir, &cfg.data_dir) {
         warn!(
             dir = %b.dir.display(),
@@ -292,7 +293,7 @@ async fn open_backups(cfg: &BusConfig) -> Result<Option<(SharedBackups, Option<i
              and while one runs it slows the WAL's fsyncs (docs/operations.md, Backups and restore)"
         );
     }
-    info!(dir = %b.dir.display(), backups = opened.list().len(), interval = ?b.interval, keep = b.keep, "backups enabled");
+    info!(dir = %b.dir.display(), backups = held.len(), interval = ?b.interval, keep = b.keep, "backups enabled");
     Ok(Some((Arc::new(tokio::sync::Mutex::new(opened)), newest)))
 }
 
