@@ -360,6 +360,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
                 node: cfg.node.clone(),
                 version: VERSION.into(),
                 collectors: shared.collectors.names(),
+                // Incarnation and acked seq are the spool's, read at each connect.
+                ..Default::default()
             },
             max_events: cfg.batch_max_events,
             max_bytes: 4 * 1024 * 1024,

@@ -102,6 +102,12 @@ impl Sender {
                     self.metrics.connected.set(0);
                     let why = match &e {
                         SessionError::Client(ClientError::Connect { .. }) => "connect",
+                        // Another agent with this agent id holds the stream.
+                        SessionError::Client(ClientError::Rpc(s))
+                            if s.code() == tonic::Code::AlreadyExists =>
+                        {
+                            "refused"
+                        }
                         SessionError::Client(ClientError::Rpc(_)) => "rpc",
                         SessionError::Client(ClientError::Read { .. }) => "tls_files",
                         SessionError::Client(_) => "stream",
@@ -142,10 +148,26 @@ impl Sender {
         let mut client = BusClient::connect(&self.cfg.client)
             .await
             .map_err(|e| (e.into(), false))?;
+        let spooled = self.spool.stats();
+        let hello = Hello {
+            incarnation: self.spool.incarnation(),
+            acked_seq: spooled.acked_seq,
+            ..self.cfg.hello.clone()
+        };
         let mut publisher = client
-            .publisher(self.cfg.hello.clone(), self.cfg.window + 4)
+            .publisher(hello, self.cfg.window + 4)
             .await
             .map_err(|e| (e.into(), false))?;
+        if publisher.welcome_acked_seq >= spooled.next_seq {
+            // Cannot happen while incarnations are unique; if it does, the
+            // bus's claim would delete events it never received, so say so.
+            warn!(
+                bus_held_seq = publisher.welcome_acked_seq,
+                spool_next_seq = spooled.next_seq,
+                incarnation = format!("{:016x}", self.spool.incarnation()),
+                "the bus claims seqs this spool never produced"
+            );
+        }
         let n = self.counters.sessions.fetch_add(1, Ordering::Relaxed);
         if n > 0 {
             self.metrics.reconnects.inc();

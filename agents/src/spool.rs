@@ -7,6 +7,12 @@
 //! are written in the same batch as the events they describe, so a kill -9
 //! never leaves a seq reused or a drop uncounted.
 //!
+//! A spool is one *incarnation* of its agent: a random id made when the
+//! spool is created, stored in it, and sent in every Hello. Seqs are numbered
+//! per incarnation, so a wiped or new spool starts a seq space of its own that
+//! the bus stores instead of dropping as duplicates. The highest acked seq is
+//! kept too, so the bus can tell when it holds less than the agent saw acked.
+//!
 //! The spool is bounded in bytes. When an append would exceed the bound, the
 //! oldest events are dropped and counted; the count becomes a gap event the
 //! next time the sender connects, so loss is never silent.
@@ -24,6 +30,8 @@ const EVENT: u8 = b'e';
 const META_NEXT_SEQ: &[u8] = b"mnext_seq";
 const META_DROPPED: &[u8] = b"mdropped";
 const META_GAP: &[u8] = b"mgap";
+const META_INCARNATION: &[u8] = b"mincarnation";
+const META_ACKED: &[u8] = b"macked";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -59,6 +67,16 @@ impl Draft {
             severity,
             labels: HashMap::new(),
             payload,
+        }
+    }
+}
+
+/// A random, non-zero incarnation id (0 means "from before incarnations").
+fn new_incarnation() -> u64 {
+    loop {
+        let i: u64 = rand::random();
+        if i != 0 {
+            return i;
         }
     }
 }
@@ -116,6 +134,8 @@ struct State {
     events: u64,
     dropped_total: u64,
     gap: PendingGap,
+    /// The highest seq the bus acked.
+    acked: u64,
     /// Encoded size of each held event, seq `first` at the front (held seqs
     /// are contiguous), so acks and drops account bytes without reading
     /// values back from disk. 4 bytes an event.
@@ -131,6 +151,9 @@ pub struct SpoolStats {
     pub events: u64,
     pub dropped_total: u64,
     pub max_bytes: u64,
+    /// The highest seq the bus has acked (0: none, or a spool from before
+    /// this was recorded).
+    pub acked_seq: u64,
 }
 
 pub struct Spool {
@@ -139,6 +162,7 @@ pub struct Spool {
     max_bytes: u64,
     agent_id: String,
     node: String,
+    incarnation: u64,
     /// Woken on every append, so the sender need not poll.
     pub appended: tokio::sync::Notify,
 }
@@ -185,7 +209,8 @@ impl Spool {
             source,
         })?;
 
-        let next_meta = u64_meta(&db, META_NEXT_SEQ)?.unwrap_or(1);
+        let next_stored = u64_meta(&db, META_NEXT_SEQ)?;
+        let next_meta = next_stored.unwrap_or(1);
         let dropped_total = u64_meta(&db, META_DROPPED)?.unwrap_or(0);
         let gap = db
             .get(META_GAP)
@@ -209,6 +234,20 @@ impl Spool {
         // The meta key and the events are written together, but take the
         // larger in case the file was copied or restored by hand.
         let next = next_meta.max(last + 1);
+        let incarnation = match u64_meta(&db, META_INCARNATION)? {
+            Some(i) => i,
+            // A spool that already numbered events before incarnations
+            // existed keeps incarnation 0, which is what the bus recorded for
+            // it: its seqs go on in the seq space the bus knows.
+            None if next_stored.is_some() || first.is_some() => 0,
+            None => {
+                let fresh = new_incarnation();
+                db.put(META_INCARNATION, fresh.to_be_bytes())
+                    .map_err(SpoolError::Write)?;
+                fresh
+            }
+        };
+        let acked = u64_meta(&db, META_ACKED)?.unwrap_or(0);
         Ok(Self {
             db,
             state: Mutex::new(State {
@@ -218,13 +257,20 @@ impl Spool {
                 events,
                 dropped_total,
                 gap,
+                acked,
                 sizes,
             }),
             max_bytes,
             agent_id: agent_id.to_string(),
             node: node.to_string(),
+            incarnation,
             appended: tokio::sync::Notify::new(),
         })
+    }
+
+    /// This spool's incarnation (see the module docs).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -240,6 +286,7 @@ impl Spool {
             events: s.events,
             dropped_total: s.dropped_total,
             max_bytes: self.max_bytes,
+            acked_seq: s.acked,
         }
     }
 
@@ -258,6 +305,7 @@ impl Spool {
             labels: d.labels,
             offset: 0,
             stored_at: 0,
+            incarnation: self.incarnation,
             payload: Some(d.payload),
         }
     }
@@ -434,15 +482,27 @@ impl Spool {
     /// The bus holds everything up to `seq`: remove it.
     pub fn ack(&self, seq: u64) -> Result<u64, SpoolError> {
         let mut s = self.lock();
-        if seq < s.first {
+        let upto = seq.min(s.next.saturating_sub(1));
+        let n = if upto >= s.first {
+            (upto + 1 - s.first).min(s.sizes.len() as u64)
+        } else {
+            0
+        };
+        if n == 0 && upto <= s.acked {
             return Ok(0);
         }
-        let upto = seq.min(s.next.saturating_sub(1));
-        let n = (upto + 1 - s.first).min(s.sizes.len() as u64);
         let freed: u64 = s.sizes.iter().take(n as usize).map(|&l| u64::from(l)).sum();
         let mut batch = WriteBatch::default();
-        batch.delete_range(key(s.first), key(upto + 1));
+        if n > 0 {
+            batch.delete_range(key(s.first), key(upto + 1));
+        }
+        let acked = s.acked.max(upto);
+        batch.put(META_ACKED, acked.to_be_bytes());
         self.db.write(batch).map_err(SpoolError::Write)?;
+        s.acked = acked;
+        if n == 0 {
+            return Ok(0);
+        }
         s.sizes.drain(..n as usize);
         s.first = upto + 1;
         s.bytes -= freed.min(s.bytes);
@@ -495,6 +555,56 @@ mod tests {
         let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
         s.append(vec![draft(0, 1)]).unwrap();
         assert_eq!(s.read(0, 10, 1 << 20).unwrap()[0].seq, 11);
+    }
+
+    #[test]
+    fn incarnation_is_made_once_per_spool_and_acked_seq_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let inc = {
+            let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
+            assert_ne!(s.incarnation(), 0);
+            s.append((0..5).map(|i| draft(i, 10)).collect()).unwrap();
+            assert!(
+                s.read(0, 10, 1 << 20)
+                    .unwrap()
+                    .iter()
+                    .all(|e| e.incarnation == s.incarnation())
+            );
+            s.ack(3).unwrap();
+            // An ack below what is held still records nothing new.
+            assert_eq!(s.ack(2).unwrap(), 0);
+            assert_eq!(s.stats().acked_seq, 3);
+            s.incarnation()
+        };
+        let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
+        assert_eq!(
+            s.incarnation(),
+            inc,
+            "a reopened spool is the same incarnation"
+        );
+        assert_eq!(s.stats().acked_seq, 3);
+        s.ack(5).unwrap();
+        assert_eq!(s.stats().acked_seq, 5);
+        drop(s);
+        // A wiped spool is a new incarnation and starts its seqs again.
+        let other = tempfile::tempdir().unwrap();
+        let s = Spool::open(other.path(), 1 << 20, "a", "n").unwrap();
+        assert_ne!(s.incarnation(), inc);
+        assert_eq!((s.stats().next_seq, s.stats().acked_seq), (1, 0));
+    }
+
+    #[test]
+    fn a_spool_from_before_incarnations_keeps_incarnation_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
+            s.append((0..3).map(|i| draft(i, 10)).collect()).unwrap();
+            // What an older agent left: no incarnation key.
+            s.db.delete(META_INCARNATION).unwrap();
+        }
+        let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
+        assert_eq!(s.incarnation(), 0);
+        assert_eq!(s.stats().next_seq, 4);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! What the end-to-end tests share: the binary, a PKI, bus processes.
 #![allow(dead_code)]
 
+pub mod history;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

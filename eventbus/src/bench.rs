@@ -371,6 +371,7 @@ async fn run_agent(
         node: "bench".into(),
         version: crate::service::VERSION.into(),
         collectors: vec!["synthetic".into()],
+        ..Default::default()
     };
     let mut publisher = client
         .publisher(hello, opts.window)

@@ -94,6 +94,7 @@ fn text_matches(e: &Event, needle: &str) -> bool {
         }
         Some(Payload::Gap(g)) => hit(&g.reason),
         Some(Payload::Heartbeat(h)) => hit(&h.version),
+        Some(Payload::IncarnationStarted(i)) => hit(&i.node),
         Some(Payload::Synthetic(_)) | None => false,
     }
 }

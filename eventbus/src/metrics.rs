@@ -64,6 +64,9 @@ pub struct BusMetrics {
     pub retention_deleted: Family<ReasonLabel, Counter>,
     pub tail_subscribers: Gauge,
     pub tail_lagged: Counter,
+    pub incarnations: Counter,
+    pub streams_refused: Counter,
+    pub bus_lost: Counter,
     pub backups: Counter,
     pub backup_errors: Counter,
     pub backup_seconds: Histogram,
@@ -104,6 +107,9 @@ impl BusMetrics {
             retention_deleted: Family::default(),
             tail_subscribers: Gauge::default(),
             tail_lagged: Counter::default(),
+            incarnations: Counter::default(),
+            streams_refused: Counter::default(),
+            bus_lost: Counter::default(),
             backups: Counter::default(),
             backup_errors: Counter::default(),
             backup_seconds: Histogram::new(exponential_buckets(0.01, 4.0, 10)),
@@ -126,6 +132,21 @@ impl BusMetrics {
             "duplicates",
             "Events dropped as already stored (agent_id, seq)",
             m.duplicates.clone(),
+        );
+        r.register(
+            "agent_incarnations",
+            "New agent incarnations (a wiped or new spool under a known agent id), each announced as an event",
+            m.incarnations.clone(),
+        );
+        r.register(
+            "streams_refused",
+            "Publish streams refused because another incarnation of the agent id had a live stream",
+            m.streams_refused.clone(),
+        );
+        r.register(
+            "lost",
+            "Events agents saw acked that the bus no longer holds (restored from an older backup, a lost volume), each range recorded as a gap event",
+            m.bus_lost.clone(),
         );
         r.register(
             "rejected",

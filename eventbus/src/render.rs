@@ -38,6 +38,7 @@ pub fn payload_kind(e: &Event) -> &'static str {
         Some(Payload::Alert(_)) => "alert",
         Some(Payload::Gap(_)) => "gap",
         Some(Payload::Synthetic(_)) => "synthetic",
+        Some(Payload::IncarnationStarted(_)) => "incarnation",
         None => "none",
     }
 }
@@ -68,6 +69,10 @@ pub fn summary(e: &Event) -> String {
             g.dropped, g.first_seq, g.last_seq, g.reason
         ),
         Some(Payload::Synthetic(s)) => format!("synthetic n={} {}B", s.n, s.data.len()),
+        Some(Payload::IncarnationStarted(i)) => format!(
+            "new incarnation {:016x} on {} (previous {:016x}: last stored seq {}, {} unacked at its last heartbeat lost)",
+            i.incarnation, i.node, i.previous_incarnation, i.previous_last_seq, i.previous_unacked
+        ),
         None => String::new(),
     }
 }
@@ -95,6 +100,7 @@ pub fn event_line(e: &Event) -> Value {
         "offset": e.offset,
         "agent_id": e.agent_id,
         "seq": e.seq,
+        "incarnation": format!("{:016x}", e.incarnation),
         "node": e.node,
         "collector": e.collector,
         "kind": payload_kind(e),

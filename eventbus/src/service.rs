@@ -26,8 +26,9 @@ use crate::config::BusConfig;
 use crate::filter::EventFilter;
 use crate::metrics::{BusMetrics, reason};
 use crate::registry::Registry;
+use crate::registry::incarnation_hex;
 use crate::store::{QuerySpec, Store, StoreError};
-use crate::writer::{TailSender, WriteOutcome, WriteRequest, WriterMsg, now_ns};
+use crate::writer::{SessionRequest, TailSender, WriteOutcome, WriteRequest, WriterMsg, now_ns};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Batches one Publish stream may have waiting for acks before the bus stops
@@ -113,13 +114,22 @@ pub fn validate_batch(hello: &Hello, batch: &mut Batch, max_events: usize) -> Re
         if e.node.is_empty() {
             e.node = hello.node.clone();
         }
+        if e.incarnation == 0 {
+            e.incarnation = hello.incarnation;
+        } else if e.incarnation != hello.incarnation {
+            return Err(format!(
+                "events[{i}].incarnation: {} does not match the stream's incarnation {}",
+                incarnation_hex(e.incarnation),
+                incarnation_hex(hello.incarnation)
+            ));
+        }
         e.offset = 0;
         e.stored_at = 0;
     }
     Ok(())
 }
 
-fn validate_hello(h: &Hello) -> Result<(), Status> {
+pub(crate) fn validate_hello(h: &Hello) -> Result<(), Status> {
     if h.agent_id.is_empty() {
         return Err(Status::invalid_argument("hello.agent_id: missing"));
     }
@@ -202,6 +212,7 @@ impl BusState {
         mut inbound: Streaming<PublishRequest>,
         out: mpsc::Sender<Result<PublishResponse, Status>>,
         mut control_rx: mpsc::Receiver<amoskys_proto::Control>,
+        replaced: CancellationToken,
     ) {
         let metrics = &self.metrics;
         let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
@@ -229,6 +240,15 @@ impl BusState {
                 _ = self.stop.cancelled(), if reading => {
                     reading = false;
                 }
+                _ = replaced.cancelled(), if reading => {
+                    // A restarted agent connected again before this stream
+                    // timed out: one live stream per agent id.
+                    ending = Some(Status::aborted(format!(
+                        "Publish: replaced by a newer stream of agent {:?} (same incarnation)",
+                        hello.agent_id
+                    )));
+                    reading = false;
+                }
                 Some(c) = control_rx.recv(), if reading => {
                     let msg = PublishResponse { msg: Some(OutMsg::Control(c)) };
                     if out.send(Ok(msg)).await.is_err() {
@@ -249,7 +269,7 @@ impl BusState {
                             }
                             let (tx, rx) = oneshot::channel();
                             let received = Instant::now();
-                            let req = WriteRequest { agent_id: hello.agent_id.clone(), events: batch.events, reply: tx };
+                            let req = WriteRequest { agent_id: hello.agent_id.clone(), incarnation: hello.incarnation, events: batch.events, reply: tx };
                             if self.writer.send(WriterMsg::Write(req)).await.is_err() {
                                 ending = Some(Status::unavailable("Publish: the bus is shutting down"));
                                 reading = false;
@@ -349,6 +369,10 @@ impl EventBus for EventBusService {
         req: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         let peer = authorize(&req, Permission::Publish, "Publish")?;
+        let from = match req.remote_addr() {
+            Some(addr) => format!("{addr}, cert {}", peer.common_name),
+            None => format!("cert {}", peer.common_name),
+        };
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(PublishRequest {
@@ -369,24 +393,53 @@ impl EventBus for EventBusService {
         let state = self.0.clone();
         let (out_tx, out_rx) = mpsc::channel(MAX_PENDING_BATCHES + 8);
         let (control_tx, control_rx) = mpsc::channel(16);
+        let conn = match state.registry.connect(&hello, &from, control_tx, now_ns()) {
+            Ok(c) => c,
+            Err(msg) => {
+                state.metrics.streams_refused.inc();
+                warn!(agent = %hello.agent_id, error = %msg, "refusing a second live stream for one agent id");
+                return Err(Status::already_exists(format!("Publish: {msg}")));
+            }
+        };
+        state
+            .metrics
+            .connected_agents
+            .set(state.registry.connected_count() as i64);
+        // Which incarnation publishes, and what the bus holds of it, is made
+        // durable before the Welcome tells the agent where to resume.
+        let (tx, rx) = oneshot::channel();
+        let session = WriterMsg::Session(SessionRequest {
+            hello: hello.clone(),
+            reply: tx,
+        });
+        let shutting_down = || Status::unavailable("Publish: the bus is shutting down");
+        state
+            .writer
+            .send(session)
+            .await
+            .map_err(|_| shutting_down())?;
+        let session = rx.await.map_err(|_| shutting_down())?;
+        let inc = incarnation_hex(hello.incarnation);
+        if session.new_incarnation {
+            info!(agent = %hello.agent_id, incarnation = %inc, node = %hello.node, "agent started a new incarnation (a new or wiped spool)");
+        }
+        if let Some((first, last)) = session.lost {
+            warn!(agent = %hello.agent_id, incarnation = %inc, first, last, "the bus no longer holds seqs the agent saw acked; recorded as a gap event");
+        }
         let welcome = PublishResponse {
             msg: Some(OutMsg::Welcome(Welcome {
-                acked_seq: state.registry.last_seq(&hello.agent_id),
+                acked_seq: session.acked_seq,
                 bus_version: VERSION.into(),
             })),
         };
         let _ = out_tx.send(Ok(welcome)).await;
-        info!(agent = %hello.agent_id, node = %hello.node, cert = %peer.common_name, "agent connected");
+        info!(agent = %hello.agent_id, node = %hello.node, incarnation = %inc, peer = %from, "agent connected");
         tokio::spawn(async move {
-            let conn = state.registry.connect(&hello, control_tx, now_ns());
-            state
-                .metrics
-                .connected_agents
-                .set(state.registry.connected_count() as i64);
             let agent = hello.agent_id.clone();
+            let replaced = conn.replaced.clone();
             state
                 .clone()
-                .publish_session(hello, inbound, out_tx, control_rx)
+                .publish_session(hello, inbound, out_tx, control_rx, replaced)
                 .await;
             drop(conn);
             state

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amoskys_proto::event::Payload;
-use amoskys_proto::{AgentRecord, Event};
+use amoskys_proto::{
+    AgentRecord, Event, GapEvent, Hello, IncarnationEvent, PastIncarnation, Severity,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info};
 
@@ -26,8 +28,28 @@ use crate::store::{PreparedGroup, Store};
 
 pub struct WriteRequest {
     pub agent_id: String,
+    /// The stream's incarnation: seqs are deduped per (agent_id, incarnation).
+    pub incarnation: u64,
     pub events: Vec<Event>,
     pub reply: oneshot::Sender<WriteOutcome>,
+}
+
+/// A Publish stream's Hello: the writer settles which incarnation publishes
+/// and what the bus holds of it, durably, before the stream gets its Welcome.
+pub struct SessionRequest {
+    pub hello: Hello,
+    pub reply: oneshot::Sender<SessionOutcome>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOutcome {
+    /// For the Welcome: the highest seq of the incarnation the bus holds.
+    pub acked_seq: u64,
+    /// A never-seen incarnation replaced an older one (an event announces it).
+    pub new_incarnation: bool,
+    /// Seqs the agent saw acked that the bus no longer holds (a gap event
+    /// names them).
+    pub lost: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +62,7 @@ pub struct WriteOutcome {
 
 pub enum WriterMsg {
     Write(WriteRequest),
+    Session(SessionRequest),
     /// Finish what is queued, then exit.
     Stop,
 }
@@ -63,6 +86,38 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// Past incarnations whose dedupe state an agent record keeps.
+pub const MAX_PAST_INCARNATIONS: usize = 16;
+
+/// One unit of a write group, in arrival order.
+pub enum Item {
+    Write(WriteRequest),
+    Session(SessionRequest),
+}
+
+impl Item {
+    /// None for Stop.
+    fn from_msg(msg: WriterMsg) -> Option<Self> {
+        match msg {
+            WriterMsg::Write(r) => Some(Self::Write(r)),
+            WriterMsg::Session(s) => Some(Self::Session(s)),
+            WriterMsg::Stop => None,
+        }
+    }
+
+    fn events(&self) -> usize {
+        match self {
+            Self::Write(r) => r.events.len(),
+            Self::Session(_) => 0,
+        }
+    }
+}
+
+pub enum Outcome {
+    Write(WriteOutcome),
+    Session(SessionOutcome),
+}
+
 /// Dedupes and numbers the events of `reqs` against the registry's last
 /// seqs; pure apart from reading the registry.
 pub fn prepare(
@@ -76,56 +131,244 @@ pub fn prepare(
         stored_at,
         ..Default::default()
     };
-    let mut outcomes = Vec::with_capacity(reqs.len());
-    for req in reqs {
-        let rec = group.agents.entry(req.agent_id.clone()).or_insert_with(|| {
-            registry
-                .record(&req.agent_id)
-                .unwrap_or_else(|| AgentRecord {
-                    agent_id: req.agent_id.clone(),
-                    first_seen: stored_at,
-                    ..Default::default()
-                })
-        });
-        let mut out = WriteOutcome {
-            acked_seq: 0,
-            stored: 0,
-            duplicates: 0,
-        };
-        for e in &req.events {
-            if e.seq <= rec.last_seq {
-                out.duplicates += 1;
-                continue;
-            }
-            let mut e = e.clone();
-            e.offset = group.next_offset;
-            e.stored_at = stored_at;
-            group.next_offset += 1;
-            rec.last_seq = e.seq;
-            rec.events += 1;
-            match &e.payload {
-                Some(Payload::Heartbeat(hb)) => {
-                    rec.last_heartbeat = Some(hb.clone());
-                    rec.last_heartbeat_at = e.observed_at;
-                    if !hb.version.is_empty() {
-                        rec.version = hb.version.clone();
-                    }
-                }
-                Some(Payload::Gap(g)) => rec.gaps_dropped += g.dropped,
-                _ => {}
-            }
-            if !e.node.is_empty() {
-                rec.node = e.node.clone();
-            }
-            out.stored += 1;
-            group.batch_events.push(e);
-        }
-        rec.duplicates += out.duplicates as u64;
-        rec.last_seen = stored_at;
-        out.acked_seq = rec.last_seq;
-        outcomes.push(out);
-    }
+    let outcomes = reqs
+        .iter()
+        .map(|r| prepare_write(registry, &mut group, r))
+        .collect();
     (group, outcomes)
+}
+
+fn prepare_items(
+    registry: &Registry,
+    items: &[Item],
+    next_offset: u64,
+    stored_at: i64,
+) -> (PreparedGroup, Vec<Outcome>) {
+    let mut group = PreparedGroup {
+        next_offset,
+        stored_at,
+        ..Default::default()
+    };
+    let outcomes = items
+        .iter()
+        .map(|item| match item {
+            Item::Write(r) => Outcome::Write(prepare_write(registry, &mut group, r)),
+            Item::Session(s) => Outcome::Session(prepare_session(registry, &mut group, &s.hello)),
+        })
+        .collect();
+    (group, outcomes)
+}
+
+/// The agent's record as this group has it so far.
+fn record_in<'g>(
+    registry: &Registry,
+    group: &'g mut PreparedGroup,
+    agent_id: &str,
+) -> &'g mut AgentRecord {
+    let stored_at = group.stored_at;
+    group.agents.entry(agent_id.to_string()).or_insert_with(|| {
+        registry.record(agent_id).unwrap_or_else(|| AgentRecord {
+            agent_id: agent_id.to_string(),
+            first_seen: stored_at,
+            ..Default::default()
+        })
+    })
+}
+
+/// The last stored seq of `incarnation` in `rec`: the current one's, or a
+/// past one's (two clones taking turns).
+fn last_seq_of(rec: &AgentRecord, incarnation: u64) -> u64 {
+    if rec.incarnation == incarnation {
+        return rec.last_seq;
+    }
+    rec.past_incarnations
+        .iter()
+        .find(|p| p.incarnation == incarnation)
+        .map_or(0, |p| p.last_seq)
+}
+
+fn set_last_seq(rec: &mut AgentRecord, incarnation: u64, seq: u64) {
+    if rec.incarnation == incarnation {
+        rec.last_seq = seq;
+    } else if let Some(p) = rec
+        .past_incarnations
+        .iter_mut()
+        .find(|p| p.incarnation == incarnation)
+    {
+        p.last_seq = seq;
+    }
+}
+
+fn prepare_write(
+    registry: &Registry,
+    group: &mut PreparedGroup,
+    req: &WriteRequest,
+) -> WriteOutcome {
+    let stored_at = group.stored_at;
+    let mut next_offset = group.next_offset;
+    let mut stored = Vec::new();
+    let rec = record_in(registry, group, &req.agent_id);
+    let current = rec.incarnation == req.incarnation;
+    let mut last = last_seq_of(rec, req.incarnation);
+    let mut out = WriteOutcome {
+        acked_seq: 0,
+        stored: 0,
+        duplicates: 0,
+    };
+    for e in &req.events {
+        if e.seq <= last {
+            out.duplicates += 1;
+            continue;
+        }
+        let mut e = e.clone();
+        e.offset = next_offset;
+        e.stored_at = stored_at;
+        next_offset += 1;
+        last = e.seq;
+        rec.events += 1;
+        match &e.payload {
+            // A late batch of an incarnation that has been replaced does
+            // not speak for the agent as it is now.
+            Some(Payload::Heartbeat(hb)) if current => {
+                rec.last_heartbeat = Some(hb.clone());
+                rec.last_heartbeat_at = e.observed_at;
+                rec.last_heartbeat_seq = e.seq;
+                if !hb.version.is_empty() {
+                    rec.version = hb.version.clone();
+                }
+            }
+            Some(Payload::Gap(g)) => rec.gaps_dropped += g.dropped,
+            _ => {}
+        }
+        if !e.node.is_empty() && current {
+            rec.node = e.node.clone();
+        }
+        out.stored += 1;
+        stored.push(e);
+    }
+    set_last_seq(rec, req.incarnation, last);
+    rec.duplicates += out.duplicates as u64;
+    rec.last_seen = stored_at;
+    out.acked_seq = last;
+    group.next_offset = next_offset;
+    group.batch_events.extend(stored);
+    out
+}
+
+/// An event the bus writes about an agent (seq 0: not one of the agent's).
+fn bus_event(hello: &Hello, severity: Severity, at: i64, payload: Payload) -> Event {
+    Event {
+        agent_id: hello.agent_id.clone(),
+        seq: 0,
+        node: hello.node.clone(),
+        collector: "bus".into(),
+        observed_at: at,
+        severity: severity as i32,
+        incarnation: hello.incarnation,
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+/// Makes `hello`'s incarnation the agent's current one and checks what the
+/// bus holds of it against what the agent saw acked.
+fn prepare_session(
+    registry: &Registry,
+    group: &mut PreparedGroup,
+    hello: &Hello,
+) -> SessionOutcome {
+    let at = group.stored_at;
+    let rec = record_in(registry, group, &hello.agent_id);
+    let mut out = SessionOutcome::default();
+    let mut events = Vec::new();
+    if rec.incarnations == 0 && rec.events == 0 {
+        // The agent's first stream: nothing older to replace.
+        rec.incarnation = hello.incarnation;
+        rec.incarnation_started = at;
+        rec.incarnations = 1;
+    } else if rec.incarnation != hello.incarnation {
+        let previous = PastIncarnation {
+            incarnation: rec.incarnation,
+            last_seq: rec.last_seq,
+            started: rec.incarnation_started,
+        };
+        let returning = rec
+            .past_incarnations
+            .iter()
+            .position(|p| p.incarnation == hello.incarnation)
+            .map(|i| rec.past_incarnations.remove(i));
+        rec.past_incarnations.push(previous);
+        if rec.past_incarnations.len() > MAX_PAST_INCARNATIONS {
+            rec.past_incarnations.remove(0);
+        }
+        rec.incarnation = hello.incarnation;
+        match returning {
+            Some(p) => {
+                rec.last_seq = p.last_seq;
+                rec.incarnation_started = p.started;
+            }
+            None => {
+                // What the old spool still held at its last heartbeat, less
+                // what arrived after that heartbeat, was lost with it.
+                let stored_after = previous.last_seq.saturating_sub(rec.last_heartbeat_seq);
+                let unacked = rec
+                    .last_heartbeat
+                    .as_ref()
+                    .map_or(0, |hb| hb.spool_events.saturating_sub(stored_after));
+                rec.last_seq = 0;
+                rec.incarnation_started = at;
+                rec.incarnations = rec.incarnations.max(1) + 1;
+                rec.previous_incarnation = previous.incarnation;
+                rec.previous_last_seq = previous.last_seq;
+                rec.previous_unacked = unacked;
+                out.new_incarnation = true;
+                events.push(bus_event(
+                    hello,
+                    Severity::Notice,
+                    at,
+                    Payload::IncarnationStarted(IncarnationEvent {
+                        incarnation: hello.incarnation,
+                        previous_incarnation: previous.incarnation,
+                        previous_last_seq: previous.last_seq,
+                        previous_unacked: unacked,
+                        node: hello.node.clone(),
+                    }),
+                ));
+            }
+        }
+    }
+    rec.incarnations = rec.incarnations.max(1);
+    if hello.acked_seq > rec.last_seq {
+        let (first, last) = (rec.last_seq + 1, hello.acked_seq);
+        let n = last - first + 1;
+        rec.bus_lost += n;
+        rec.last_seq = last;
+        out.lost = Some((first, last));
+        events.push(bus_event(
+            hello,
+            Severity::Error,
+            at,
+            Payload::Gap(GapEvent {
+                dropped: n,
+                first_seq: first,
+                last_seq: last,
+                reason: format!(
+                    "the bus no longer holds seqs {first}..={last} of incarnation {} that the agent saw acked \
+                     (restored from an older backup, or a lost volume)",
+                    crate::registry::incarnation_hex(hello.incarnation)
+                ),
+            }),
+        ));
+    }
+    rec.last_seen = at;
+    out.acked_seq = rec.last_seq;
+    for mut e in events {
+        e.offset = group.next_offset;
+        e.stored_at = at;
+        group.next_offset += 1;
+        group.batch_events.push(e);
+    }
+    out
 }
 
 impl Writer {
@@ -139,21 +382,17 @@ impl Writer {
             };
             let mut reqs = Vec::new();
             let mut n = 0;
-            match first {
-                WriterMsg::Write(r) => {
-                    n += r.events.len();
-                    reqs.push(r);
-                }
-                WriterMsg::Stop => stop = true,
-            }
-            while n < self.max_group_events {
-                match rx.try_recv() {
-                    Ok(WriterMsg::Write(r)) => {
-                        n += r.events.len();
-                        reqs.push(r);
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match Item::from_msg(msg) {
+                    Some(item) => {
+                        n += item.events();
+                        reqs.push(item);
                     }
-                    Ok(WriterMsg::Stop) => stop = true,
-                    Err(_) => break,
+                    None => stop = true,
+                }
+                if n < self.max_group_events {
+                    next = rx.try_recv().ok();
                 }
             }
             self.metrics.queue_depth.set(rx.len() as i64);
@@ -171,17 +410,19 @@ impl Writer {
             }
         }
         // Drain anything that raced with Stop.
-        while let Ok(WriterMsg::Write(r)) = rx.try_recv() {
-            self.commit(vec![r], self.sync != SyncPolicy::Never);
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(item) = Item::from_msg(msg) {
+                self.commit(vec![item], self.sync != SyncPolicy::Never);
+            }
         }
     }
 
-    fn commit(&self, reqs: Vec<WriteRequest>, sync: bool) {
+    fn commit(&self, reqs: Vec<Item>, sync: bool) {
         let mut attempt = 0u32;
         loop {
             let started = Instant::now();
             let (group, outcomes) =
-                prepare(&self.registry, &reqs, self.store.next_offset(), now_ns());
+                prepare_items(&self.registry, &reqs, self.store.next_offset(), now_ns());
             match self.store.commit(&group, sync) {
                 Ok(()) => {
                     self.metrics
@@ -214,9 +455,15 @@ impl Writer {
         }
     }
 
-    fn finish(&self, reqs: Vec<WriteRequest>, group: PreparedGroup, outcomes: Vec<WriteOutcome>) {
+    fn finish(&self, reqs: Vec<Item>, group: PreparedGroup, outcomes: Vec<Outcome>) {
         let stored = group.batch_events.len();
-        let dups: usize = outcomes.iter().map(|o| o.duplicates).sum();
+        let dups: usize = outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Write(w) => w.duplicates,
+                Outcome::Session(_) => 0,
+            })
+            .sum();
         self.metrics.events_stored.inc_by(stored as u64);
         self.metrics
             .count_stored(group.batch_events.iter().map(|e| e.collector.as_str()));
@@ -230,7 +477,21 @@ impl Writer {
         for (req, out) in reqs.into_iter().zip(outcomes) {
             // A publisher that went away still had its events stored; the
             // ack it misses is re-derived from Welcome when it reconnects.
-            let _ = req.reply.send(out);
+            match (req, out) {
+                (Item::Write(r), Outcome::Write(o)) => {
+                    let _ = r.reply.send(o);
+                }
+                (Item::Session(r), Outcome::Session(o)) => {
+                    if o.new_incarnation {
+                        self.metrics.incarnations.inc();
+                    }
+                    if let Some((first, last)) = o.lost {
+                        self.metrics.bus_lost.inc_by(last - first + 1);
+                    }
+                    let _ = r.reply.send(o);
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -258,6 +519,7 @@ mod tests {
         (
             WriteRequest {
                 agent_id: agent.into(),
+                incarnation: 0,
                 events: seqs
                     .iter()
                     .map(|&s| Event {
@@ -314,5 +576,160 @@ mod tests {
         assert_eq!(g.agents["a"].last_seq, 8);
         assert_eq!(g.agents["a"].events, 3);
         assert!(g.batch_events.iter().all(|e| e.stored_at == 42));
+    }
+
+    fn session(
+        registry: &Registry,
+        hello: &Hello,
+        next_offset: u64,
+    ) -> (PreparedGroup, SessionOutcome) {
+        let (tx, _rx) = oneshot::channel();
+        let item = Item::Session(SessionRequest {
+            hello: hello.clone(),
+            reply: tx,
+        });
+        let (g, mut outs) = prepare_items(registry, &[item], next_offset, 77);
+        match outs.pop() {
+            Some(Outcome::Session(o)) => (g, o),
+            _ => panic!("no session outcome"),
+        }
+    }
+
+    fn write(
+        registry: &Registry,
+        agent: &str,
+        incarnation: u64,
+        seqs: &[u64],
+    ) -> (PreparedGroup, WriteOutcome) {
+        let (mut r, _) = req(agent, seqs);
+        r.incarnation = incarnation;
+        let (g, mut outs) = prepare(registry, &[r], 1, 77);
+        (g, outs.pop().unwrap())
+    }
+
+    fn hello(incarnation: u64, acked_seq: u64) -> Hello {
+        Hello {
+            agent_id: "a".into(),
+            node: "n".into(),
+            incarnation,
+            acked_seq,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_new_incarnation_starts_a_fresh_seq_space_and_is_announced() {
+        let reg = Registry::default();
+        // The first stream of an agent: nothing to announce.
+        let (g, o) = session(&reg, &hello(0xa, 0), 1);
+        assert_eq!(o, SessionOutcome::default());
+        assert!(g.batch_events.is_empty());
+        reg.apply(g.agents);
+        let (g, w) = write(&reg, "a", 0xa, &[1, 2, 3]);
+        assert_eq!(w.acked_seq, 3);
+        let mut rec = g.agents["a"].clone();
+        rec.last_heartbeat = Some(amoskys_proto::Heartbeat {
+            spool_events: 5,
+            ..Default::default()
+        });
+        rec.last_heartbeat_seq = 2;
+        reg.apply([("a".to_string(), rec)]);
+
+        // A wiped spool: seq 1 again, under a new incarnation.
+        let (g, o) = session(&reg, &hello(0xb, 0), 10);
+        assert!(o.new_incarnation);
+        assert_eq!((o.acked_seq, o.lost), (0, None));
+        let rec = &g.agents["a"];
+        assert_eq!(
+            (rec.incarnation, rec.incarnations, rec.last_seq),
+            (0xb, 2, 0)
+        );
+        assert_eq!((rec.previous_incarnation, rec.previous_last_seq), (0xa, 3));
+        // 5 unacked at the heartbeat (seq 2), one of them (seq 3) arrived later.
+        assert_eq!(rec.previous_unacked, 4);
+        assert_eq!(g.batch_events.len(), 1);
+        let ev = &g.batch_events[0];
+        assert_eq!(
+            (ev.seq, ev.offset, ev.collector.as_str(), ev.incarnation),
+            (0, 10, "bus", 0xb)
+        );
+        match &ev.payload {
+            Some(Payload::IncarnationStarted(i)) => {
+                assert_eq!(
+                    (
+                        i.previous_incarnation,
+                        i.previous_last_seq,
+                        i.previous_unacked
+                    ),
+                    (0xa, 3, 4)
+                );
+            }
+            other => panic!("not an incarnation event: {other:?}"),
+        }
+        reg.apply(g.agents);
+        let (_, w) = write(&reg, "a", 0xb, &[1, 2]);
+        assert_eq!(
+            (w.stored, w.duplicates),
+            (2, 0),
+            "seqs 1 and 2 of the new life are stored"
+        );
+    }
+
+    #[test]
+    fn incarnations_taking_turns_keep_their_own_dedupe_state() {
+        let reg = Registry::default();
+        let (g, _) = session(&reg, &hello(0xa, 0), 1);
+        reg.apply(g.agents);
+        let (g, _) = write(&reg, "a", 0xa, &[1, 2, 3]);
+        reg.apply(g.agents);
+        let (g, o) = session(&reg, &hello(0xb, 0), 1);
+        assert!(o.new_incarnation);
+        reg.apply(g.agents);
+        let (g, _) = write(&reg, "a", 0xb, &[1]);
+        reg.apply(g.agents);
+        // Back to the first: it resumes above 3, announced only once.
+        let (g, o) = session(&reg, &hello(0xa, 3), 1);
+        assert_eq!((o.acked_seq, o.new_incarnation, o.lost), (3, false, None));
+        assert!(g.batch_events.is_empty());
+        reg.apply(g.agents);
+        let (_, w) = write(&reg, "a", 0xa, &[3, 4]);
+        assert_eq!((w.stored, w.duplicates), (1, 1));
+        // A late batch of the other incarnation is deduped against its own seqs.
+        let (_, w) = write(&reg, "a", 0xb, &[1, 2]);
+        assert_eq!((w.stored, w.duplicates, w.acked_seq), (1, 1, 2));
+    }
+
+    #[test]
+    fn holding_less_than_the_agent_saw_acked_records_a_gap() {
+        let reg = Registry::default();
+        let (g, _) = session(&reg, &hello(0xa, 0), 1);
+        reg.apply(g.agents);
+        let (g, _) = write(&reg, "a", 0xa, &[1, 2, 3]);
+        reg.apply(g.agents);
+        // Restored from a backup taken at seq 3; the agent saw 9 acked.
+        let (g, o) = session(&reg, &hello(0xa, 9), 20);
+        assert_eq!(
+            (o.acked_seq, o.lost, o.new_incarnation),
+            (9, Some((4, 9)), false)
+        );
+        assert_eq!(g.agents["a"].bus_lost, 6);
+        let ev = &g.batch_events[0];
+        assert_eq!((ev.seq, ev.offset), (0, 20));
+        match &ev.payload {
+            Some(Payload::Gap(gap)) => {
+                assert_eq!((gap.first_seq, gap.last_seq, gap.dropped), (4, 9, 6));
+                assert!(
+                    gap.reason.contains("no longer holds seqs 4..=9"),
+                    "{}",
+                    gap.reason
+                );
+            }
+            other => panic!("not a gap: {other:?}"),
+        }
+        reg.apply(g.agents);
+        // Reported once: the next Hello with the same acked seq is clean.
+        let (g, o) = session(&reg, &hello(0xa, 9), 21);
+        assert_eq!((o.acked_seq, o.lost), (9, None));
+        assert!(g.batch_events.is_empty());
     }
 }

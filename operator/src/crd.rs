@@ -403,6 +403,33 @@ pub struct AgentStatus {
     pub collectors: Vec<AgentCollectorStatus>,
     pub version: String,
     pub cert_serial: String,
+    /// The incarnation now publishing (hex): a random id made with the
+    /// agent's spool. It changes when the spool is wiped or replaced.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation_started: Option<String>,
+    /// Incarnations the bus has seen under this agent id.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnations: u64,
+    /// Events the previous incarnation's spool still held unacked at its
+    /// last heartbeat that never arrived: lost with the spool.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub previous_unacked: u64,
+    /// Publish streams refused because another agent (another incarnation)
+    /// held this agent id's stream: two hosts share one id.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_streams: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_refusal: String,
+    /// Events the agent saw acked that the bus no longer holds (a restore
+    /// from an older backup, a lost volume).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_by_bus: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

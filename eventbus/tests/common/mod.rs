@@ -87,6 +87,7 @@ pub fn hello(agent: &str) -> Hello {
         node: "node-1".into(),
         version: "test".into(),
         collectors: vec!["synthetic".into()],
+        ..Default::default()
     }
 }
 

@@ -270,6 +270,18 @@ pub fn agent_status(
         events_total: rec.events,
         spool_bytes: hb.spool_bytes,
         dropped: hb.dropped,
+        incarnation: if rec.incarnation == 0 {
+            String::new()
+        } else {
+            format!("{:016x}", rec.incarnation)
+        },
+        incarnation_started: (rec.incarnation_started > 0)
+            .then(|| rfc3339(rec.incarnation_started / 1_000_000_000)),
+        incarnations: rec.incarnations,
+        previous_unacked: rec.previous_unacked,
+        refused_streams: rec.refused_streams,
+        last_refusal: rec.last_refusal.clone(),
+        lost_by_bus: rec.bus_lost,
         collectors: hb
             .collectors
             .iter()

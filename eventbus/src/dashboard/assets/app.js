@@ -178,7 +178,16 @@ function agentPage() {
       el("div", { class: "card" }, el("div", { class: "v", id: "agent-phase" }, phaseBadge(a.phase, a.phase_reason)), el("div", { class: "k" }, a.phase_reason)),
       card("events/s", fmt.rate(a.eps)), card("events stored", fmt.n(a.events)), card("spool", fmt.bytes(a.spool_bytes)),
       card("dropped", fmt.n(a.dropped)), card("last seen", fmt.ago(a.last_seen)),
-      card(`node ${a.node} · cert ${a.cert_serial.slice(0, 12)}`, a.version));
+      card(`node ${a.node} · cert ${a.cert_serial.slice(0, 12)}`, a.version),
+      // Which life of the agent publishes: a wiped spool starts a new one; a
+      // second host with the same id is refused, and loss is named here.
+      el("div", { class: "card", id: "agent-incarnation" },
+        el("div", { class: "v" }, a.incarnation.slice(0, 8) + (a.incarnations > 1 ? ` (#${fmt.n(a.incarnations)})` : "")),
+        el("div", { class: "k" }, ["incarnation since " + fmt.ago(a.incarnation_started),
+          a.previous_unacked ? `${fmt.n(a.previous_unacked)} lost with the previous spool` : "",
+          a.bus_lost ? `${fmt.n(a.bus_lost)} acked events the bus no longer holds` : ""].filter(Boolean).join(" · "))),
+      ...(a.refused_streams ? [el("div", { class: "card bad", id: "agent-refused", title: a.last_refusal },
+        el("div", { class: "v" }, fmt.n(a.refused_streams)), el("div", { class: "k" }, "streams refused: another agent uses this id"))] : []));
     charts.replaceChildren(chart(a.series.t, [{ name: "events/s stored", values: a.series.eps }], "events/s"),
       chart(a.series.t, [{ name: "spool bytes", values: a.series.spool_bytes }], "bytes"));
     // Rows are made once and updated in place, so a button being clicked or
