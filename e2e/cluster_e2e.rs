@@ -4,7 +4,7 @@
 //!
 //! Runs only when `KUBECONFIG` names a cluster and `AMOSKYS_E2E_IMAGE` an
 //! amoskys image its nodes can pull (e.g. built from the Dockerfile and
-//! loaded with `k3d image import`); otherwise it says why it skipped.
+//! loaded with `k3d image import`); otherwise the summary reports it ignored.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,11 +89,14 @@ fn agent_phases(ns: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+// Reported as ignored, with its reason, where there is no cluster; `.ci/run`
+// runs it (`--ignored`) when KUBECONFIG is set, and then a cluster that is
+// not usable fails it instead of letting it pass unrun.
 #[test]
+#[ignore = "needs a Kubernetes cluster: KUBECONFIG and AMOSKYS_E2E_IMAGE (run with --ignored)"]
 fn chart_samples_agents_events_and_a_ca_rotation_in_a_real_cluster() {
     if let Some(why) = skip_reason() {
-        eprintln!("cluster_e2e: skipped: {why}");
-        return;
+        panic!("cluster_e2e cannot run: {why}");
     }
     let image = std::env::var("AMOSKYS_E2E_IMAGE").unwrap();
     let (repo_name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
