@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
 AMOSKYS_SWEEP_KILLS=${KILLS:-50} cargo test --workspace --tests --locked -- \
   --exact crash_sweep_kill_9_of_bus_and_agents_at_random_loses_nothing_unaccounted --nocapture 2>&1 |
-  grep -E '^(crash sweep|incarnations=|  |test |test result)'
+  grep -E '^(crash sweep|incarnations=|  [a-z]|test crash|test result: FAILED)'
