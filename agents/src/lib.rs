@@ -4,6 +4,7 @@
 pub mod collector;
 pub mod collectors;
 pub mod config;
+pub mod fuzzing;
 pub mod metrics;
 pub mod runtime;
 pub mod sender;

@@ -215,13 +215,18 @@ pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
+    parse_config(&text).map_err(|message| ConfigError::File {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// The config file's text; empty means all defaults.
+pub fn parse_config(text: &str) -> Result<BusConfigFile, String> {
     if text.trim().is_empty() {
         return Ok(BusConfigFile::default());
     }
-    serde_saphyr::from_str(&text).map_err(|e| ConfigError::File {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_saphyr::from_str(text).map_err(|e| e.to_string())
 }
 
 /// Parses "7d", "90m", "30s" (humantime) into a duration.

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod dashboard;
 pub mod filter;
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod phase;

@@ -25,7 +25,7 @@ pub enum Val {
 }
 
 impl Val {
-    fn from(v: &Value<'_>) -> Self {
+    pub(crate) fn from(v: &Value<'_>) -> Self {
         match v {
             Value::Integer(i) => Val::Int(*i),
             Value::Counter32(c) | Value::Unsigned32(c) | Value::Timeticks(c) => {
