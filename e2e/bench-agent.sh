@@ -6,7 +6,10 @@
 #   2. flow capture: UDP packets blasted on lo at rising rates; packets the
 #      flow collector counted vs sent, and kernel drops;
 #   3. agent -> bus: the synthetic collector producing as fast as the spool
-#      takes, acked events per second at the bus.
+#      takes, acked events per second at the bus;
+#   4. draining: BACKLOG events (default 1M) spooled while the bus was away,
+#      then sent with the collectors off; drain events per second, to set
+#      beside section 3's live rate (DRAIN_ONLY=1 runs this section alone).
 #
 # Usage: e2e/bench-agent.sh   (AMOSKYS_BIN=path skips the release build)
 set -euo pipefail
@@ -36,6 +39,8 @@ agent() { # $1 = name, $2 = config file, $3 = http port
   pids+=("$pid")
 }
 
+# DRAIN_ONLY=1 runs section 4 alone.
+if [ "${DRAIN_ONLY:-0}" != 1 ]; then
 echo "== 1. idle agent, default collectors (process, inventory), ${IDLE_SECS}s, $(nproc) cores"
 : >"$work/idle.yaml"
 agent idle "$work/idle.yaml" 19465
@@ -117,3 +122,39 @@ CONF
     'BEGIN { printf "agent->bus: target_eps=%s produced_eps=%.0f acked_eps=%.0f spool_bytes_at_end=%d agent_rss_peak_mb=%s\n", rate, (p1-p0)/(e-s), (a1-a0)/(e-s), sp, r }'
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 done
+
+fi
+
+echo "== 4. draining a backlog after an outage, against live sending at full speed"
+# Live: the last run above (rate 0) is the agent's full live rate. Drain:
+# an agent spools BACKLOG events with no bus to send to, stops, and starts
+# again with its collectors off once the bus is back; the time until its
+# spool is empty gives the drain rate.
+backlog=${BACKLOG:-1000000}
+cat >"$work/fill.yaml" <<CONF
+spool: { maxBytes: 2GiB }
+shutdownGrace: 100ms
+batch: { maxEvents: 2048, window: 32 }
+collectors:
+  process: { enabled: false }
+  inventory: { enabled: false }
+  synthetic: { enabled: true, rate: 10000000, eventBytes: 200 }
+CONF
+"$BIN" agent --config "$work/fill.yaml" --bus https://127.0.0.1:17999 --tls-dir "$P/agent" \
+  --spool-dir "$work/spool-drain" --http 127.0.0.1:19480 --agent-id drain >/dev/null 2>"$work/agent-fill.log" &
+pid=$!; pids+=("$pid")
+wait_port 19480
+until [ "$(metric 19480 amoskys_agent_spool_events | cut -d. -f1)" -ge "$backlog" ] 2>/dev/null; do sleep 0.2; done
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+sed -e 's/enabled: true, rate: 10000000/enabled: false, rate: 1/' "$work/fill.yaml" >"$work/drain.yaml"
+"$BIN" agent --config "$work/drain.yaml" --bus https://127.0.0.1:17443 --tls-dir "$P/agent" \
+  --spool-dir "$work/spool-drain" --http 127.0.0.1:19481 --agent-id drain >/dev/null 2>"$work/agent-drain.log" &
+pid=$!; pids+=("$pid")
+t_start=$(date +%s.%N)
+wait_port 19481
+s0=$(date +%s.%N); held=$(metric 19481 amoskys_agent_spool_events)
+until [ "$(metric 19481 amoskys_agent_spool_events | cut -d. -f1)" -le 1 ] 2>/dev/null; do sleep 0.05; done
+s1=$(date +%s.%N)
+acked=$(metric 19481 amoskys_agent_events_acked_total)
+awk -v n="$held" -v a="$acked" -v t="$t_start" -v s="$s0" -v e="$s1" 'BEGIN { printf "drain: backlog_events=%d start_s=%.2f drain_s=%.2f drain_eps=%.0f (acked %d since start; compare acked_eps of target_eps=0 above)\n", a, s-t, e-s, n/(e-s), a }'
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
