@@ -14,7 +14,7 @@ use amoskys_proto::{Event, Filter, Hello, QueryRequest, Severity, SyntheticEvent
 
 mod common;
 
-use common::{BIN, Bus, opts, pki, start_bus};
+use common::{BIN, Bus, cli, opts, pki, start_bus};
 
 fn event(agent: &str, seq: u64) -> Event {
     Event {
@@ -505,21 +505,6 @@ async fn bench_reports_what_was_acked_when_the_bus_dies_mid_run() {
         .unwrap_or(0);
     assert!(last.starts_with("bench: events=50000000 acked="), "{last}");
     assert!(acked > 0 && acked < 50_000_000, "{last}");
-}
-
-/// Runs the CLI; returns whether it succeeded and what it printed.
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("AMOSKYS_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 fn http_body(port: u16, path: &str) -> String {

@@ -17,7 +17,7 @@ use amoskys_proto::{
     AgentRecord, Event, GapEvent, IncarnationEvent, ListAgentsRequest, QueryRequest,
 };
 use common::history::{SpoolView, check};
-use common::{BIN, Bus, free_port, opts, pki, start_bus_with};
+use common::{BIN, Bus, cli, free_port, opts, pki, start_bus_with};
 use rand::Rng;
 
 fn agent_config(rate: u32) -> String {
@@ -408,22 +408,15 @@ async fn a_bus_restored_from_an_older_backup_records_the_gap_and_the_agent_conti
         async || (all_events(&bus, root).await.len() > 300).then_some(()),
     )
     .await;
-    let out = Command::new(BIN)
-        .args([
-            "backup",
-            "now",
-            "--bus",
-            &format!("https://127.0.0.1:{}", bus.grpc),
-        ])
-        .arg("--tls-dir")
-        .arg(root.join("pki/admin"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = cli(&[
+        "backup",
+        "now",
+        "--bus",
+        &format!("https://127.0.0.1:{}", bus.grpc),
+        "--tls-dir",
+        &s(&root.join("pki/admin")),
+    ]);
+    assert!(ok, "{out}");
     let in_backup = all_events(&bus, root).await.len();
     // More is acked after the backup; then the bus's volume is lost.
     until(
@@ -435,18 +428,15 @@ async fn a_bus_restored_from_an_older_backup_records_the_gap_and_the_agent_conti
     agent.kill9();
     let before = SpoolView::read(&agent.spool, "restored", false);
     drop(bus);
-    let out = Command::new(BIN)
-        .args(["backup", "restore", "--dir"])
-        .arg(&backup_dir)
-        .arg("--data-dir")
-        .arg(root.join("restored/data"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = cli(&[
+        "backup",
+        "restore",
+        "--dir",
+        &s(&backup_dir),
+        "--data-dir",
+        &s(&root.join("restored/data")),
+    ]);
+    assert!(ok, "{out}");
     std::os::unix::fs::symlink(root.join("pki"), root.join("restored/pki")).unwrap();
     let bus = start_bus_with(&root.join("restored"), "batch", Some(ports), &[]);
     let held = synthetic_seqs(

@@ -124,3 +124,18 @@ pub fn start_agent(root: &Path, bus_port: u16, agent_id: &str, config: &str) -> 
         .unwrap();
     Agent(child)
 }
+
+/// Runs `amoskys ARGS`: whether it succeeded, and its stdout and stderr.
+pub fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("AMOSKYS_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
