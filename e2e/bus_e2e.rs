@@ -529,14 +529,7 @@ async fn a_backup_taken_under_load_restores_into_a_bus_that_holds_what_it_held()
     let root = tmp.path();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     pki(&root.join("pki"));
-    let cfg = root.join("bus.yaml");
-    let backup_dir = root.join("backup");
-    std::fs::write(
-        &cfg,
-        format!("backup:\n  dir: {}\n  interval: 0s\n", s(&backup_dir)),
-    )
-    .unwrap();
-    let bus = common::start_bus_with(root, "batch", None, &["--config", &s(&cfg)]);
+    let (bus, backup_dir) = common::start_bus_with_backups(root, None);
     let url = format!("https://127.0.0.1:{}", bus.grpc);
     let bench = |prefix: &str| {
         cli(&[

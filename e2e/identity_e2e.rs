@@ -392,15 +392,8 @@ async fn a_bus_restored_from_an_older_backup_records_the_gap_and_the_agent_conti
     let root = tmp.path();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     pki(&root.join("pki"));
-    let cfg = root.join("bus.yaml");
-    let backup_dir = root.join("backup");
-    std::fs::write(
-        &cfg,
-        format!("backup:\n  dir: {}\n  interval: 0s\n", s(&backup_dir)),
-    )
-    .unwrap();
     let ports = (free_port(), free_port());
-    let bus = start_bus_with(root, "batch", Some(ports), &["--config", &s(&cfg)]);
+    let (bus, backup_dir) = common::start_bus_with_backups(root, Some(ports));
     let mut agent = AgentProc::start(root, bus.grpc, "restored", "restored", 400);
     until(
         "events before the backup",

@@ -139,3 +139,20 @@ pub fn cli(args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A bus that backs up only on request, into `root/backup`; also returns
+/// that directory.
+pub fn start_bus_with_backups(root: &Path, ports: Option<(u16, u16)>) -> (Bus, std::path::PathBuf) {
+    let cfg = root.join("bus.yaml");
+    let backup_dir = root.join("backup");
+    std::fs::write(
+        &cfg,
+        format!("backup:\n  dir: {}\n  interval: 0s\n", backup_dir.display()),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    (
+        start_bus_with(root, "batch", ports, &["--config", &cfg]),
+        backup_dir,
+    )
+}
