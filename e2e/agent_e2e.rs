@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::{BusClient, ClientOptions};
+use amoskys_client::{BusClient, ClientOptions};
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, Filter, QueryRequest};
 use common::{Agent, BIN, Bus, free_port, opts, pki, start_bus};

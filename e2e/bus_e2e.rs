@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::{BusClient, ClientOptions};
+use amoskys_client::{BusClient, ClientOptions};
 use amoskys_proto::event::Payload;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{Event, Filter, Hello, QueryRequest, Severity, SyntheticEvent};

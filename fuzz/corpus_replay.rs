@@ -99,7 +99,7 @@ fn seeds_reach_the_parsers() {
         agent_id: "fuzz".into(),
         ..Default::default()
     };
-    amoskys_eventbus::service::validate_batch(&hello, &mut batch, 10).unwrap();
+    amoskys_eventbus::validate_batch(&hello, &mut batch, 10).unwrap();
     let cfg = String::from_utf8(seed("bus_config/full")).unwrap();
     amoskys_eventbus::config::parse_config(&cfg).unwrap();
 }

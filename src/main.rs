@@ -4,10 +4,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use amoskys_agents::AgentOverrides;
+use amoskys_client::pki::{self, DevPkiOptions};
+use amoskys_client::{BusClient, ClientOptions};
 use amoskys_eventbus::bench::{self, BenchOptions};
-use amoskys_eventbus::client::{BusClient, ClientOptions};
 use amoskys_eventbus::config::{self, BusOverrides};
-use amoskys_eventbus::pki::{self, DevPkiOptions};
 use amoskys_proto::{Filter, QueryRequest, Severity, TailRequest};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -415,7 +415,7 @@ async fn up(a: UpArgs) -> Result<()> {
         tracing::info!(dir = %pki_dir.display(), "created dev PKI");
     }
     let token_file = dir.join("dashboard-token");
-    let token = amoskys_eventbus::dashboard::auth::ensure_token_file(&token_file)
+    let token = amoskys_eventbus::ensure_token_file(&token_file)
         .with_context(|| format!("dashboard token {}", token_file.display()))?;
     let cfg = config::resolve(
         config::BusConfigFile::default(),
@@ -631,7 +631,7 @@ async fn backup_cmd(cmd: BackupCmd) -> Result<()> {
                 .admin
                 .backup(amoskys_proto::BackupRequest {})
                 .await
-                .map_err(amoskys_eventbus::client::ClientError::from)?
+                .map_err(amoskys_client::ClientError::from)?
                 .into_inner();
             println!(
                 "backup {} taken at {}: {} bytes in {} files; {} backups kept in {}",
@@ -795,7 +795,7 @@ async fn main() -> Result<()> {
             o.dns = dns;
             o.ips = ip;
             o.force = force;
-            o.leaf_validity = config::parse_duration("--validity", &validity)?;
+            o.leaf_validity = amoskys_client::parse::parse_duration("--validity", &validity)?;
             pki::init_dev_pki(&o)?;
             println!(
                 "wrote a CA and bus, agent, reader, admin certificates under {}",

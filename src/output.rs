@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use amoskys_eventbus::render::{event_json, severity_name, summary, timestamp};
+use amoskys_client::render::{event_json, severity_name, summary, timestamp};
 use amoskys_proto::Event;
 use clap::ValueEnum;
 

@@ -389,10 +389,7 @@ pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
 }
 
 pub fn parse_bytes(key: &str, s: &str) -> Result<u64, ConfigError> {
-    amoskys_eventbus::config::parse_bytes("size", s).map_err(|e| match e {
-        amoskys_eventbus::config::ConfigError::Invalid { message, .. } => invalid(key, message),
-        other => invalid(key, other.to_string()),
-    })
+    amoskys_client::parse::parse_bytes("size", s).map_err(|e| invalid(key, e.message))
 }
 
 /// Whether resolving reads the credential files or only checks they are named.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::ClientOptions;
-use amoskys_eventbus::tls::TlsMaterial;
+use amoskys_client::ClientOptions;
+use amoskys_client::tls::TlsMaterial;
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Heartbeat, Hello, Severity};
 use axum::Router;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use amoskys_eventbus::client::{BusClient, ClientError, ClientOptions};
+use amoskys_client::{BusClient, ClientError, ClientOptions};
 use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{ControlResult, Hello, PublishRequest};

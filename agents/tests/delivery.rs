@@ -249,8 +249,8 @@ async fn control_from_the_bus_pauses_and_resumes_a_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotated_agent_certificate_is_picked_up_without_a_restart() {
-    use amoskys_eventbus::auth::Role;
-    use amoskys_eventbus::pki::{CertAuthority, Validity};
+    use amoskys_client::identity::Role;
+    use amoskys_client::pki::{CertAuthority, Validity};
 
     let env = Env::new();
     let addr = free_addr();

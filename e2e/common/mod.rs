@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::ClientOptions;
+use amoskys_client::ClientOptions;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_amoskys");
 

@@ -12,7 +12,7 @@ use amoskys_proto::{Event, Filter, Hello, Severity, SyntheticEvent, TailRequest}
 use prost::Message;
 use tokio::sync::Mutex;
 
-use crate::client::{BusClient, ClientOptions};
+use amoskys_client::{BusClient, ClientOptions};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -232,7 +232,7 @@ async fn follow(
     opts: &BenchOptions,
     tls_dir: PathBuf,
     agents: Vec<String>,
-) -> Result<(tokio::task::JoinHandle<()>, TailLatencies), crate::client::ClientError> {
+) -> Result<(tokio::task::JoinHandle<()>, TailLatencies), amoskys_client::ClientError> {
     let mut reader = opts.client.clone();
     reader.tls_dir = tls_dir;
     let mut client = BusClient::connect(&reader).await?;

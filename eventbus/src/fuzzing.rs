@@ -40,7 +40,7 @@ pub fn publish(data: &[u8]) {
             };
             let f = EventFilter::from_wire(None).unwrap_or_default();
             for e in &stored {
-                let _ = (f.matches(e), crate::render::summary(e));
+                let _ = (f.matches(e), amoskys_client::render::summary(e));
             }
         }
         Some(Msg::Hello(h)) => {

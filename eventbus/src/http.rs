@@ -18,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use crate::auth::PeerIdentity;
 use crate::dashboard::auth::ConnPeer;
 use crate::metrics::{BusMetrics, RouteLabel};
 use crate::registry::Registry;
 use crate::server::Health;
 use crate::store::Store;
 use crate::tls::ReloadingTls;
+use amoskys_client::identity::PeerIdentity;
 
 pub struct HttpState {
     pub metrics: Arc<BusMetrics>,

@@ -1,27 +1,31 @@
 //! The AMOSKYS EventBus: durable, mutually authenticated event ingest on
-//! RocksDB, with query, live tail, an agent registry, metrics, and the client
-//! library that agents and the CLI use.
+//! RocksDB, with query, live tail, an agent registry, metrics and the
+//! dashboard.
+//!
+//! The public surface is what the CLI runs (start a bus, its config, backups,
+//! the load generator) and what the fuzz targets drive; everything else is
+//! the bus's own. The client, TLS material, roles, PKI and value parsers it
+//! shares with agents and the operator are in `amoskys-client`.
 
-pub mod alerts;
-pub mod auth;
+mod alerts;
+mod auth;
 pub mod backup;
 pub mod bench;
-pub mod client;
 pub mod config;
-pub mod dashboard;
-pub mod filter;
+mod dashboard;
+mod filter;
 pub mod fuzzing;
-pub mod http;
-pub mod metrics;
-pub mod phase;
-pub mod pki;
-pub mod registry;
-pub mod render;
-pub mod server;
-pub mod service;
-pub mod store;
-pub mod tls;
-pub mod writer;
+mod http;
+mod metrics;
+mod registry;
+mod server;
+mod service;
+mod store;
+mod tls;
+mod writer;
 
 pub use config::{BusConfig, SyncPolicy};
+pub use dashboard::auth::ensure_token_file;
 pub use server::{BusError, RunningBus, start};
+pub use service::validate_batch;
+pub use writer::now_ns;

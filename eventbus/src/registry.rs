@@ -145,14 +145,6 @@ impl Registry {
         }
     }
 
-    pub fn last_seq(&self, agent_id: &str) -> u64 {
-        self.records
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(agent_id)
-            .map_or(0, |r| r.last_seq)
-    }
-
     /// The record as it stands, for the writer to build on.
     pub fn record(&self, agent_id: &str) -> Option<AgentRecord> {
         self.records

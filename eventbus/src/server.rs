@@ -22,8 +22,9 @@ use crate::metrics::{BusMetrics, reason};
 use crate::registry::Registry;
 use crate::service::{AdminService, BusState, EventBusService};
 use crate::store::{Store, StoreError};
-use crate::tls::{ReloadingTls, TlsError};
+use crate::tls::ReloadingTls;
 use crate::writer::{self, Writer, WriterMsg, now_ns};
+use amoskys_client::tls::TlsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

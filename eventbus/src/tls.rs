@@ -1,12 +1,11 @@
-//! mTLS for the bus: certificate loading, hot reload, the accept loop that
-//! hands authenticated connections to tonic, and client configuration.
+//! mTLS for the bus: server configs from the TLS material, hot reload, and
+//! the accept loop that hands authenticated connections to tonic.
 //!
 //! The server keeps its `rustls::ServerConfig` behind a lock and rebuilds it
 //! whenever `tls.crt`, `tls.key` or `ca.crt` change on disk. New handshakes
 //! take the current config; established connections keep the one they were
 //! made with, so streams in flight never notice a rotation.
 
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +14,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -26,156 +23,51 @@ use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 use tracing::{info, warn};
 
-use crate::auth::PeerIdentity;
 use crate::metrics::{BusMetrics, reason};
+use amoskys_client::identity::PeerIdentity;
+use amoskys_client::tls::{TlsError, TlsMaterial, crypto_provider};
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
-    #[error("TLS configuration from {dir}: {source}")]
-    Rustls {
-        dir: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
-    #[error("client verifier from {dir}: {message}")]
-    Verifier { dir: PathBuf, message: String },
+/// A server config that requires a client certificate chaining to ca.crt.
+pub fn server_config(m: &TlsMaterial) -> Result<ServerConfig, TlsError> {
+    build_server_config(m, true, b"h2")
 }
 
-pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The HTTP side's config: a client certificate is asked for and checked
+/// when offered (an admin certificate signs in to the dashboard) but a
+/// browser without one may still connect and use a token.
+pub fn http_server_config(m: &TlsMaterial) -> Result<ServerConfig, TlsError> {
+    build_server_config(m, false, b"http/1.1")
 }
 
-/// Parses every certificate in a PEM buffer.
-pub fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad PEM certificate: {e}"))?;
-    if certs.is_empty() {
-        return Err("no PEM certificate found".into());
-    }
-    Ok(certs)
-}
-
-/// The three files of a cert-manager style TLS directory, read once.
-#[derive(Clone)]
-pub struct TlsMaterial {
-    pub dir: PathBuf,
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub ca_pem: Vec<u8>,
-}
-
-impl TlsMaterial {
-    pub fn read(dir: &Path) -> Result<Self, TlsError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
-        };
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            cert_pem: read("tls.crt")?,
-            key_pem: read("tls.key")?,
-            ca_pem: read("ca.crt")?,
-        })
-    }
-
-    /// Changes whenever any of the three files does.
-    pub fn fingerprint(&self) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&self.cert_pem, &self.key_pem, &self.ca_pem).hash(&mut h);
-        h.finish()
-    }
-
-    fn pem_err(&self, file: &str, message: String) -> TlsError {
-        TlsError::Pem {
-            path: self.dir.join(file),
-            message,
-        }
-    }
-
-    pub fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-        pem_certs(&self.cert_pem).map_err(|m| self.pem_err("tls.crt", m))
-    }
-
-    pub fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
-        PrivateKeyDer::from_pem_slice(&self.key_pem)
-            .map_err(|e| self.pem_err("tls.key", format!("bad PEM private key: {e}")))
-    }
-
-    pub fn roots(&self) -> Result<RootCertStore, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for c in pem_certs(&self.ca_pem).map_err(|m| self.pem_err("ca.crt", m))? {
-            roots
-                .add(c)
-                .map_err(|e| self.pem_err("ca.crt", format!("unusable CA certificate: {e}")))?;
-        }
-        Ok(roots)
-    }
-
-    /// A server config that requires a client certificate chaining to ca.crt.
-    pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
-        self.build_server_config(true, b"h2")
-    }
-
-    /// The HTTP side's config: a client certificate is asked for and checked
-    /// when offered (an admin certificate signs in to the dashboard) but a
-    /// browser without one may still connect and use a token.
-    pub fn http_server_config(&self) -> Result<ServerConfig, TlsError> {
-        self.build_server_config(false, b"http/1.1")
-    }
-
-    fn build_server_config(
-        &self,
-        require_client: bool,
-        alpn: &[u8],
-    ) -> Result<ServerConfig, TlsError> {
-        let provider = crypto_provider();
-        let builder =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone());
-        let builder = if require_client {
-            builder
-        } else {
-            builder.allow_unauthenticated()
-        };
-        let verifier = builder.build().map_err(|e| TlsError::Verifier {
-            dir: self.dir.clone(),
-            message: e.to_string(),
-        })?;
-        let rustls_err = |source| TlsError::Rustls {
-            dir: self.dir.clone(),
-            source,
-        };
-        let mut cfg = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(rustls_err)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.certs()?, self.key()?)
-            .map_err(rustls_err)?;
-        cfg.alpn_protocols = vec![alpn.to_vec()];
-        Ok(cfg)
-    }
-
-    /// When the leaf certificate expires (unix seconds).
-    pub fn leaf_not_after(&self) -> Option<i64> {
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let der = self.certs().ok()?.into_iter().next()?;
-        let (_, cert) = X509Certificate::from_der(&der).ok()?;
-        Some(cert.validity().not_after.timestamp())
-    }
-
-    /// Serial (hex) of the leaf certificate, for status and logs.
-    pub fn leaf_serial(&self) -> Option<String> {
-        let der = self.certs().ok()?.into_iter().next()?;
-        PeerIdentity::from_der(&der).ok().map(|p| p.serial)
-    }
+fn build_server_config(
+    m: &TlsMaterial,
+    require_client: bool,
+    alpn: &[u8],
+) -> Result<ServerConfig, TlsError> {
+    let provider = crypto_provider();
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots()?), provider.clone());
+    let builder = if require_client {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder.build().map_err(|e| TlsError::Verifier {
+        dir: m.dir.clone(),
+        message: e.to_string(),
+    })?;
+    let rustls_err = |source| TlsError::Rustls {
+        dir: m.dir.clone(),
+        source,
+    };
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.certs()?, m.key()?)
+        .map_err(rustls_err)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
 }
 
 /// The server's TLS config, rebuilt when its files change.
@@ -192,8 +84,8 @@ pub struct ReloadingTls {
 impl ReloadingTls {
     pub fn load(dir: &Path, metrics: Arc<BusMetrics>) -> Result<Arc<Self>, TlsError> {
         let m = TlsMaterial::read(dir)?;
-        let cfg = m.server_config()?;
-        let http = m.http_server_config()?;
+        let cfg = server_config(&m)?;
+        let http = http_server_config(&m)?;
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
             current: RwLock::new(Arc::new(cfg)),
@@ -240,8 +132,8 @@ impl ReloadingTls {
         if *last == fp {
             return Ok(false);
         }
-        let cfg = m.server_config()?;
-        let http = m.http_server_config()?;
+        let cfg = server_config(&m)?;
+        let http = http_server_config(&m)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
         *self.http.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(http);
         self.not_after.store(

@@ -120,6 +120,7 @@ pub enum Outcome {
 
 /// Dedupes and numbers the events of `reqs` against the registry's last
 /// seqs; pure apart from reading the registry.
+#[cfg(test)]
 pub fn prepare(
     registry: &Registry,
     reqs: &[WriteRequest],

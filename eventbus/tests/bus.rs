@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use amoskys_eventbus::auth::Role;
-use amoskys_eventbus::pki::Validity;
+use amoskys_client::identity::Role;
+use amoskys_client::pki::Validity;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{Filter, ListAgentsRequest, QueryRequest, StatsRequest, TailRequest};
 use common::*;
@@ -208,7 +208,7 @@ async fn roles_are_enforced_per_rpc() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     match reader.publisher(hello("r"), 1).await {
-        Err(amoskys_eventbus::client::ClientError::Rpc(s)) => {
+        Err(amoskys_client::ClientError::Rpc(s)) => {
             assert_eq!(s.code(), Code::PermissionDenied)
         }
         Err(other) => panic!("expected PERMISSION_DENIED, got {other}"),
@@ -228,7 +228,7 @@ async fn bad_certificates_fail_the_handshake_and_are_counted() {
 
     // Another CA's admin certificate.
     let other =
-        amoskys_eventbus::pki::CertAuthority::generate("rogue", Validity::from_now(day)).unwrap();
+        amoskys_client::pki::CertAuthority::generate("rogue", Validity::from_now(day)).unwrap();
     let rogue = env.issue_client("rogue", &other, Role::Admin, Validity::from_now(day));
     // An expired admin certificate from the right CA.
     let now = time::OffsetDateTime::now_utc();
@@ -244,7 +244,7 @@ async fn bad_certificates_fail_the_handshake_and_are_counted() {
 
     for dir in [&rogue, &expired] {
         let res = async {
-            let mut c = amoskys_eventbus::client::BusClient::connect(&opts(&bus, dir)).await?;
+            let mut c = amoskys_client::BusClient::connect(&opts(&bus, dir)).await?;
             c.query(QueryRequest::default()).await
         }
         .await;
@@ -278,11 +278,11 @@ async fn raw_tls_without_client_cert(
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut roots = rustls::RootCertStore::empty();
-    for c in amoskys_eventbus::tls::pem_certs(&std::fs::read(dir.join("ca.crt"))?).unwrap() {
+    for c in amoskys_client::tls::pem_certs(&std::fs::read(dir.join("ca.crt"))?).unwrap() {
         roots.add(c).unwrap();
     }
     let mut cfg =
-        rustls::ClientConfig::builder_with_provider(amoskys_eventbus::tls::crypto_provider())
+        rustls::ClientConfig::builder_with_provider(amoskys_client::tls::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -319,7 +319,7 @@ async fn oversized_and_malformed_batches_get_clear_errors_while_others_flow() {
     big.send(events("big", 1..=1000)).await.unwrap();
     let err = loop {
         match big.next().await {
-            Err(amoskys_eventbus::client::ClientError::Rpc(s)) => break s,
+            Err(amoskys_client::ClientError::Rpc(s)) => break s,
             Ok(Some(_)) => continue,
             other => panic!("expected an error status, got {other:?}"),
         }
@@ -340,7 +340,7 @@ async fn oversized_and_malformed_batches_get_clear_errors_while_others_flow() {
     bad.send(evs).await.unwrap();
     let err = loop {
         match bad.next().await {
-            Err(amoskys_eventbus::client::ClientError::Rpc(s)) => break s,
+            Err(amoskys_client::ClientError::Rpc(s)) => break s,
             Ok(Some(_)) => continue,
             other => panic!("expected an error status, got {other:?}"),
         }

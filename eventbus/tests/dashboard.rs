@@ -530,7 +530,7 @@ async fn https(
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let provider = amoskys_eventbus::tls::crypto_provider();
+    let provider = amoskys_client::tls::crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(env.pki("ca").join("tls.crt")).unwrap();
     for c in CertificateDer::pem_slice_iter(&ca) {

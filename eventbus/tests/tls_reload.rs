@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use amoskys_eventbus::auth::{PeerIdentity, Role};
-use amoskys_eventbus::pki::{CertAuthority, Validity};
-use amoskys_eventbus::tls::TlsMaterial;
+use amoskys_client::identity::{PeerIdentity, Role};
+use amoskys_client::pki::{CertAuthority, Validity};
+use amoskys_client::tls::TlsMaterial;
 use amoskys_proto::QueryRequest;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use common::*;
@@ -16,7 +16,7 @@ use common::*;
 /// Serial of the certificate the bus presents to a new connection.
 async fn served_serial(bus: &amoskys_eventbus::RunningBus, client_dir: &std::path::Path) -> String {
     let m = TlsMaterial::read(client_dir).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(amoskys_eventbus::tls::crypto_provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(amoskys_client::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(m.roots().unwrap())
@@ -112,7 +112,7 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
         .unwrap()
         .into_inner();
     assert_eq!(Some(stats.server_cert_serial), rotated);
-    assert!(stats.server_cert_not_after > amoskys_eventbus::writer::now_ns() / 1_000_000_000);
+    assert!(stats.server_cert_not_after > amoskys_eventbus::now_ns() / 1_000_000_000);
 
     // A CA rotation's first step: the bundle trusts old and new CA, so a
     // client issued by the new CA gets in while old clients keep working.
@@ -125,7 +125,7 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
     let mut bundle = std::fs::read_to_string(env.pki("ca").join("tls.crt")).unwrap();
     bundle.push_str(&new_ca.cert_pem);
     let m = TlsMaterial::read(&bus_dir).unwrap();
-    amoskys_eventbus::pki::write_secret_dir(
+    amoskys_client::pki::write_secret_dir(
         &bus_dir,
         std::str::from_utf8(&m.cert_pem).unwrap(),
         std::str::from_utf8(&m.key_pem).unwrap(),
@@ -141,9 +141,7 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
     let got_in = eventually(Duration::from_secs(10), || {
         let o = opts(&bus, &new_reader);
         async move {
-            let mut c = amoskys_eventbus::client::BusClient::connect(&o)
-                .await
-                .ok()?;
+            let mut c = amoskys_client::BusClient::connect(&o).await.ok()?;
             c.query(QueryRequest {
                 limit: 1,
                 ..Default::default()

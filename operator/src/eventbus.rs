@@ -125,7 +125,7 @@ pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
         return Err(invalid("spec.wal.retention", "must be greater than zero"));
     }
     if !s.wal.max_bytes.trim().is_empty() {
-        amoskys_eventbus::config::parse_bytes("spec.wal.maxBytes", &s.wal.max_bytes)
+        amoskys_client::parse::parse_bytes("spec.wal.maxBytes", &s.wal.max_bytes)
             .map_err(|e| invalid("spec.wal.maxBytes", e.to_string()))?;
     }
     if !["always", "batch", "never"].contains(&s.wal.sync.as_str()) {

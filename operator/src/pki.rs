@@ -20,8 +20,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use amoskys_eventbus::auth::Role;
-use amoskys_eventbus::pki::{CertAuthority, PkiError, Validity};
+use amoskys_client::identity::Role;
+use amoskys_client::pki::{CertAuthority, PkiError, Validity};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -159,7 +159,7 @@ fn unix(t: OffsetDateTime) -> i64 {
 
 /// Serial (hex, colon-separated) and expiry (unix seconds) of a PEM certificate.
 pub fn cert_facts(pem: &str) -> Option<(String, i64)> {
-    let der = amoskys_eventbus::tls::pem_certs(pem.as_bytes())
+    let der = amoskys_client::tls::pem_certs(pem.as_bytes())
         .ok()?
         .into_iter()
         .next()?;

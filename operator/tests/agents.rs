@@ -7,9 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use amoskys_eventbus::client::Pems;
+use amoskys_client::Pems;
+use amoskys_client::pki::{DevPkiOptions, init_dev_pki};
 use amoskys_eventbus::config::{BusConfig, SyncPolicy};
-use amoskys_eventbus::pki::{DevPkiOptions, init_dev_pki};
 use amoskys_operator::controller::agents::{
     History, Registry, RegistryReader, ReplicaUrl, node_names, sync_set,
 };

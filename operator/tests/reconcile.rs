@@ -155,7 +155,7 @@ async fn eventbus_sample_becomes_its_objects_and_a_second_pass_changes_nothing()
         let d = der(&secret_text(&s, "tls.crt"));
         let (_, c) = X509Certificate::from_der(&d).unwrap();
         c.verify_signature(Some(ca_cert.public_key())).unwrap();
-        let id = amoskys_eventbus::auth::PeerIdentity::from_der(&d).unwrap();
+        let id = amoskys_client::identity::PeerIdentity::from_der(&d).unwrap();
         assert_eq!(id.role.map(|r| r.as_str()), Some(role), "{secret}");
     }
     // The agents' certificate goes away with their AgentSet.
@@ -792,7 +792,7 @@ async fn cert_manager_issues_when_an_issuer_is_named() {
         .unwrap();
     assert_eq!(
         agent.data["spec"]["uris"][0],
-        amoskys_eventbus::auth::Role::Agent.uri()
+        amoskys_client::identity::Role::Agent.uri()
     );
     let st = w.bus("amoskys").status.clone().unwrap();
     assert_eq!(condition(&st.conditions, "CertificatesReady").0, "False");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amoskys_eventbus::auth::{PeerIdentity, Role};
+use amoskys_client::identity::{PeerIdentity, Role};
 use amoskys_operator::pki::{
     self, Change, LeafKind, LeafSpec, Phase, PkiState, Policy, SecretContent, ca_secret_data,
     leaf_secret_data, state_from_secrets, step,
@@ -57,12 +57,12 @@ fn at(t: i64) -> OffsetDateTime {
 }
 
 fn der(pem: &str) -> Vec<CertificateDer<'static>> {
-    amoskys_eventbus::tls::pem_certs(pem.as_bytes()).unwrap()
+    amoskys_client::tls::pem_certs(pem.as_bytes()).unwrap()
 }
 
 /// Verifies `leaf` against `trust` (a bundle) as a peer would, at time `t`.
 fn verifies(leaf: &pki::Leaf, trust: &str, spec: &LeafSpec, t: i64) -> bool {
-    let provider = amoskys_eventbus::tls::crypto_provider();
+    let provider = amoskys_client::tls::crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in der(trust) {
         roots.add(c).unwrap();

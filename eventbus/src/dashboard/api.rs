@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 
 use super::auth::require_admin;
 use super::{ApiError, Authed, Dashboard, bad_request, params};
-use crate::phase::Phase;
-use crate::render::{event_json, event_line, timestamp};
 use crate::store::{PageRequest, StoreError};
 use crate::writer::now_ns;
+use amoskys_client::phase::Phase;
+use amoskys_client::render::{event_json, event_line, timestamp};
 
 /// Events one search request may decode before it returns a cursor.
 const MAX_SCAN: usize = 5_000;

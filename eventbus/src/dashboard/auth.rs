@@ -10,7 +10,8 @@ use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, COOKIE};
 use tracing::warn;
 
-use crate::auth::{PeerIdentity, Role};
+use amoskys_client::identity::{PeerIdentity, Role};
+use amoskys_client::token::generate_token;
 
 pub const COOKIE_NAME: &str = "amoskys_token";
 /// Shorter tokens are ignored: they could be guessed.
@@ -116,14 +117,6 @@ impl Tokens {
             None
         }
     }
-}
-
-/// A new random token: 32 bytes, hex.
-pub fn generate_token() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The first token in `path`, creating the file (mode 0600) with a new

@@ -8,7 +8,7 @@ use std::time::Duration;
 use amoskys_proto::AgentRecord;
 use serde::Serialize;
 
-use crate::phase::SpoolSample;
+use amoskys_client::phase::SpoolSample;
 
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
 

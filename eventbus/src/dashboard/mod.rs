@@ -23,10 +23,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::DashboardConfig;
-use crate::phase::{GROWING_SAMPLES, Phase, phase};
 use crate::service::BusState;
 use crate::tls::ReloadingTls;
 use crate::writer::now_ns;
+use amoskys_client::phase::{GROWING_SAMPLES, Phase, phase};
 use amoskys_proto::AgentRecord;
 use auth::{COOKIE_NAME, Caller, ConnPeer, Denied, Tokens, authenticate};
 use history::{BusSample, History};

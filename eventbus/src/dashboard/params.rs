@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::filter::EventFilter;
-use crate::render::parse_severity;
+use amoskys_client::render::parse_severity;
 
 pub const MAX_PAGE: usize = 500;
 pub const DEFAULT_PAGE: usize = 100;

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::{ApiError, Authed, Dashboard, bad_request, params};
 use crate::filter::EventFilter;
-use crate::render::event_line;
+use amoskys_client::render::event_line;
 
 /// Messages waiting for one viewer's connection.
 const VIEWER_QUEUE: usize = 16;

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use amoskys_eventbus::auth::Role;
-use amoskys_eventbus::client::{BusClient, ClientOptions};
+use amoskys_client::identity::Role;
+use amoskys_client::pki::{self, CertAuthority, DevPkiOptions, Validity};
+use amoskys_client::{BusClient, ClientOptions};
 use amoskys_eventbus::config::{BusConfig, SyncPolicy};
-use amoskys_eventbus::pki::{self, CertAuthority, DevPkiOptions, Validity};
 use amoskys_eventbus::{RunningBus, start};
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, Hello, Severity, SyntheticEvent};
@@ -96,7 +96,7 @@ pub fn event(agent: &str, seq: u64) -> Event {
         agent_id: agent.into(),
         seq,
         collector: "synthetic".into(),
-        observed_at: amoskys_eventbus::writer::now_ns(),
+        observed_at: amoskys_eventbus::now_ns(),
         severity: Severity::Info as i32,
         payload: Some(Payload::Synthetic(SyntheticEvent {
             n: seq,
@@ -157,7 +157,7 @@ pub async fn stored(bus: &RunningBus, env: &Env) -> Vec<Event> {
 }
 
 /// Reads a Publish stream until `seq` is acked; returns duplicates reported.
-pub async fn ack_until(p: &mut amoskys_eventbus::client::Publisher, seq: u64) -> u64 {
+pub async fn ack_until(p: &mut amoskys_client::Publisher, seq: u64) -> u64 {
     use amoskys_proto::publish_response::Msg as OutMsg;
     let mut dups = 0;
     loop {

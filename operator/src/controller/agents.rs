@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use amoskys_eventbus::client::{BusClient, ClientError, Pems, connect_channel_pem};
-use amoskys_eventbus::phase::{GROWING_SAMPLES, SpoolSample, phase};
+use amoskys_client::phase::{GROWING_SAMPLES, SpoolSample, phase};
+use amoskys_client::{BusClient, ClientError, Pems, connect_channel_pem};
 use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};

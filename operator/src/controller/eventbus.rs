@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amoskys_eventbus::auth::Role;
+use amoskys_client::identity::Role;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -502,10 +502,7 @@ async fn ensure_dashboard_token(bus: &EventBus, ctx: &Context, ns: &str) -> Resu
         return Ok(());
     }
     let content = pki::SecretContent {
-        data: BTreeMap::from([(
-            "token".to_string(),
-            amoskys_eventbus::dashboard::auth::generate_token(),
-        )]),
+        data: BTreeMap::from([("token".to_string(), amoskys_client::token::generate_token())]),
         annotations: BTreeMap::new(),
     };
     let s = secret(

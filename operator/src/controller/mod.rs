@@ -45,7 +45,7 @@ pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("issuing certificates: {0}")]
-    Pki(#[from] amoskys_eventbus::pki::PkiError),
+    Pki(#[from] amoskys_client::pki::PkiError),
     #[error("{kind} {name} has no namespace")]
     NoNamespace { kind: String, name: String },
     #[error("serializing {what}: {source}")]

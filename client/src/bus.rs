@@ -1,5 +1,5 @@
-//! The client library: mTLS channels to the bus and helpers for publishing,
-//! querying and tailing. Agents, the CLI and the benchmark all use it.
+//! The bus client: mTLS channels to the bus and helpers for publishing,
+//! querying and tailing. Agents, the operator, the CLI and the benchmark use it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

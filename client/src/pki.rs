@@ -14,7 +14,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::auth::Role;
+use crate::identity::Role;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
