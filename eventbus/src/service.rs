@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::{Permission, authorize};
+use crate::auth::{Permission, authorize, remote_of};
 use crate::config::BusConfig;
 use crate::filter::EventFilter;
 use crate::metrics::{BusMetrics, reason};
@@ -369,7 +369,7 @@ impl EventBus for EventBusService {
         req: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         let peer = authorize(&req, Permission::Publish, "Publish")?;
-        let from = match req.remote_addr() {
+        let from = match remote_of(&req) {
             Some(addr) => format!("{addr}, cert {}", peer.common_name),
             None => format!("cert {}", peer.common_name),
         };
