@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! End-to-end on loopback: real `amoskys bus` and `amoskys agent`
 //! processes; the agent killed with SIGKILL, started with bad configuration;
 //! and `amoskys up`, the local all-in-one the README starts with.

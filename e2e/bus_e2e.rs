@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! End-to-end on loopback: real `amoskys` processes with mTLS, killed with
 //! SIGKILL, stopped with SIGTERM, started with bad configuration.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The whole thing in a real cluster (k3d, kind): install the chart, apply
 //! the samples, wait for every Agent to be Running and for events to be
 //! queryable, rotate the CA, and check that no agent disconnects meanwhile.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The dashboard in a real headless Chromium (driven over WebDriver by
 //! chromedriver) against real `amoskys bus` and `amoskys agent` processes.
 //! Screenshots land in `<target dir>/dashboard-screenshots/` for a person.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Agent identity end to end, with real `amoskys bus` and `amoskys agent`
 //! processes: a wiped spool, two agents with one id, a bus restored from an
 //! older backup, and a crash sweep with SIGKILL at random moments, each

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Replays the hand-made seeds (`fuzz/seeds/<target>`), the fuzz corpora
 //! (`fuzz/corpus/<target>`) and every crash the
 //! fuzzers found (`fuzz/regressions/<target>`) through the same entry points

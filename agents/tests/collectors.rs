@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Collectors against the real thing: processes this test starts, packets
 //! on `lo` and in a capture file this test writes.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Agent → bus delivery against a real bus: outages, a full spool, control.
 
 mod common;

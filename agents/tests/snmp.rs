@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The SNMP collector against a real net-snmp `snmpd` on a loopback port,
 //! with a v2c community and a v3 authPriv user.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Component tests: a real bus in-process (RocksDB on a temp dir, mTLS on
 //! loopback) driven through the client library.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The dashboard's HTTP API against a real bus: who may do what, the data it
 //! returns, bad parameters, the live tail's rate cap, and sign-in with a
 //! client certificate over HTTPS.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The WAL's disk fills up: acks stop, /readyz turns false, errors are
 //! counted, nothing stored is harmed, and writing resumes when space returns.
 //!

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Reconcile latency against the in-memory API, and the time to bring
 //! 1,000 Agents' statuses current from a registry of 1,000 agents. Prints
 //! figures; asserts nothing about time.

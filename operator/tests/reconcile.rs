@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The EventBus and AgentSet reconcilers against the in-memory API: the
 //! objects the samples become, idempotency, invalid specs, WAL growth, CA
 //! rotation through the Secrets, and cert-manager mode.

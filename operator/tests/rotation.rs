@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! Certificate issuance and rotation with a fake clock: leaves renew on
 //! time, a CA rotation goes through its phases in order and never leaves a
 //! certificate its peers cannot verify, an operator stopped between any two

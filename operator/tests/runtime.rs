@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! `amoskys operator`'s runtime against the in-memory API: it takes the
 //! Lease, its controllers reconcile the samples, it serves metrics and
 //! health, and on stop it releases the Lease and returns.

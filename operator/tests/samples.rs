@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 //! The checked-in CRDs match the Rust types, the samples parse into them,
 //! and the samples build the objects a user would expect.
 
