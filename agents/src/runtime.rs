@@ -40,11 +40,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("collector {collector}: {message}")]
-    Collector {
-        collector: &'static str,
-        message: String,
-    },
+    #[error(transparent)]
+    Collector(#[from] crate::collectors::StartError),
 }
 
 /// State shared by the runtime's tasks.

@@ -21,10 +21,17 @@ use tracing::{debug, warn};
 use crate::dashboard::auth::ConnPeer;
 use crate::metrics::{BusMetrics, RouteLabel};
 use crate::registry::Registry;
-use crate::server::Health;
 use crate::store::Store;
 use crate::tls::ReloadingTls;
 use amoskys_client::identity::PeerIdentity;
+
+/// Health the HTTP endpoints report: set by the server as it recovers and
+/// starts serving.
+#[derive(Default)]
+pub struct Health {
+    pub recovering: AtomicBool,
+    pub serving: AtomicBool,
+}
 
 pub struct HttpState {
     pub metrics: Arc<BusMetrics>,

@@ -17,7 +17,7 @@ use crate::alerts::RecentAlerts;
 use crate::backup::Backups;
 use crate::config::BusConfig;
 use crate::dashboard::Dashboard;
-use crate::http;
+use crate::http::{self, Health};
 use crate::metrics::{BusMetrics, reason};
 use crate::registry::Registry;
 use crate::service::{AdminService, BusState, EventBusService};
@@ -45,13 +45,6 @@ pub enum BusError {
     Backup(#[from] crate::backup::BackupError),
     #[error("{0}")]
     Other(String),
-}
-
-/// Health the HTTP endpoints report.
-#[derive(Default)]
-pub struct Health {
-    pub recovering: AtomicBool,
-    pub serving: AtomicBool,
 }
 
 /// A bus that is running; `shutdown` stops it cleanly.

@@ -16,8 +16,15 @@ use tokio_util::sync::CancellationToken;
 use crate::collector::Registry;
 use crate::config::ResolvedCollectors;
 use crate::metrics::AgentMetrics;
-use crate::runtime::AgentError;
 use crate::spool::Draft;
+
+/// A collector that cannot start at all; the agent reports it and exits.
+#[derive(Debug, thiserror::Error)]
+#[error("collector {collector}: {message}")]
+pub struct StartError {
+    pub collector: &'static str,
+    pub message: String,
+}
 
 /// Starts every enabled collector. A collector that cannot start at all
 /// (e.g. a pcap file that is not a capture) is an error; one that can run
@@ -29,7 +36,7 @@ pub async fn spawn_all(
     tx: &mpsc::Sender<Draft>,
     metrics: &Arc<AgentMetrics>,
     stop: &CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, AgentError> {
+) -> Result<Vec<JoinHandle<()>>, StartError> {
     let mut tasks = Vec::new();
     let ctx =
         |name, interval| reg.register(name, interval, tx.clone(), metrics.clone(), stop.clone());

@@ -17,10 +17,10 @@ use amoskys_proto::{FlowEvent, Severity};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::StartError;
 use crate::collector::Ctx;
 use crate::config::FlowConfig;
 use crate::metrics::{AgentMetrics, reason};
-use crate::runtime::AgentError;
 use crate::spool::Draft;
 use table::{Export, FlowTable};
 
@@ -103,9 +103,9 @@ impl Pipeline {
 /// Starts the collector. A capture file that cannot be read is a startup
 /// error; an interface that cannot be captured on leaves the collector
 /// unavailable (with the reason in its status) and the agent running.
-pub fn spawn(cfg: FlowConfig, ctx: Ctx) -> Result<Option<JoinHandle<()>>, AgentError> {
+pub fn spawn(cfg: FlowConfig, ctx: Ctx) -> Result<Option<JoinHandle<()>>, StartError> {
     if let Some(file) = cfg.pcap_file.clone() {
-        let cap = pcap::Capture::from_file(&file).map_err(|e| AgentError::Collector {
+        let cap = pcap::Capture::from_file(&file).map_err(|e| StartError {
             collector: NAME,
             message: format!("collectors.flow.pcapFile {}: {e}", file.display()),
         })?;
