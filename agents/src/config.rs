@@ -358,30 +358,20 @@ pub struct DiscoveryConfig {
 }
 
 pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    parse_config(&text).map_err(|message| ConfigError::File {
-        path: path.to_path_buf(),
-        message,
+    amoskys_client::parse::read_yaml(path).map_err(|e| ConfigError::File {
+        path: e.path,
+        message: e.message,
     })
 }
 
+/// The config file's text; empty means all defaults.
 pub fn parse_config(text: &str) -> Result<AgentConfigFile, String> {
-    if text.trim().is_empty() {
-        return Ok(AgentConfigFile::default());
-    }
-    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    amoskys_client::parse::parse_yaml(text)
 }
 
 pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| {
-        invalid(
-            key,
-            format!("{s:?} is not a duration like 500ms, 15s or 1m: {e}"),
-        )
-    })?;
+    let d = amoskys_client::parse::parse_duration("duration", s)
+        .map_err(|e| invalid(key, e.message))?;
     if d.is_zero() {
         return Err(invalid(key, "must be greater than 0"));
     }

@@ -1,7 +1,37 @@
-//! The value syntax every AMOSKYS config shares (bus, agent, operator specs):
-//! sizes like `512MiB` and durations like `30s`, with errors naming the key.
+//! What every AMOSKYS config shares (bus, agent, operator specs): YAML files
+//! where empty means all defaults, sizes like `512MiB` and durations like
+//! `30s`, with errors naming the file or the key.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+/// A config file that cannot be read or parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config file {}: {message}", path.display())]
+pub struct FileError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Parses a YAML config; empty text (or only comments) is all defaults.
+pub fn parse_yaml<T: DeserializeOwned + Default>(text: &str) -> Result<T, String> {
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Reads and parses a YAML config file.
+pub fn read_yaml<T: DeserializeOwned + Default>(path: &Path) -> Result<T, FileError> {
+    let file_err = |message| FileError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    parse_yaml(&text).map_err(file_err)
+}
 
 /// A value that does not parse, and the key it was given for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +100,24 @@ mod tests {
             Duration::from_secs(604_800)
         );
         assert!(parse_duration("k", "soon").is_err());
+    }
+
+    #[test]
+    fn empty_yaml_is_defaults_and_errors_name_the_file() {
+        #[derive(Debug, Default, PartialEq, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct C {
+            a: Option<u32>,
+        }
+        assert_eq!(parse_yaml::<C>("  \n").unwrap(), C::default());
+        assert_eq!(parse_yaml::<C>("a: 3").unwrap(), C { a: Some(3) });
+        assert!(parse_yaml::<C>("b: 3").unwrap_err().contains('b'));
+        let e = read_yaml::<C>(Path::new("/nonexistent/amoskys.yaml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config file /nonexistent/amoskys.yaml: "),
+            "{e}"
+        );
     }
 
     #[test]

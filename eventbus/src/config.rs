@@ -221,22 +221,15 @@ pub struct BusOverrides {
 }
 
 pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    parse_config(&text).map_err(|message| ConfigError::File {
-        path: path.to_path_buf(),
-        message,
+    amoskys_client::parse::read_yaml(path).map_err(|e| ConfigError::File {
+        path: e.path,
+        message: e.message,
     })
 }
 
 /// The config file's text; empty means all defaults.
 pub fn parse_config(text: &str) -> Result<BusConfigFile, String> {
-    if text.trim().is_empty() {
-        return Ok(BusConfigFile::default());
-    }
-    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    amoskys_client::parse::parse_yaml(text)
 }
 
 fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {

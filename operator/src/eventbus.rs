@@ -78,12 +78,7 @@ impl Names {
 }
 
 fn duration(field: &str, v: &str) -> Result<Duration, InvalidSpec> {
-    humantime::parse_duration(v.trim()).map_err(|e| {
-        invalid(
-            field,
-            format!("{v:?} is not a duration like 90d or 12h ({e})"),
-        )
-    })
+    amoskys_client::parse::parse_duration("duration", v).map_err(|e| invalid(field, e.message))
 }
 
 /// Parsed TLS lifetimes: (leaf validity, renew before, CA validity).
