@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use amoskys_client::{BusClient, ClientOptions};
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, Filter, QueryRequest};
-use common::{Agent, BIN, Bus, free_port, opts, pki, start_bus};
+use common::{Agent, BIN, Bus, free_port, http_get, opts, pki, start_bus};
 
 const AGENT_CONFIG: &str = "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: false\n  synthetic:\n    enabled: true\n    rate: 500\n";
 
@@ -219,24 +219,6 @@ impl Up {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-/// GET over HTTP/1.0: status code and body.
-fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    (status, body.unwrap_or_default())
 }
 
 /// The seqs of `agent`'s synthetic events stored on the bus at `grpc`, once

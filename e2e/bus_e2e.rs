@@ -15,7 +15,7 @@ use amoskys_proto::{Event, Filter, Hello, QueryRequest, Severity, SyntheticEvent
 
 mod common;
 
-use common::{BIN, Bus, cli, opts, pki, start_bus};
+use common::{BIN, Bus, cli, metric, opts, pki, start_bus};
 
 fn event(agent: &str, seq: u64) -> Event {
     Event {
@@ -506,22 +506,6 @@ async fn bench_reports_what_was_acked_when_the_bus_dies_mid_run() {
         .unwrap_or(0);
     assert!(last.starts_with("bench: events=50000000 acked="), "{last}");
     assert!(acked > 0 && acked < 50_000_000, "{last}");
-}
-
-fn http_body(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn metric(port: u16, name: &str) -> f64 {
-    http_body(port, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use amoskys_proto::{
     AgentRecord, Event, GapEvent, IncarnationEvent, ListAgentsRequest, QueryRequest,
 };
 use common::history::{SpoolView, check};
-use common::{BIN, Bus, cli, free_port, opts, pki, start_bus_with};
+use common::{BIN, Bus, cli, free_port, http_get, metric, opts, pki, start_bus_with};
 use rand::Rng;
 
 fn agent_config(rate: u32) -> String {
@@ -95,11 +95,7 @@ impl AgentProc {
     /// HTTP port answers), and before that the signal just ends it.
     fn terminate(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !http_body(self.http, "/healthz")
-            .lines()
-            .next()
-            .is_some_and(|l| l.contains(" 200"))
-        {
+        while http_get(self.http, "/healthz", None).0 != 200 {
             assert!(Instant::now() < deadline, "{} never came up", self.id);
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -155,31 +151,6 @@ async fn agent_record(bus: &Bus, root: &Path, id: &str) -> AgentRecord {
         .into_iter()
         .find(|a| a.agent_id == id)
         .unwrap_or_else(|| panic!("no record of {id}"))
-}
-
-fn http_body(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-/// The value of one series (name with labels, exactly as exposed).
-fn metric(port: u16, series: &str) -> f64 {
-    http_body(port, "/metrics")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 async fn until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {

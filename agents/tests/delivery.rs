@@ -21,7 +21,7 @@ fn synthetic_n(e: &amoskys_proto::Event) -> u64 {
 async fn bus_outage_of_30s_loses_nothing_and_stores_nothing_twice() {
     let env = Env::new();
     let addr = free_addr();
-    let bus = env.start_bus(addr).await;
+    let bus = env.start_on(addr).await;
     let agent = env.synthetic_agent(addr, 200, |_| {}).await;
     let http = agent.http_addr.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -39,7 +39,7 @@ async fn bus_outage_of_30s_loses_nothing_and_stores_nothing_twice() {
         0.0
     );
 
-    let bus = env.start_bus(addr).await;
+    let bus = env.start_on(addr).await;
     eventually(Duration::from_secs(30), || async {
         (metric(&http_get(http, "/metrics").await, "amoskys_agent_connected") == 1.0).then_some(())
     })
@@ -104,7 +104,7 @@ async fn a_full_spool_drops_the_oldest_and_says_so_everywhere() {
     );
 
     pause(&agent, "synthetic");
-    let bus = env.start_bus(addr).await;
+    let bus = env.start_on(addr).await;
     eventually(Duration::from_secs(30), || async {
         let s = &agent.shared.spool;
         (s.stats().events == 0 && s.pending_gap().dropped == 0).then_some(())
@@ -175,7 +175,7 @@ async fn control_result(
 async fn control_from_the_bus_pauses_and_resumes_a_collector() {
     let env = Env::new();
     let addr = free_addr();
-    let bus = env.start_bus(addr).await;
+    let bus = env.start_on(addr).await;
     let agent = env.synthetic_agent(addr, 100, |_| {}).await;
     eventually(Duration::from_secs(10), || async {
         (env.stored(addr, "synthetic").await.len() > 20).then_some(())
@@ -255,7 +255,7 @@ async fn a_rotated_agent_certificate_is_picked_up_without_a_restart() {
 
     let env = Env::new();
     let addr = free_addr();
-    let bus = env.start_bus(addr).await;
+    let bus = env.start_on(addr).await;
     let agent = env
         .synthetic_agent(addr, 100, |f| f.tls_reload_interval = Some("200ms".into()))
         .await;

@@ -3,7 +3,6 @@
 
 pub mod history;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,12 +11,35 @@ use amoskys_client::ClientOptions;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_amoskys");
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+#[allow(unused_imports)] // not every test crate uses it
+pub use amoskys_testkit::free_port;
+
+/// GET over HTTP/1.0 on loopback: status code and body; (0, "") when
+/// nothing listens (a bus being killed and restarted).
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// The value of one series (name with labels, exactly as exposed) on the
+/// `/metrics` of the process whose HTTP side is `port`.
+pub fn metric(port: u16, series: &str) -> f64 {
+    amoskys_testkit::metric(&http_get(port, "/metrics", None).1, series)
 }
 
 pub struct Bus {

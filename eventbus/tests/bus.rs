@@ -138,12 +138,12 @@ async fn publish_query_tail_and_registry() {
     assert_eq!(stats.events_stored, 1060);
     assert!(stats.writable);
 
-    let (code, text) = http_get(&bus, "/metrics").await;
+    let (code, text) = http_get(bus.http_addr, "/metrics").await;
     assert_eq!(code, 200);
     assert_eq!(metric(&text, "amoskys_bus_events_stored_total"), 1060.0);
     assert_eq!(metric(&text, "amoskys_bus_connected_agents"), 2.0);
-    assert_eq!(http_get(&bus, "/readyz").await.0, 200);
-    assert_eq!(http_get(&bus, "/healthz").await.0, 200);
+    assert_eq!(http_get(bus.http_addr, "/readyz").await.0, 200);
+    assert_eq!(http_get(bus.http_addr, "/healthz").await.0, 200);
     bus.shutdown().await.unwrap();
 }
 
@@ -177,7 +177,7 @@ async fn duplicates_are_dropped_across_restarts() {
         (1..=150).collect::<Vec<_>>(),
         "each event exactly once"
     );
-    let (_, text) = http_get(&bus, "/metrics").await;
+    let (_, text) = http_get(bus.http_addr, "/metrics").await;
     assert_eq!(metric(&text, "amoskys_bus_duplicates_total"), 51.0);
     bus.shutdown().await.unwrap();
 }
@@ -258,7 +258,7 @@ async fn bad_certificates_fail_the_handshake_and_are_counted() {
         "a client without a certificate must not get through"
     );
 
-    let (_, text) = http_get(&bus, "/metrics").await;
+    let (_, text) = http_get(bus.http_addr, "/metrics").await;
     let failures = |r: &str| {
         metric(
             &text,
@@ -352,7 +352,7 @@ async fn oversized_and_malformed_batches_get_clear_errors_while_others_flow() {
     // The well-behaved stream is unaffected.
     good.send(events("good", 11..=20)).await.unwrap();
     ack_until(&mut good, 20).await;
-    let (_, text) = http_get(&bus, "/metrics").await;
+    let (_, text) = http_get(bus.http_addr, "/metrics").await;
     assert_eq!(
         metric(&text, "amoskys_bus_rejected_total{reason=\"too_large\"}"),
         1.0,
@@ -409,7 +409,7 @@ async fn retention_by_age_runs_in_the_bus() {
     // Dedupe state outlives the events: a resend is still recognised.
     p.send(events("a", 100..=101)).await.unwrap();
     assert_eq!(ack_until(&mut p, 101).await, 1);
-    let (_, text) = http_get(&bus, "/metrics").await;
+    let (_, text) = http_get(bus.http_addr, "/metrics").await;
     assert_eq!(
         metric(&text, "amoskys_bus_retention_deleted_total{reason=\"age\"}"),
         100.0

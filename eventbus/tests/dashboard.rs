@@ -512,7 +512,7 @@ async fn live_tail_filters_and_caps_what_one_viewer_gets() {
         "{status}"
     );
     assert_eq!(status["sent"].as_u64().unwrap() as usize, shown.len());
-    let m = http_get(&bus, "/metrics").await.1;
+    let m = http_get(bus.http_addr, "/metrics").await.1;
     assert_eq!(metric(&m, "amoskys_bus_dashboard_tail_viewers"), 1.0);
     assert!(metric(&m, "amoskys_bus_dashboard_tail_skipped_total") >= 340.0);
     drop(resp);

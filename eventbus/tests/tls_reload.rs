@@ -174,7 +174,7 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
 
     let stored = stored(&bus, &env).await;
     assert_eq!(stored.len() as u64, sent);
-    let (_, text) = http_get(&bus, "/metrics").await;
+    let (_, text) = http_get(bus.http_addr, "/metrics").await;
     assert!(
         metric(&text, "amoskys_bus_tls_reloads_total") >= 2.0,
         "{text}"

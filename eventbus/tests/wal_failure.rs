@@ -91,7 +91,7 @@ async fn full_disk_withholds_acks_and_recovers() {
         {
             last_acked = a.acked_seq;
         }
-        let (code, _) = http_get(&bus, "/readyz").await;
+        let (code, _) = http_get(bus.http_addr, "/readyz").await;
         if code == 503 {
             became_unready = true;
             break;
@@ -117,8 +117,8 @@ async fn full_disk_withholds_acks_and_recovers() {
         last_acked < seq,
         "acks withheld: acked {last_acked} of {seq}"
     );
-    assert_eq!(http_get(&bus, "/readyz").await.0, 503);
-    let (_, text) = http_get(&bus, "/metrics").await;
+    assert_eq!(http_get(bus.http_addr, "/readyz").await.0, 503);
+    let (_, text) = http_get(bus.http_addr, "/metrics").await;
     assert!(
         metric(&text, "amoskys_bus_wal_write_errors_total") >= 1.0,
         "{text}"
@@ -143,7 +143,7 @@ async fn full_disk_withholds_acks_and_recovers() {
     );
     let ready = eventually(Duration::from_secs(10), || {
         let bus = &bus;
-        async move { (http_get(bus, "/readyz").await.0 == 200).then_some(()) }
+        async move { (http_get(bus.http_addr, "/readyz").await.0 == 200).then_some(()) }
     })
     .await;
     assert!(ready.is_some(), "/readyz recovers");

@@ -1,10 +1,8 @@
-//! Shared set-up for the agent's component tests: a real PKI, a real bus
-//! in-process (RocksDB on a temp dir, mTLS on loopback), agents in-process,
-//! and collector contexts whose events a test reads directly.
+//! The agent tests' own helpers: agents in-process against the testkit's
+//! bus, and collector contexts whose events a test reads directly.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,43 +10,25 @@ use amoskys_agents::collector::{Ctx, Registry};
 use amoskys_agents::config::{self, AgentConfig, AgentConfigFile, AgentOverrides};
 use amoskys_agents::metrics::AgentMetrics;
 use amoskys_agents::spool::Draft;
-use amoskys_client::pki::{self, DevPkiOptions};
-use amoskys_client::{BusClient, ClientOptions};
-use amoskys_eventbus::RunningBus;
-use amoskys_eventbus::config::{BusConfig, SyncPolicy};
+use amoskys_client::BusClient;
 use amoskys_proto::{Event, Filter, QueryRequest};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub struct Env {
-    pub tmp: tempfile::TempDir,
+/// The shared test environment (dev PKI, in-process bus) plus the agent's
+/// own helpers.
+pub struct Env(pub amoskys_testkit::Env);
+
+impl std::ops::Deref for Env {
+    type Target = amoskys_testkit::Env;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Env {
     pub fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        pki::init_dev_pki(&DevPkiOptions::new(tmp.path().join("pki"))).unwrap();
-        Self { tmp }
-    }
-
-    pub fn pki(&self, who: &str) -> PathBuf {
-        self.tmp.path().join("pki").join(who)
-    }
-
-    pub fn bus_config(&self, listen: SocketAddr) -> BusConfig {
-        let mut c = BusConfig::defaults(self.tmp.path().join("bus"), self.pki("bus"));
-        c.listen = listen;
-        c.http = "127.0.0.1:0".parse().unwrap();
-        c.sync = SyncPolicy::Batch;
-        c.shutdown_grace = Duration::from_secs(5);
-        c
-    }
-
-    /// Starts the bus on `listen` (the same address again after a restart).
-    pub async fn start_bus(&self, listen: SocketAddr) -> RunningBus {
-        amoskys_eventbus::start(self.bus_config(listen))
-            .await
-            .unwrap()
+        Self(amoskys_testkit::Env::new())
     }
 
     /// An agent config pointing at `bus`, with every collector off unless
@@ -108,21 +88,11 @@ impl Env {
     }
 
     pub async fn reader(&self, bus: SocketAddr) -> BusClient {
-        BusClient::connect(&ClientOptions::new(
-            format!("https://{bus}"),
-            self.pki("reader"),
-        ))
-        .await
-        .unwrap()
+        self.client(bus, "reader").await
     }
 
     pub async fn admin(&self, bus: SocketAddr) -> BusClient {
-        BusClient::connect(&ClientOptions::new(
-            format!("https://{bus}"),
-            self.pki("admin"),
-        ))
-        .await
-        .unwrap()
+        self.client(bus, "admin").await
     }
 
     /// Every stored event of one collector.
@@ -142,46 +112,12 @@ impl Env {
     }
 }
 
-/// A loopback address nobody listens on right now.
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+#[allow(unused_imports)] // not every test crate uses each
+pub use amoskys_testkit::{eventually, free_addr, metric};
 
-/// Polls `f` until it returns Some or `timeout` passes.
-pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The value of one metric line (name with labels, exactly as exposed).
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
+/// The body of a GET on the agent's (or bus's) plain HTTP side.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
-    reqwest::get(format!("http://{addr}{path}"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    amoskys_testkit::http_get(addr, path).await.1
 }
 
 /// A collector context whose events the test reads from the receiver.
