@@ -2,10 +2,19 @@
 //! first, with its `seq`, and leaves only when the bus has acked it.
 //!
 //! It is a RocksDB with a small memory budget (the library is in the binary
-//! already for the bus). Keys are `e` + big-endian seq, so iteration is in seq
-//! order; `m` keys hold the next seq, the drop total and the pending gap, and
-//! are written in the same batch as the events they describe, so a kill -9
+//! already for the bus). Events are in the default column family under `e` +
+//! big-endian seq, so iteration is in seq order. The `meta` column family
+//! holds the next seq, the lowest held seq, the drop total and the pending
+//! gap, written in the same batch as the events they describe, so a kill -9
 //! never leaves a seq reused or a drop uncounted.
+//!
+//! The spool is a queue, and is laid out so RocksDB never rewrites it: events
+//! acked or dropped are not deleted key by key (range tombstones make every
+//! flushed file overlap all the data held, so each compaction rewrote the
+//! whole spool, and a full spool stalled its own writes). Moving `first` past
+//! them is enough, as nothing reads below it; whole files below it are then
+//! dropped (`DeleteFilesInRange`). With the meta keys elsewhere, flushed files
+//! hold disjoint seq ranges and reach the lower levels by trivial moves.
 //!
 //! A spool is one *incarnation* of its agent: a random id made when the
 //! spool is created, stored in it, and sent in every Hello. Seqs are numbered
@@ -24,7 +33,10 @@ use std::sync::Mutex;
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, GapEvent, Severity};
 use prost::Message;
-use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
 
 const EVENT: u8 = b'e';
 const META_NEXT_SEQ: &[u8] = b"mnext_seq";
@@ -32,6 +44,21 @@ const META_DROPPED: &[u8] = b"mdropped";
 const META_GAP: &[u8] = b"mgap";
 const META_INCARNATION: &[u8] = b"mincarnation";
 const META_ACKED: &[u8] = b"macked";
+/// Lowest seq still held; events below it are dead, whatever the files hold.
+const META_FIRST: &[u8] = b"mfirst";
+/// Every meta key. Spools from before the `meta` column family kept them in
+/// the default one; they move over once, at open.
+const META_KEYS: [&[u8]; 6] = [
+    META_NEXT_SEQ,
+    META_DROPPED,
+    META_GAP,
+    META_INCARNATION,
+    META_ACKED,
+    META_FIRST,
+];
+const META_CF: &str = "meta";
+/// Dead bytes below `first` after which whole files are dropped.
+const RECLAIM_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -140,6 +167,8 @@ struct State {
     /// are contiguous), so acks and drops account bytes without reading
     /// values back from disk. 4 bytes an event.
     sizes: VecDeque<u32>,
+    /// Bytes acked or dropped since dead files were last dropped.
+    dead_bytes: u64,
 }
 
 /// A point-in-time view for metrics and heartbeats.
@@ -178,11 +207,38 @@ fn seq_of(k: &[u8]) -> Option<u64> {
     (k.len() == 9 && k[0] == EVENT).then(|| u64::from_be_bytes(k[1..].try_into().unwrap_or([0; 8])))
 }
 
+fn meta_cf(db: &DB) -> Result<&ColumnFamily, SpoolError> {
+    db.cf_handle(META_CF).ok_or_else(|| SpoolError::Corrupt {
+        seq: 0,
+        message: format!("column family {META_CF:?} missing"),
+    })
+}
+
 fn u64_meta(db: &DB, k: &[u8]) -> Result<Option<u64>, SpoolError> {
     Ok(db
-        .get(k)
+        .get_cf(meta_cf(db)?, k)
         .map_err(SpoolError::Read)?
         .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
+}
+
+/// Moves meta keys a spool from before the `meta` column family kept among
+/// its events, in one batch. Such a spool deleted acked events with range
+/// tombstones, so its first held event is found by reading from seq 0.
+fn migrate_meta(db: &DB) -> Result<(), SpoolError> {
+    let meta = meta_cf(db)?;
+    let mut batch = WriteBatch::default();
+    for k in META_KEYS {
+        if let Some(v) = db.get(k).map_err(SpoolError::Read)? {
+            if db.get_cf(meta, k).map_err(SpoolError::Read)?.is_none() {
+                batch.put_cf(meta, k, v);
+            }
+            batch.delete(k);
+        }
+    }
+    if !batch.is_empty() {
+        db.write(batch).map_err(SpoolError::Write)?;
+    }
+    Ok(())
 }
 
 impl Spool {
@@ -204,16 +260,24 @@ impl Spool {
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&rocksdb::Cache::new_lru_cache(1024 * 1024));
         opts.set_block_based_table_factory(&table);
-        let db = DB::open(&opts, dir).map_err(|source| SpoolError::Open {
+        opts.create_missing_column_families(true);
+        let mut meta_opts = Options::default();
+        meta_opts.set_write_buffer_size(256 * 1024);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, opts.clone()),
+            ColumnFamilyDescriptor::new(META_CF, meta_opts),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| SpoolError::Open {
             path: dir.display().to_string(),
             source,
         })?;
+        migrate_meta(&db)?;
 
         let next_stored = u64_meta(&db, META_NEXT_SEQ)?;
         let next_meta = next_stored.unwrap_or(1);
         let dropped_total = u64_meta(&db, META_DROPPED)?.unwrap_or(0);
         let gap = db
-            .get(META_GAP)
+            .get_cf(meta_cf(&db)?, META_GAP)
             .map_err(SpoolError::Read)?
             .and_then(|v| PendingGap::decode(&v))
             .unwrap_or_default();
@@ -222,7 +286,8 @@ impl Spool {
         let mut bytes = 0u64;
         let mut events = 0u64;
         let mut sizes = VecDeque::new();
-        for item in db.iterator(IteratorMode::From(&key(0), Direction::Forward)) {
+        let start = u64_meta(&db, META_FIRST)?.unwrap_or(0);
+        for item in db.iterator(IteratorMode::From(&key(start), Direction::Forward)) {
             let (k, v) = item.map_err(SpoolError::Read)?;
             let Some(seq) = seq_of(&k) else { break };
             first.get_or_insert(seq);
@@ -242,7 +307,7 @@ impl Spool {
             None if next_stored.is_some() || first.is_some() => 0,
             None => {
                 let fresh = new_incarnation();
-                db.put(META_INCARNATION, fresh.to_be_bytes())
+                db.put_cf(meta_cf(&db)?, META_INCARNATION, fresh.to_be_bytes())
                     .map_err(SpoolError::Write)?;
                 fresh
             }
@@ -259,6 +324,7 @@ impl Spool {
                 gap,
                 acked,
                 sizes,
+                dead_bytes: 0,
             }),
             max_bytes,
             agent_id: agent_id.to_string(),
@@ -367,6 +433,7 @@ impl Spool {
         let mut gap = gap_override.unwrap_or(s.gap);
         let mut dropped = 0u64;
         let mut stored_dropped = 0usize;
+        let mut freed_stored = 0u64;
         let mut first = s.first;
         let mut bytes = s.bytes;
         let mut events = s.events;
@@ -398,7 +465,7 @@ impl Spool {
             }
             if let Some(last) = last_dropped {
                 stored_dropped = dropped as usize;
-                batch.delete_range(key(first), key(last + 1));
+                freed_stored = freed;
                 gap.add(first, last, dropped);
                 first = last + 1;
                 bytes -= freed;
@@ -427,9 +494,15 @@ impl Spool {
             events += 1;
             batch.put(key(*seq), v);
         }
-        batch.put(META_NEXT_SEQ, next.to_be_bytes());
-        batch.put(META_DROPPED, (s.dropped_total + dropped).to_be_bytes());
-        batch.put(META_GAP, gap.encode());
+        let meta = meta_cf(&self.db)?;
+        batch.put_cf(meta, META_NEXT_SEQ, next.to_be_bytes());
+        batch.put_cf(meta, META_FIRST, first.to_be_bytes());
+        batch.put_cf(
+            meta,
+            META_DROPPED,
+            (s.dropped_total + dropped).to_be_bytes(),
+        );
+        batch.put_cf(meta, META_GAP, gap.encode());
         self.db
             .write_opt(batch, &WriteOptions::default())
             .map_err(SpoolError::Write)?;
@@ -443,8 +516,25 @@ impl Spool {
         s.events = events;
         s.dropped_total += dropped;
         s.gap = gap;
+        self.note_dead(s, freed_stored);
         self.appended.notify_one();
         Ok(dropped)
+    }
+
+    /// Counts bytes that went below `first` and, every few MB of them, drops
+    /// the files that hold only such events. Files still holding a live
+    /// event stay; what is dead in them is never read and goes with them.
+    fn note_dead(&self, s: &mut State, freed: u64) {
+        s.dead_bytes += freed;
+        if s.dead_bytes < RECLAIM_BYTES || s.first == 0 {
+            return;
+        }
+        s.dead_bytes = 0;
+        // Best effort: a failure leaves dead files on disk, never a live
+        // event lost, so it is logged and retried after the next few MB.
+        if let Err(e) = self.db.delete_file_in_range(key(0), key(s.first - 1)) {
+            tracing::warn!(error = %e, "spool: dropping files of acked events failed");
+        }
     }
 
     /// Up to `max_events` events from `from` on, in seq order.
@@ -492,21 +582,22 @@ impl Spool {
             return Ok(0);
         }
         let freed: u64 = s.sizes.iter().take(n as usize).map(|&l| u64::from(l)).sum();
+        let first = if n > 0 { upto + 1 } else { s.first };
+        let meta = meta_cf(&self.db)?;
         let mut batch = WriteBatch::default();
-        if n > 0 {
-            batch.delete_range(key(s.first), key(upto + 1));
-        }
         let acked = s.acked.max(upto);
-        batch.put(META_ACKED, acked.to_be_bytes());
+        batch.put_cf(meta, META_ACKED, acked.to_be_bytes());
+        batch.put_cf(meta, META_FIRST, first.to_be_bytes());
         self.db.write(batch).map_err(SpoolError::Write)?;
         s.acked = acked;
         if n == 0 {
             return Ok(0);
         }
         s.sizes.drain(..n as usize);
-        s.first = upto + 1;
+        s.first = first;
         s.bytes -= freed.min(s.bytes);
         s.events -= n.min(s.events);
+        self.note_dead(&mut s, freed);
         Ok(n)
     }
 
@@ -558,6 +649,97 @@ mod tests {
     }
 
     #[test]
+    fn a_spool_with_meta_among_its_events_is_moved_over_once() {
+        // The layout before the meta column family: meta keys beside the
+        // events, acked events removed with a range tombstone.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            let db = DB::open(&opts, dir.path()).unwrap();
+            for seq in 1..=10u64 {
+                let e = Event {
+                    agent_id: "a".into(),
+                    seq,
+                    incarnation: 0x1234,
+                    ..Default::default()
+                };
+                db.put(key(seq), e.encode_to_vec()).unwrap();
+            }
+            let mut acked = WriteBatch::default();
+            acked.delete_range(key(1), key(4));
+            db.write(acked).unwrap();
+            db.put(META_NEXT_SEQ, 11u64.to_be_bytes()).unwrap();
+            db.put(META_INCARNATION, 0x1234u64.to_be_bytes()).unwrap();
+            db.put(META_ACKED, 3u64.to_be_bytes()).unwrap();
+        }
+        for _ in 0..2 {
+            let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
+            let st = s.stats();
+            assert_eq!(
+                (st.first_seq, st.next_seq, st.events, st.acked_seq),
+                (4, 11, 7, 3)
+            );
+            assert_eq!(s.incarnation(), 0x1234);
+            let seqs: Vec<u64> = s
+                .read(0, 100, 1 << 20)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            assert_eq!(seqs, (4..=10).collect::<Vec<_>>());
+            for k in META_KEYS {
+                assert!(
+                    s.db.get(k).unwrap().is_none(),
+                    "{k:?} left among the events"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn files_of_acked_events_are_dropped_without_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 30, "a", "n").unwrap();
+        let sst = |s: &Spool| {
+            s.db.property_int_value("rocksdb.total-sst-files-size")
+                .unwrap()
+                .unwrap()
+        };
+        // Incompressible payloads, so the files are as large as the events.
+        let noisy = |n: u64| {
+            let mut d = draft(n, 0);
+            if let Payload::Synthetic(p) = &mut d.payload {
+                p.data = (0..1000).map(|_| rand::random::<u8>()).collect();
+            }
+            d
+        };
+        for i in 0..20u64 {
+            s.append((0..1000).map(|n| noisy(i * 1000 + n)).collect())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        // Flushed files move below L0 (where whole files can be dropped).
+        s.db.compact_range(None::<&[u8]>, None::<&[u8]>);
+        let before = sst(&s);
+        assert!(before > 15_000_000, "{before}");
+        s.ack(19_000).unwrap();
+        let after = sst(&s);
+        assert!(after < before / 4, "acked files stay: {before} -> {after}");
+        // The last thousand are still there, and only they.
+        let held: Vec<u64> = s
+            .read(0, 5000, 1 << 30)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(held, (19_001..=20_000).collect::<Vec<_>>());
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 30, "a", "n").unwrap();
+        assert_eq!((s.stats().first_seq, s.stats().events), (19_001, 1000));
+    }
+
+    #[test]
     fn incarnation_is_made_once_per_spool_and_acked_seq_survives() {
         let dir = tempfile::tempdir().unwrap();
         let inc = {
@@ -600,7 +782,8 @@ mod tests {
             let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
             s.append((0..3).map(|i| draft(i, 10)).collect()).unwrap();
             // What an older agent left: no incarnation key.
-            s.db.delete(META_INCARNATION).unwrap();
+            s.db.delete_cf(meta_cf(&s.db).unwrap(), META_INCARNATION)
+                .unwrap();
         }
         let s = Spool::open(dir.path(), 1 << 20, "a", "n").unwrap();
         assert_eq!(s.incarnation(), 0);
