@@ -1,12 +1,13 @@
 //! The AMOSKYS operator: custom resource types (`EventBus`, `AgentSet`,
-//! `Agent`), the pure builders that turn them into Kubernetes objects, and
-//! spec validation. Builders and validation do no I/O, so they are tested
-//! without an API server.
+//! `Agent`, in `crd`), the pure builders that turn them into Kubernetes
+//! objects (`build`), the certificate rotation schedule (`rotation`), the
+//! reconcilers that apply them (`controller`) and the operator process
+//! (`run`). Builders and the schedule do no I/O, so they are tested without
+//! an API server.
 
-pub mod agentset;
+pub mod build;
 pub mod controller;
 pub mod crd;
-pub mod eventbus;
 pub mod labels;
-pub mod pki;
+pub mod rotation;
 pub mod run;

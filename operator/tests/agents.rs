@@ -137,7 +137,7 @@ async fn agent_resources_follow_the_bus_registry() {
     })
     .await;
     // The bus's own certificate and the agent's count as loaded.
-    let agent_serial = amoskys_operator::pki::cert_facts(
+    let agent_serial = amoskys_operator::rotation::cert_facts(
         &std::fs::read_to_string(pki.join("agent/tls.crt")).unwrap(),
     )
     .unwrap()

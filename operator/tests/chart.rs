@@ -9,8 +9,9 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use amoskys_operator::build::{agentset, eventbus};
 use amoskys_operator::crd::{AgentSet, EventBus};
-use amoskys_operator::{agentset, crd, eventbus, labels};
+use amoskys_operator::{crd, labels};
 use common::repo;
 use kube::CustomResourceExt;
 use serde_json::Value;

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use amoskys_operator::crd::{AgentSet, EventBus};
-use amoskys_operator::pki;
+use amoskys_operator::rotation;
 use common::{NS, World, in_ns, sample_bus, sample_set, world};
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
@@ -267,7 +267,7 @@ async fn agentset_sample_becomes_a_daemonset_and_a_second_pass_changes_nothing()
     let ds: DaemonSet = w.api.get(Some(NS), "nodes-agent").unwrap();
     let sel = ds.spec.template.spec.unwrap().node_selector.unwrap();
     assert_eq!(
-        sel.get(amoskys_operator::agentset::PAUSED_NODE_LABEL)
+        sel.get(amoskys_operator::build::agentset::PAUSED_NODE_LABEL)
             .map(String::as_str),
         Some("true")
     );
@@ -540,13 +540,9 @@ async fn backups_add_a_volume_by_recreating_the_statefulset_and_keep_its_pods() 
     assert_eq!(names, ["wal", "backup"]);
     assert_eq!(common::claim_storage(&claims[1]), "5Gi");
     let c = &sts.spec.template.spec.as_ref().unwrap().containers[0];
-    assert!(
-        c.volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .any(|m| m.name == "backup" && m.mount_path == amoskys_operator::eventbus::BACKUP_DIR)
-    );
+    assert!(c.volume_mounts.as_ref().unwrap().iter().any(
+        |m| m.name == "backup" && m.mount_path == amoskys_operator::build::eventbus::BACKUP_DIR
+    ));
 
     // The bus reads the config the operator wrote, backup section included.
     let cm: ConfigMap = w.api.get(Some(NS), "amoskys-config").unwrap();
@@ -556,7 +552,10 @@ async fn backups_add_a_volume_by_recreating_the_statefulset_and_keep_its_pods() 
     let file = amoskys_eventbus::config::read_config_file(&tmp.path().join("bus.yaml")).unwrap();
     let cfg = amoskys_eventbus::config::resolve(file, Default::default()).unwrap();
     let b = cfg.backup.expect("backup config");
-    assert_eq!(b.dir.to_str(), Some(amoskys_operator::eventbus::BACKUP_DIR));
+    assert_eq!(
+        b.dir.to_str(),
+        Some(amoskys_operator::build::eventbus::BACKUP_DIR)
+    );
     assert_eq!(
         (b.interval, b.keep),
         (Some(Duration::from_secs(6 * 3600)), 7)
@@ -614,12 +613,12 @@ async fn backups_add_a_volume_by_recreating_the_statefulset_and_keep_its_pods() 
 
 fn ca_phase(w: &World) -> (String, String) {
     let ca: Secret = w.api.get(Some(NS), "amoskys-ca").unwrap();
-    let phase = ca.annotations()[pki::PHASE_ANNOTATION].clone();
+    let phase = ca.annotations()[rotation::PHASE_ANNOTATION].clone();
     let issuer = w
         .api
         .get::<Secret>(Some(NS), "amoskys-server-tls")
         .unwrap()
-        .annotations()[pki::ISSUER_ANNOTATION]
+        .annotations()[rotation::ISSUER_ANNOTATION]
         .clone();
     (phase, issuer)
 }
@@ -634,7 +633,7 @@ async fn ca_rotation_on_request_goes_through_its_phases_via_the_secrets() {
     w.api.patch::<EventBus>(
         Some(NS),
         "amoskys",
-        json!({"metadata": {"annotations": {pki::ROTATE_REQUEST_ANNOTATION: "now"}}}),
+        json!({"metadata": {"annotations": {rotation::ROTATE_REQUEST_ANNOTATION: "now"}}}),
     );
     w.reconcile_bus("amoskys").await;
     let (phase, issuer) = ca_phase(&w);
@@ -678,7 +677,9 @@ async fn ca_rotation_on_request_goes_through_its_phases_via_the_secrets() {
         .iter()
         .map(|s| {
             let sec: Secret = w.api.get(Some(NS), s).unwrap();
-            pki::cert_facts(&secret_text(&sec, "tls.crt")).unwrap().0
+            rotation::cert_facts(&secret_text(&sec, "tls.crt"))
+                .unwrap()
+                .0
         })
         .collect();
     w.ctx
@@ -727,7 +728,7 @@ async fn expired_certificates_are_recovered_without_deleting_anything() {
     w.clock.advance(Duration::from_secs(3651 * 86_400));
     w.reconcile_bus("amoskys").await;
     let new: Secret = w.api.get(Some(NS), "amoskys-server-tls").unwrap();
-    let (_, not_after) = pki::cert_facts(&secret_text(&new, "tls.crt")).unwrap();
+    let (_, not_after) = rotation::cert_facts(&secret_text(&new, "tls.crt")).unwrap();
     assert!(not_after > w.clock.now().unix_timestamp());
     assert_ne!(secret_text(&old, "ca.crt"), secret_text(&new, "ca.crt"));
     let st = w.bus("amoskys").status.clone().unwrap();

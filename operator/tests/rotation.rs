@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amoskys_client::identity::{PeerIdentity, Role};
-use amoskys_operator::pki::{
+use amoskys_operator::rotation::{
     self, Change, LeafKind, LeafSpec, Phase, PkiState, Policy, SecretContent, ca_secret_data,
     leaf_secret_data, state_from_secrets, step,
 };
@@ -62,7 +62,7 @@ fn der(pem: &str) -> Vec<CertificateDer<'static>> {
 }
 
 /// Verifies `leaf` against `trust` (a bundle) as a peer would, at time `t`.
-fn verifies(leaf: &pki::Leaf, trust: &str, spec: &LeafSpec, t: i64) -> bool {
+fn verifies(leaf: &rotation::Leaf, trust: &str, spec: &LeafSpec, t: i64) -> bool {
     let provider = amoskys_client::tls::crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in der(trust) {

@@ -4,8 +4,9 @@
 
 mod common;
 
+use amoskys_operator::build::{agentset, eventbus};
+use amoskys_operator::crd;
 use amoskys_operator::crd::{AgentSet, EventBus};
-use amoskys_operator::{agentset, crd, eventbus};
 use common::{repo, sample};
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use kube::ResourceExt;

@@ -18,9 +18,9 @@ use prometheus_client::metrics::counter::Counter;
 use time::OffsetDateTime;
 
 use super::{Context, Error, apply, rfc3339, write_status};
-use crate::agentset::COMPONENT;
+use crate::build::agentset::COMPONENT;
+use crate::build::eventbus::Names;
 use crate::crd::{Agent, AgentCollectorStatus, AgentSet, AgentSpec, AgentStatus, EventBus};
-use crate::eventbus::Names;
 use crate::labels::{labels, owned_meta, selector, selector_query};
 
 /// An agent is Disconnected after this long without a heartbeat (three

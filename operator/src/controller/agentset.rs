@@ -15,9 +15,9 @@ use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::{Context, Error, apply, condition, namespace, observed, report_invalid, write_status};
-use crate::agentset::{Names, config_map, daemonset, validate};
+use crate::build::agentset::{Names, config_map, daemonset, validate};
+use crate::build::eventbus::{InvalidSpec, invalid};
 use crate::crd::{AgentSet, AgentSetStatus, EventBus};
-use crate::eventbus::{InvalidSpec, invalid};
 
 const RESYNC: Duration = Duration::from_secs(300);
 /// While a referenced object is missing or the certificate is not issued yet.

@@ -22,13 +22,13 @@ use super::{
     Context, Error, apply, condition, namespace, observed, quantity_bytes, report_invalid, rfc3339,
     secret, secret_content, secret_current, write_status,
 };
-use crate::crd::{AgentSet, CertificateStatus, EventBus, EventBusStatus, IssuerRef};
-use crate::eventbus::{
+use crate::build::eventbus::{
     COMPONENT, InvalidSpec, Names, claim_kinds, config_map, endpoint, invalid, pdb,
     server_dns_names, services, statefulset, tls_lifetimes, validate,
 };
+use crate::crd::{AgentSet, CertificateStatus, EventBus, EventBusStatus, IssuerRef};
 use crate::labels::{MANAGER, owned_meta, selector, selector_query};
-use crate::pki::{self, Change, LeafKind, LeafSpec, Phase, Policy};
+use crate::rotation::{self, Change, LeafKind, LeafSpec, Phase, Policy};
 
 /// Common name of the operator's own (admin) certificate.
 pub const ADMIN_CN: &str = "amoskys-operator";
@@ -73,7 +73,7 @@ pub fn leaf_specs(bus: &EventBus, sets: &[AgentSet]) -> Vec<LeafSpec> {
     ];
     for set in sets {
         specs.push(LeafSpec {
-            secret: crate::agentset::Names::of(&set.name_any()).tls_secret,
+            secret: crate::build::agentset::Names::of(&set.name_any()).tls_secret,
             common_name: set.name_any(),
             kind: LeafKind::Client(Role::Agent),
         });
@@ -276,11 +276,11 @@ async fn issue_certificates(
             leaves_have.insert(spec.secret.clone(), secret_content(&s));
         }
     }
-    let mut state = pki::state_from_secrets(ca_have.as_ref(), &leaves_have, specs);
+    let mut state = rotation::state_from_secrets(ca_have.as_ref(), &leaves_have, specs);
 
     let request = bus
         .annotations()
-        .get(pki::ROTATE_REQUEST_ANNOTATION)
+        .get(rotation::ROTATE_REQUEST_ANNOTATION)
         .cloned()
         .unwrap_or_default();
     let handled = ca_have
@@ -290,9 +290,9 @@ async fn issue_certificates(
     let rotate = !request.is_empty() && request != handled;
     let key = format!("{ns}/{}", bus.name_any());
     let loaded = ctx.loaded(&key);
-    let changes = pki::step(&mut state, specs, now, policy, loaded.as_deref(), rotate)?;
+    let changes = rotation::step(&mut state, specs, now, policy, loaded.as_deref(), rotate)?;
 
-    let mut ca_want = pki::ca_secret_data(&state);
+    let mut ca_want = rotation::ca_secret_data(&state);
     let handled_now = if rotate { &request } else { &handled };
     if !handled_now.is_empty() {
         ca_want
@@ -307,7 +307,7 @@ async fn issue_certificates(
         let Some(leaf) = state.leaves.get(&spec.secret) else {
             continue;
         };
-        let want = pki::leaf_secret_data(leaf);
+        let want = rotation::leaf_secret_data(leaf);
         if secret_current(leaves_have.get(&spec.secret), &want) {
             continue;
         }
@@ -359,9 +359,9 @@ fn leaf_meta(
 ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
     match sets
         .iter()
-        .find(|s| crate::agentset::Names::of(&s.name_any()).tls_secret == spec.secret)
+        .find(|s| crate::build::agentset::Names::of(&s.name_any()).tls_secret == spec.secret)
     {
-        Some(set) => owned_meta(set, crate::agentset::COMPONENT, &spec.secret),
+        Some(set) => owned_meta(set, crate::build::agentset::COMPONENT, &spec.secret),
         None => owned_meta(bus, COMPONENT, &spec.secret),
     }
 }
@@ -429,7 +429,9 @@ async fn cert_manager_certificates(
         .await?;
         if let Some(s) = secrets.get_opt(&spec.secret).await? {
             let c = secret_content(&s);
-            if let Some((_, not_after)) = c.data.get("tls.crt").and_then(|p| pki::cert_facts(p)) {
+            if let Some((_, not_after)) =
+                c.data.get("tls.crt").and_then(|p| rotation::cert_facts(p))
+            {
                 present += 1;
                 ctx.metrics.certificate(&ns, &spec.secret, not_after);
                 let n = Names::of(&bus.name_any());
@@ -501,7 +503,7 @@ async fn ensure_dashboard_token(bus: &EventBus, ctx: &Context, ns: &str) -> Resu
     if api.get_opt(&n.dashboard_secret).await?.is_some() {
         return Ok(());
     }
-    let content = pki::SecretContent {
+    let content = rotation::SecretContent {
         data: BTreeMap::from([("token".to_string(), amoskys_client::token::generate_token())]),
         annotations: BTreeMap::new(),
     };

@@ -29,9 +29,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use crate::eventbus::InvalidSpec;
+use crate::build::eventbus::InvalidSpec;
 use crate::labels::MANAGER;
-use crate::pki::SecretContent;
+use crate::rotation::SecretContent;
 
 /// The clock the reconcilers read; tests move it.
 pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;

@@ -17,8 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::ResourceExt;
 use serde::Serialize;
 
+use crate::build::eventbus::{InvalidSpec, invalid, is_quantity};
 use crate::crd::{AgentSet, AgentSetCollectors, EventBus};
-use crate::eventbus::{InvalidSpec, invalid, is_quantity};
 use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
 
 pub const COMPONENT: &str = "agent";
@@ -303,7 +303,7 @@ pub fn daemonset(set: &AgentSet, bus: &EventBus, operator_image: Option<&str>) -
         }),
         ..Default::default()
     };
-    let bus_url = format!("https://{}", crate::eventbus::endpoint(bus));
+    let bus_url = format!("https://{}", crate::build::eventbus::endpoint(bus));
     let container = Container {
         name: "agent".into(),
         image: Some(image),
