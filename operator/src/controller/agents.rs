@@ -442,7 +442,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
         node_names(ctx).await?
     };
     let mut total = 0;
-    let mut ok = true;
+    let mut failed = None;
     let mut replicas = BTreeSet::new();
     for bus in buses.list(&ListParams::default()).await?.items {
         let ns = super::namespace(&bus)?;
@@ -471,7 +471,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
             match sync_set(ctx, set, &nodes, registry.as_ref(), history).await {
                 Ok(r) => total += r.agents,
                 Err(e) => {
-                    ok = false;
+                    failed = Some(e.kind());
                     tracing::warn!(agentset = %set.name_any(), error = %e, "agent sync failed");
                 }
             }
@@ -479,7 +479,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
     }
     ctx.registry_reader.retain(&replicas);
     ctx.metrics.agents.set(total as i64);
-    ctx.metrics.observe("agents", started.elapsed(), ok);
+    ctx.metrics.observe("agents", started.elapsed(), failed);
     Ok(total)
 }
 

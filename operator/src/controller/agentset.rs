@@ -24,7 +24,15 @@ const RESYNC: Duration = Duration::from_secs(300);
 const WAIT: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(set: Arc<AgentSet>, ctx: Arc<Context>) -> Result<Action, Error> {
-    observed(&ctx, "agentset", &set.name_any(), reconcile_set(&set, &ctx)).await
+    let ns = set.namespace().unwrap_or_default();
+    observed(
+        &ctx,
+        "agentset",
+        &ns,
+        &set.name_any(),
+        reconcile_set(&set, &ctx),
+    )
+    .await
 }
 
 /// The keys an SNMP target's Secret must hold.

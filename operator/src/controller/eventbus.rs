@@ -38,7 +38,15 @@ pub const ROTATE_HANDLED_ANNOTATION: &str = "amoskys.io/rotate-ca-handled";
 const RESYNC: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(bus: Arc<EventBus>, ctx: Arc<Context>) -> Result<Action, Error> {
-    observed(&ctx, "eventbus", &bus.name_any(), reconcile_bus(&bus, &ctx)).await
+    let ns = bus.namespace().unwrap_or_default();
+    observed(
+        &ctx,
+        "eventbus",
+        &ns,
+        &bus.name_any(),
+        reconcile_bus(&bus, &ctx),
+    )
+    .await
 }
 
 /// The AgentSets in `ns` whose busRef names `bus`.

@@ -17,6 +17,14 @@ pub struct ControllerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub controller: String,
+    /// What failed, from `Error::kind`: `conflict`, `forbidden`, `api`,
+    /// `kube_client`, `pki`, `invalid_object`, ...
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
     pub namespace: String,
     pub secret: String,
@@ -24,7 +32,7 @@ pub struct CertLabel {
 
 pub struct Metrics {
     pub reconciles: Family<ControllerLabel, Counter>,
-    pub reconcile_errors: Family<ControllerLabel, Counter>,
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconcile_seconds: Family<ControllerLabel, Histogram>,
     /// Unix seconds at which each issued certificate expires.
     pub certificate_not_after: Family<CertLabel, Gauge>,
@@ -42,11 +50,17 @@ fn label(controller: &str) -> ControllerLabel {
 }
 
 impl Metrics {
-    pub fn observe(&self, controller: &str, took: Duration, ok: bool) {
+    /// One reconcile: its duration, and the kind of error if it failed.
+    pub fn observe(&self, controller: &str, took: Duration, failed: Option<&str>) {
         let l = label(controller);
         self.reconciles.get_or_create(&l).inc();
-        if !ok {
-            self.reconcile_errors.get_or_create(&l).inc();
+        if let Some(kind) = failed {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabel {
+                    controller: controller.into(),
+                    kind: kind.into(),
+                })
+                .inc();
         }
         self.reconcile_seconds
             .get_or_create(&l)
@@ -96,7 +110,7 @@ impl Default for Metrics {
             );
             r.register(
                 "reconcile_errors",
-                "Reconciles that failed, per controller",
+                "Reconciles that failed, per controller and kind of error",
                 m.reconcile_errors.clone(),
             );
             r.register(

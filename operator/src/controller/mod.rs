@@ -62,6 +62,31 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl Error {
+    /// A short name for what failed, for the reconcile error metric: the
+    /// API's answer where there is one (a conflict is not a permission
+    /// problem), else the source.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => match s.code {
+                400 | 422 => "invalid_object",
+                401 | 403 => "forbidden",
+                404 => "not_found",
+                409 => "conflict",
+                429 => "throttled",
+                500..=599 => "api_server",
+                _ => "api",
+            },
+            Error::Kube(_) => "kube_client",
+            Error::Pki(_) => "pki",
+            Error::NoNamespace { .. } => "no_namespace",
+            Error::Json { .. } => "json",
+            Error::Lease(_) | Error::LeaseLost => "lease",
+            Error::Io(_) => "io",
+        }
+    }
+}
+
 /// What every reconciler shares.
 pub struct Context {
     pub client: Client,
@@ -138,19 +163,26 @@ impl Context {
     }
 }
 
-/// Runs one reconcile, recording its duration and outcome per controller.
+/// Runs one reconcile inside a span naming the object (so every log line of
+/// it says which), recording its duration and outcome per controller.
 pub async fn observed(
     ctx: &Context,
     controller: &str,
+    namespace: &str,
     name: &str,
     reconcile: impl std::future::Future<Output = Result<Action, Error>>,
 ) -> Result<Action, Error> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("reconcile", controller, namespace, name);
     let started = std::time::Instant::now();
-    let r = reconcile.await;
-    ctx.metrics
-        .observe(controller, started.elapsed(), r.is_ok());
+    let r = reconcile.instrument(span.clone()).await;
+    ctx.metrics.observe(
+        controller,
+        started.elapsed(),
+        r.as_ref().err().map(Error::kind),
+    );
     if let Err(e) = &r {
-        tracing::warn!(controller, name, error = %e, "reconcile failed");
+        span.in_scope(|| tracing::warn!(error = %e, kind = e.kind(), "reconcile failed"));
     }
     r
 }
@@ -372,6 +404,35 @@ pub fn quantity_bytes(q: &str) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_errors_are_counted_by_kind() {
+        let api = |code| {
+            Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            })))
+        };
+        assert_eq!(api(409).kind(), "conflict");
+        assert_eq!(api(403).kind(), "forbidden");
+        assert_eq!(api(422).kind(), "invalid_object");
+        assert_eq!(api(503).kind(), "api_server");
+        assert_eq!(Error::LeaseLost.kind(), "lease");
+        let m = metrics::Metrics::default();
+        m.observe("eventbus", Duration::from_millis(3), Some(api(409).kind()));
+        m.observe("eventbus", Duration::from_millis(3), None);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "amoskys_operator_reconcile_errors_total{controller=\"eventbus\",kind=\"conflict\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("amoskys_operator_reconciles_total{controller=\"eventbus\"} 2"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn quantities() {
