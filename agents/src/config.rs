@@ -245,15 +245,29 @@ impl Default for SyntheticSpec {
     }
 }
 
-/// Flag values; each one set wins over the file.
-#[derive(Debug, Default, Clone)]
+/// Flag values; each one set wins over the file. The `amoskys agent` flags
+/// are these fields (`#[command(flatten)]`), so a new one is written once.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct AgentOverrides {
+    /// Stable agent id (default: the node name).
+    #[arg(long, env = "AMOSKYS_AGENT_ID")]
     pub agent_id: Option<String>,
+    /// Node name (default: $NODE_NAME or the hostname).
+    #[arg(long)]
     pub node: Option<String>,
+    #[arg(long, env = "AMOSKYS_BUS")]
     pub bus: Option<String>,
+    /// Directory with tls.crt, tls.key and ca.crt (reloaded when they change).
+    #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    /// Where unacked events wait (survives restarts).
+    #[arg(long)]
     pub spool_dir: Option<PathBuf>,
+    /// HTTP address for /metrics and /healthz.
+    #[arg(long)]
     pub http: Option<String>,
+    /// Read flows from this capture file instead of a live interface.
+    #[arg(long)]
     pub pcap_file: Option<String>,
 }
 

@@ -202,21 +202,50 @@ impl BusConfig {
     }
 }
 
-/// Values given on the command line; each wins over the file.
-#[derive(Debug, Default, Clone)]
+/// Values given on the command line; each wins over the file. The `amoskys
+/// bus` flags are these fields (`#[command(flatten)]`), so a new setting is
+/// written here once, with its help text.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct BusOverrides {
+    /// gRPC (mTLS) address.
+    #[arg(long)]
     pub listen: Option<String>,
+    /// HTTP address for /metrics, /healthz, /readyz.
+    #[arg(long)]
     pub http: Option<String>,
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Directory with tls.crt, tls.key and ca.crt (reloaded when they change).
+    #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    /// Keep events this long (e.g. 7d, 12h).
+    #[arg(long)]
     pub retention: Option<String>,
+    /// Cap on stored bytes (e.g. 20GiB); oldest events go first.
+    #[arg(long)]
     pub max_bytes: Option<String>,
+    /// always | batch | never: when writes are fsynced before acks.
+    #[arg(long)]
     pub sync: Option<String>,
+    /// Largest gRPC message accepted (e.g. 4MiB).
+    #[arg(long)]
     pub max_message_bytes: Option<String>,
+    /// Client batches that may wait for the writer.
+    #[arg(long)]
     pub queue_depth: Option<usize>,
+    /// Serve the HTTP address over TLS (bus certificate); an admin or reader
+    /// client certificate then signs in to the dashboard without a token.
+    #[arg(long)]
     pub http_tls: bool,
+    /// File of dashboard admin tokens, one per line (re-read on change).
+    #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// File of dashboard reader tokens (read-only: no control).
+    #[arg(long)]
     pub reader_token_file: Option<PathBuf>,
+    /// Take backups of the store into this directory (daily unless the
+    /// config file's backup.interval says otherwise).
+    #[arg(long)]
     pub backup_dir: Option<PathBuf>,
 }
 

@@ -1,0 +1,104 @@
+//! `amoskys bench`: synthetic load against the bus (or, built with
+//! `nats-anchor`, against NATS JetStream) and its report.
+
+use std::path::PathBuf;
+
+use amoskys_eventbus::bench::{self, BenchOptions};
+use anyhow::{Result, bail};
+use clap::Args;
+
+use super::Conn;
+#[cfg(feature = "nats-anchor")]
+use crate::nats_anchor;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 200)]
+    pub event_bytes: usize,
+    #[arg(long, default_value_t = 4)]
+    pub agents: usize,
+    /// Total events per second, sent by each agent with exponential gaps as
+    /// independent agents do (default: as fast as acks allow).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Events per batch (with --nats: per message, one Batch each).
+    #[arg(long, default_value_t = 512)]
+    pub batch: usize,
+    /// Unacked batches (with --nats: messages) allowed per agent.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    #[arg(long, default_value = "bench")]
+    pub agent_prefix: String,
+    /// A reader's TLS directory: also follow the run's events on a Tail
+    /// stream and report the write → tail latency.
+    #[arg(long)]
+    pub tail_tls_dir: Option<PathBuf>,
+    /// Run the same workload against NATS JetStream at this URL instead
+    /// (the benchmark anchor; needs a build with `--features nats-anchor`).
+    #[arg(long)]
+    pub nats: Option<String>,
+}
+
+pub async fn run(a: BenchArgs) -> Result<()> {
+    if a.agents == 0 || a.batch == 0 || a.window == 0 {
+        bail!("--agents, --batch and --window must be at least 1");
+    }
+    if let Some(url) = &a.nats {
+        return nats_bench(&a, url).await;
+    }
+    let report = bench::run(BenchOptions {
+        client: a.conn.options(),
+        events: a.events,
+        event_bytes: a.event_bytes,
+        agents: a.agents,
+        rate: a.rate,
+        batch: a.batch,
+        window: a.window,
+        agent_prefix: a.agent_prefix,
+        tail_tls_dir: a.tail_tls_dir,
+    })
+    .await;
+    for e in &report.errors {
+        println!("bench: error: {e}");
+    }
+    if report.acked < report.events {
+        println!(
+            "bench: the bus failed mid-run: {} of {} events were acked (durable) before it did",
+            report.acked, report.events
+        );
+    }
+    println!("{}", report.line());
+    if report.acked == 0 && !report.errors.is_empty() {
+        bail!("no event was acked");
+    }
+    Ok(())
+}
+
+#[cfg(feature = "nats-anchor")]
+async fn nats_bench(a: &BenchArgs, url: &str) -> Result<()> {
+    let report = nats_anchor::run(nats_anchor::NatsBench {
+        url,
+        tls_dir: &a.conn.tls_dir,
+        events: a.events,
+        event_bytes: a.event_bytes,
+        agents: a.agents,
+        rate: a.rate,
+        batch: a.batch,
+        in_flight: a.window,
+    })
+    .await?;
+    for e in &report.errors {
+        println!("bench: error: {e}");
+    }
+    println!("{}", report.line().replacen("bench:", "bench(nats):", 1));
+    Ok(())
+}
+
+#[cfg(not(feature = "nats-anchor"))]
+async fn nats_bench(_: &BenchArgs, _: &str) -> Result<()> {
+    bail!("--nats: this build has no NATS client; rebuild with `--features nats-anchor`")
+}
