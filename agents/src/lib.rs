@@ -1,7 +1,6 @@
 //! The AMOSKYS node agent: a spooling runtime that streams events to the bus
 //! over mTLS, and the collectors that produce them.
 
-pub mod collector;
 pub mod collectors;
 pub mod config;
 pub mod fuzzing;

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::collector::Registry;
+use crate::collectors::context::Registry;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
 use crate::sender::{SendCounters, Sender, SenderConfig};

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::collector::Registry;
+use crate::collectors::context::Registry;
 use crate::metrics::{AgentMetrics, reason};
 use crate::spool::{Spool, SpoolError};
 

@@ -28,7 +28,7 @@ fn has(got: &[Draft], pid: u32, kind: Kind) -> bool {
     proc_events(got, pid).iter().any(|p| p.kind == kind as i32)
 }
 
-async fn wait_mode(reg: &amoskys_agents::collector::Registry, want: &str) {
+async fn wait_mode(reg: &amoskys_agents::collectors::context::Registry, want: &str) {
     for _ in 0..100 {
         if reg.statuses().first().is_some_and(|s| s.mode == want) {
             return;

@@ -1,6 +1,7 @@
 //! The collectors. Each runs as its own task (or thread, where it blocks on
 //! a socket or a capture) and hands drafts to the runtime's sink.
 
+pub mod context;
 pub mod flow;
 pub mod inventory;
 pub mod process;
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::collector::Registry;
+use crate::collectors::context::Registry;
 use crate::config::ResolvedCollectors;
 use crate::metrics::AgentMetrics;
 use crate::spool::Draft;

@@ -7,9 +7,53 @@ use amoskys_proto::event::Payload;
 use amoskys_proto::{Severity, SyntheticEvent};
 use tokio::task::JoinHandle;
 
-use crate::collector::Ctx;
-use crate::config::SyntheticSpec;
+use crate::collectors::context::Ctx;
+use serde::{Deserialize, Serialize};
+
+use crate::config::value::{ConfigError, invalid};
 use crate::spool::Draft;
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SyntheticSpec {
+    pub enabled: bool,
+    /// Events per second.
+    pub rate: u64,
+    pub event_bytes: usize,
+}
+
+impl Default for SyntheticSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            rate: 10,
+            event_bytes: 200,
+        }
+    }
+}
+
+impl SyntheticSpec {
+    /// Checks every key; `None` when the collector is off.
+    pub fn resolve(&self) -> Result<Option<SyntheticSpec>, ConfigError> {
+        Ok(if self.enabled {
+            if self.rate == 0 {
+                return Err(invalid(
+                    "collectors.synthetic.rate",
+                    "must be greater than 0",
+                ));
+            }
+            if self.event_bytes > 1024 * 1024 {
+                return Err(invalid(
+                    "collectors.synthetic.eventBytes",
+                    "must be at most 1MiB",
+                ));
+            }
+            Some(self.clone())
+        } else {
+            None
+        })
+    }
+}
 
 pub const NAME: &str = "synthetic";
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amoskys_agents::collector::{Ctx, Registry};
+use amoskys_agents::collectors::context::{Ctx, Registry};
 use amoskys_agents::config::{self, AgentConfig, AgentConfigFile, AgentOverrides};
 use amoskys_agents::metrics::AgentMetrics;
 use amoskys_agents::spool::Draft;

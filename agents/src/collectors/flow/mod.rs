@@ -5,6 +5,7 @@
 //! node's traffic). Without it the collector reports itself unavailable with
 //! the reason, and the agent runs on without it.
 
+pub mod config;
 pub mod decode;
 pub mod table;
 
@@ -18,7 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::StartError;
-use crate::collector::Ctx;
+use crate::collectors::context::Ctx;
 use crate::config::FlowConfig;
 use crate::metrics::{AgentMetrics, reason};
 use crate::spool::Draft;

@@ -3,6 +3,7 @@
 //! at start and then change events. Optional active discovery probes
 //! configured ranges.
 
+pub mod config;
 pub mod discovery;
 pub mod neighbors;
 pub mod sockets;
@@ -17,7 +18,7 @@ use amoskys_proto::{Disk, HostFacts, InventoryEvent, Listener, Neighbor, NetInte
 use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System};
 use tokio::task::JoinHandle;
 
-use crate::collector::Ctx;
+use crate::collectors::context::Ctx;
 use crate::config::InventoryConfig;
 use crate::spool::Draft;
 

@@ -4,6 +4,7 @@
 //! says so in its mode, a metric and the heartbeat.
 
 pub mod cgroup;
+pub mod config;
 pub mod netlink;
 pub mod procfs;
 
@@ -18,7 +19,7 @@ use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::collector::Ctx;
+use crate::collectors::context::Ctx;
 use crate::config::{ProcessConfig, ProcessMode};
 use crate::spool::Draft;
 use procfs::{Clock, ProcInfo};

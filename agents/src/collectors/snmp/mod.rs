@@ -3,6 +3,7 @@
 //! reports a device going down (timeouts, auth failures) and coming back.
 //! Credentials are read from files when the config loads.
 
+pub mod config;
 pub mod device;
 pub mod rates;
 
@@ -15,7 +16,7 @@ use amoskys_proto::{Severity, SnmpEvent, SnmpInterface};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::info;
 
-use crate::collector::Ctx;
+use crate::collectors::context::Ctx;
 use crate::config::SnmpConfig;
 use crate::metrics::{TargetResultLabel, target};
 use crate::spool::Draft;

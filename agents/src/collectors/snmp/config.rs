@@ -1,0 +1,273 @@
+//! The SNMP collector's settings (`collectors.snmp`), their checks and the
+//! credentials read from their files.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::value::{ConfigError, Secrets, invalid, parse_duration};
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SnmpSpec {
+    pub enabled: bool,
+    pub interval: String,
+    pub timeout: String,
+    pub retries: u32,
+    pub targets: Vec<SnmpTarget>,
+}
+
+impl Default for SnmpSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: "30s".into(),
+            timeout: "2s".into(),
+            retries: 1,
+            targets: Vec::new(),
+        }
+    }
+}
+
+#[derive(
+    Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SnmpVersion {
+    #[default]
+    V2c,
+    V3,
+}
+
+/// One device. Secrets are files (a mounted Kubernetes Secret), never inline.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SnmpTarget {
+    pub name: String,
+    /// host:port (port defaults to 161).
+    pub address: String,
+    pub version: SnmpVersion,
+    pub community_file: Option<PathBuf>,
+    pub user: String,
+    /// md5, sha1, sha224, sha256, sha384, sha512.
+    pub auth_protocol: String,
+    pub auth_password_file: Option<PathBuf>,
+    /// des, aes128, aes192, aes256; empty for authNoPriv.
+    pub priv_protocol: String,
+    pub priv_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnmpConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub targets: Vec<SnmpTargetConfig>,
+}
+
+#[derive(Clone)]
+pub struct SnmpTargetConfig {
+    pub name: String,
+    pub address: String,
+    pub credentials: SnmpCredentials,
+}
+
+impl std::fmt::Debug for SnmpTargetConfig {
+    // Never print secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnmpTargetConfig")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+pub enum SnmpCredentials {
+    V2c {
+        community: Vec<u8>,
+    },
+    V3 {
+        user: String,
+        auth_protocol: snmp2::v3::AuthProtocol,
+        auth_password: Vec<u8>,
+        privacy: Option<(snmp2::v3::Cipher, Vec<u8>)>,
+    },
+}
+
+fn read_secret(
+    key: &str,
+    path: &Option<PathBuf>,
+    secrets: Secrets,
+) -> Result<Vec<u8>, ConfigError> {
+    let Some(path) = path else {
+        return Err(invalid(
+            key,
+            "missing (a path to a file holding the secret)",
+        ));
+    };
+    if secrets == Secrets::NamedOnly {
+        return Ok(Vec::new());
+    }
+    let raw = std::fs::read(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    // Mounted Secrets often end with a newline that is not part of the secret.
+    let trimmed = raw.trim_ascii_end().to_vec();
+    if trimmed.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(trimmed)
+}
+
+fn auth_protocol(key: &str, s: &str) -> Result<snmp2::v3::AuthProtocol, ConfigError> {
+    use snmp2::v3::AuthProtocol::*;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "md5" => Md5,
+        "sha" | "sha1" => Sha1,
+        "sha224" => Sha224,
+        "sha256" => Sha256,
+        "sha384" => Sha384,
+        "sha512" => Sha512,
+        other => {
+            return Err(invalid(
+                key,
+                format!("{other:?} is not one of md5, sha1, sha224, sha256, sha384, sha512"),
+            ));
+        }
+    })
+}
+
+fn cipher(key: &str, s: &str) -> Result<snmp2::v3::Cipher, ConfigError> {
+    use snmp2::v3::Cipher::*;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "des" => Des,
+        "aes" | "aes128" => Aes128,
+        "aes192" => Aes192,
+        "aes256" => Aes256,
+        other => {
+            return Err(invalid(
+                key,
+                format!("{other:?} is not one of des, aes128, aes192, aes256"),
+            ));
+        }
+    })
+}
+
+fn resolve_snmp_target(
+    i: usize,
+    t: &SnmpTarget,
+    secrets: Secrets,
+) -> Result<SnmpTargetConfig, ConfigError> {
+    let k = |f: &str| format!("collectors.snmp.targets[{i}].{f}");
+    if t.address.trim().is_empty() {
+        return Err(invalid(k("address"), "missing (host or host:port)"));
+    }
+    // host:port and [v6]:port carry a port; a bare host or [v6] gets 161.
+    let has_port = if t.address.starts_with('[') {
+        t.address.contains("]:")
+    } else {
+        t.address.contains(':')
+    };
+    let address = if has_port {
+        t.address.clone()
+    } else {
+        format!("{}:161", t.address)
+    };
+    let credentials = match t.version {
+        SnmpVersion::V2c => SnmpCredentials::V2c {
+            community: read_secret(&k("communityFile"), &t.community_file, secrets)?,
+        },
+        SnmpVersion::V3 => {
+            if t.user.is_empty() {
+                return Err(invalid(k("user"), "missing (required for version v3)"));
+            }
+            let auth = auth_protocol(
+                &k("authProtocol"),
+                if t.auth_protocol.is_empty() {
+                    "sha1"
+                } else {
+                    &t.auth_protocol
+                },
+            )?;
+            let auth_password =
+                read_secret(&k("authPasswordFile"), &t.auth_password_file, secrets)?;
+            let privacy = if t.priv_protocol.is_empty() {
+                None
+            } else {
+                Some((
+                    cipher(&k("privProtocol"), &t.priv_protocol)?,
+                    read_secret(&k("privPasswordFile"), &t.priv_password_file, secrets)?,
+                ))
+            };
+            SnmpCredentials::V3 {
+                user: t.user.clone(),
+                auth_protocol: auth,
+                auth_password,
+                privacy,
+            }
+        }
+    };
+    Ok(SnmpTargetConfig {
+        name: if t.name.is_empty() {
+            address.clone()
+        } else {
+            t.name.clone()
+        },
+        address,
+        credentials,
+    })
+}
+
+impl SnmpSpec {
+    /// Checks every key; `None` when the collector is off.
+    pub fn resolve(&self, secrets: Secrets) -> Result<Option<SnmpConfig>, ConfigError> {
+        Ok(if self.enabled {
+            let s = self;
+            if s.targets.is_empty() {
+                return Err(invalid(
+                    "collectors.snmp.targets",
+                    "empty: an enabled SNMP collector needs at least one target",
+                ));
+            }
+            let targets = s
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| resolve_snmp_target(i, t, secrets))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(SnmpConfig {
+                interval: parse_duration("collectors.snmp.interval", &s.interval)?,
+                timeout: parse_duration("collectors.snmp.timeout", &s.timeout)?,
+                retries: s.retries,
+                targets,
+            })
+        } else {
+            None
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_trimmed_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        let t = SnmpTarget {
+            address: "10.0.0.1".into(),
+            community_file: Some(p),
+            ..Default::default()
+        };
+        let r = resolve_snmp_target(0, &t, Secrets::Read).unwrap();
+        assert_eq!(r.address, "10.0.0.1:161");
+        match &r.credentials {
+            SnmpCredentials::V2c { community } => assert_eq!(community, b"s3cret"),
+            _ => panic!("v2c expected"),
+        }
+        assert!(!format!("{r:?}").contains("s3cret"));
+    }
+}
