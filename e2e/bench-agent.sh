@@ -33,8 +33,10 @@ hz=$(getconf CLK_TCK)
 pids+=($!)
 bus_pid=$!
 wait_port 19464
-# The port answering is not enough: it must be this bus (not a leftover).
-kill -0 "$bus_pid" 2>/dev/null || { echo "the bus did not start: $(tail -3 "$work/bus.log")" >&2; exit 1; }
+# The port answering is not enough: it must be this bus (not a leftover),
+# still alive once a bind error would have ended it.
+sleep 0.5
+kill -0 "$bus_pid" 2>/dev/null || { echo "the bus did not start: $(grep -m1 Error "$work/bus.log")" >&2; exit 1; }
 
 agent() { # $1 = name, $2 = config file, $3 = http port
   "$BIN" --log-format json agent --config "$2" --bus https://127.0.0.1:17443 --tls-dir "$P/agent" \

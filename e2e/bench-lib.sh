@@ -36,7 +36,9 @@ ready_ms() {
 bench_workdir() {
   work=$(mktemp -d)
   pids=()
-  trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+  # Waiting for the killed processes frees their ports before the script
+  # exits, so a run started right after this one can bind them.
+  trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT
 }
 
 # Removes a previous run's data and lets the disk settle. Deleting files on a
