@@ -47,7 +47,9 @@ async fn netlink_reports_a_50ms_process_with_pid_ppid_and_cmdline() {
             poll_interval: Duration::from_secs(1),
         },
         ctx,
-    );
+    )
+    .unwrap()
+    .unwrap();
     // This test runs as root in CI; without CAP_NET_ADMIN the mode would be "poll".
     wait_mode(&h.registry, "netlink").await;
     // Let the start-up snapshot go by.
@@ -105,7 +107,9 @@ async fn polling_reports_a_process_when_forced_by_config() {
             poll_interval: Duration::from_millis(100),
         },
         ctx,
-    );
+    )
+    .unwrap()
+    .unwrap();
     wait_mode(&h.registry, "poll").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut child = std::process::Command::new("sleep")
@@ -411,7 +415,7 @@ async fn inventory_snapshots_the_host_then_reports_listeners_coming_and_going() 
             interval: Duration::from_secs(3600),
         }),
     };
-    let task = inventory::spawn(cfg, ctx);
+    let task = inventory::spawn(cfg, ctx).unwrap().unwrap();
     let got = h
         .until(Duration::from_secs(10), |g| {
             inventory(g)

@@ -161,7 +161,7 @@ async fn polls_v2c_and_v3_reports_bad_credentials_and_device_down_and_up() {
     .snmp
     .unwrap();
     let (ctx, mut h) = harness(snmp::NAME, Some(resolved.interval));
-    let task = snmp::spawn(resolved, ctx);
+    let task = snmp::spawn(resolved, ctx).unwrap().unwrap();
 
     let got = h
         .until(Duration::from_secs(20), |g| {

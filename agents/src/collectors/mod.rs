@@ -19,6 +19,11 @@ use crate::config::ResolvedCollectors;
 use crate::metrics::AgentMetrics;
 use crate::spool::Draft;
 
+/// How every collector's `spawn(config, ctx)` ends: its task; `None` when
+/// it has no mode it can run in here and says why in its status (flow
+/// without capture privilege); or an error when it cannot start at all.
+pub type Started = Result<Option<JoinHandle<()>>, StartError>;
+
 /// A collector that cannot start at all; the agent reports it and exits.
 #[derive(Debug, thiserror::Error)]
 #[error("collector {collector}: {message}")]
@@ -38,35 +43,36 @@ pub async fn spawn_all(
     metrics: &Arc<AgentMetrics>,
     stop: &CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, StartError> {
-    let mut tasks = Vec::new();
     let ctx =
         |name, interval| reg.register(name, interval, tx.clone(), metrics.clone(), stop.clone());
+    let mut tasks = Vec::new();
+    // The one list of collectors, each started the same way, in order; the
+    // first that cannot start stops the rest from starting.
+    let mut add = |s: Started| s.map(|t| tasks.extend(t));
     if let Some(p) = &c.process {
-        tasks.push(process::spawn(
+        add(process::spawn(
             p.clone(),
             ctx(process::NAME, Some(p.poll_interval)),
-        ));
+        ))?;
     }
     if let Some(i) = &c.inventory {
-        tasks.push(inventory::spawn(
+        add(inventory::spawn(
             i.clone(),
             ctx(inventory::NAME, Some(i.interval)),
-        ));
+        ))?;
     }
-    if let Some(f) = &c.flow
-        && let Some(t) = flow::spawn(f.clone(), ctx(flow::NAME, None))?
-    {
-        tasks.push(t);
+    if let Some(f) = &c.flow {
+        add(flow::spawn(f.clone(), ctx(flow::NAME, None)))?;
     }
     if let Some(s) = &c.snmp {
-        tasks.push(snmp::spawn(s.clone(), ctx(snmp::NAME, Some(s.interval))));
+        add(snmp::spawn(s.clone(), ctx(snmp::NAME, Some(s.interval))))?;
     }
     if let Some(s) = &c.synthetic {
         let every = std::time::Duration::from_secs_f64(1.0 / s.rate as f64);
-        tasks.push(synthetic::spawn(
+        add(synthetic::spawn(
             s.clone(),
             ctx(synthetic::NAME, Some(every)),
-        ));
+        ))?;
     }
     Ok(tasks)
 }

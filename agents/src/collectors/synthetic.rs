@@ -57,7 +57,11 @@ impl SyntheticSpec {
 
 pub const NAME: &str = "synthetic";
 
-pub fn spawn(spec: SyntheticSpec, mut ctx: Ctx) -> JoinHandle<()> {
+pub fn spawn(spec: SyntheticSpec, ctx: Ctx) -> super::Started {
+    Ok(Some(run(spec, ctx)))
+}
+
+fn run(spec: SyntheticSpec, mut ctx: Ctx) -> JoinHandle<()> {
     ctx.status.set_mode("rate");
     tokio::spawn(async move {
         let data: Vec<u8> = (0..spec.event_bytes).map(|i| (i % 251) as u8).collect();

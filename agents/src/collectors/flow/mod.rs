@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use amoskys_proto::event::Payload;
 use amoskys_proto::{FlowEvent, Severity};
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::StartError;
+use super::{StartError, Started};
 use crate::collectors::context::Ctx;
 use crate::config::FlowConfig;
 use crate::metrics::{AgentMetrics, reason};
@@ -104,7 +103,7 @@ impl Pipeline {
 /// Starts the collector. A capture file that cannot be read is a startup
 /// error; an interface that cannot be captured on leaves the collector
 /// unavailable (with the reason in its status) and the agent running.
-pub fn spawn(cfg: FlowConfig, ctx: Ctx) -> Result<Option<JoinHandle<()>>, StartError> {
+pub fn spawn(cfg: FlowConfig, ctx: Ctx) -> Started {
     if let Some(file) = cfg.pcap_file.clone() {
         let cap = pcap::Capture::from_file(&file).map_err(|e| StartError {
             collector: NAME,

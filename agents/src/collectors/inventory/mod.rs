@@ -127,8 +127,8 @@ fn host_shape(h: &HostFacts) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
-pub fn spawn(cfg: InventoryConfig, ctx: Ctx) -> JoinHandle<()> {
-    spawn_at(cfg, ctx, PathBuf::from("/proc"))
+pub fn spawn(cfg: InventoryConfig, ctx: Ctx) -> super::Started {
+    Ok(Some(spawn_at(cfg, ctx, PathBuf::from("/proc"))))
 }
 
 pub fn spawn_at(cfg: InventoryConfig, mut ctx: Ctx, proc: PathBuf) -> JoinHandle<()> {

@@ -95,8 +95,8 @@ fn draft(kind: Kind, p: &ProcInfo, exit_code: i32, source: &str, users: &mut Use
     d
 }
 
-pub fn spawn(cfg: ProcessConfig, ctx: Ctx) -> JoinHandle<()> {
-    spawn_at(cfg, ctx, PathBuf::from("/proc"))
+pub fn spawn(cfg: ProcessConfig, ctx: Ctx) -> super::Started {
+    Ok(Some(spawn_at(cfg, ctx, PathBuf::from("/proc"))))
 }
 
 pub fn spawn_at(cfg: ProcessConfig, ctx: Ctx, proc: PathBuf) -> JoinHandle<()> {

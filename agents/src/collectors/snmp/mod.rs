@@ -121,7 +121,11 @@ fn transition(kind: Kind, name: &str, error: String) -> Draft {
     )
 }
 
-pub fn spawn(cfg: SnmpConfig, mut ctx: Ctx) -> JoinHandle<()> {
+pub fn spawn(cfg: SnmpConfig, ctx: Ctx) -> super::Started {
+    Ok(Some(run(cfg, ctx)))
+}
+
+fn run(cfg: SnmpConfig, mut ctx: Ctx) -> JoinHandle<()> {
     ctx.status.set_mode("poll");
     tokio::spawn(async move {
         let mut targets: Vec<TargetState> = cfg
