@@ -15,24 +15,39 @@ use tokio::sync::mpsc;
 use tonic::Streaming;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// Why talking to the bus failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// A TLS file could not be read.
     #[error("{path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What reading it said.
         #[source]
         source: std::io::Error,
     },
+    /// The bus URL is not an `https://host:port` URL.
     #[error("bus URL {url:?}: {message}")]
-    Url { url: String, message: String },
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The connection or the TLS handshake failed.
     #[error("connecting to {url}: {source}")]
     Connect {
+        /// The bus URL.
         url: String,
+        /// The transport's error.
         #[source]
         source: tonic::transport::Error,
     },
+    /// The bus answered an RPC with an error status.
     #[error("{0}")]
     Rpc(#[from] tonic::Status),
+    /// The Publish stream ended; the text says when.
     #[error("the bus closed the Publish stream: {0}")]
     Closed(String),
 }
@@ -40,14 +55,19 @@ pub enum ClientError {
 /// How to reach the bus.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
+    /// `https://host:port` of the bus.
     pub url: String,
+    /// Directory with this client's `tls.crt`, `tls.key` and `ca.crt`.
     pub tls_dir: PathBuf,
     /// Name to verify the bus certificate against; defaults to the URL's host.
     pub server_name: Option<String>,
+    /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
 }
 
 impl ClientOptions {
+    /// Options for `url` with the TLS files in `tls_dir` and a 64 MiB
+    /// message limit.
     pub fn new(url: impl Into<String>, tls_dir: impl Into<PathBuf>) -> Self {
         Self {
             url: url.into(),
@@ -77,8 +97,11 @@ pub async fn connect_channel(opts: &ClientOptions) -> Result<Channel, ClientErro
 /// A client's TLS material held in memory (the operator reads it from a Secret).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pems {
+    /// The CA certificate(s) the bus's certificate must chain to.
     pub ca: Vec<u8>,
+    /// This client's certificate.
     pub cert: Vec<u8>,
+    /// This client's private key.
     pub key: Vec<u8>,
 }
 
@@ -128,16 +151,20 @@ pub async fn connect_channel_pem(
 /// Typed clients for both services over one channel.
 #[derive(Clone)]
 pub struct BusClient {
+    /// Publish, Query and Tail.
     pub bus: EventBusClient<Channel>,
+    /// The Admin service (agents, controls, backups).
     pub admin: AdminClient<Channel>,
 }
 
 impl BusClient {
+    /// Connects with the TLS files read afresh.
     pub async fn connect(opts: &ClientOptions) -> Result<Self, ClientError> {
         let ch = connect_channel(opts).await?;
         Ok(Self::from_channel(ch, opts.max_message_bytes))
     }
 
+    /// Both clients over an open channel, with `max` as the message limit.
     pub fn from_channel(ch: Channel, max: usize) -> Self {
         Self {
             bus: EventBusClient::new(ch.clone())
@@ -173,6 +200,7 @@ impl BusClient {
         }
     }
 
+    /// Opens a Tail stream.
     pub async fn tail(
         &mut self,
         req: TailRequest,
@@ -218,6 +246,7 @@ impl BusClient {
 /// One open Publish stream.
 pub struct Publisher {
     tx: mpsc::Sender<PublishRequest>,
+    /// What the bus sends back: acks and controls.
     pub inbound: Streaming<PublishResponse>,
     /// What the bus already held for this agent when the stream opened.
     pub welcome_acked_seq: u64,
@@ -232,6 +261,7 @@ impl Publisher {
         .await
     }
 
+    /// Queues any request (a control result, a heartbeat).
     pub async fn send_raw(&self, req: PublishRequest) -> Result<(), ClientError> {
         self.tx
             .send(req)

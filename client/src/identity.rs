@@ -8,15 +8,21 @@
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// What a certificate may do at the bus.
 pub enum Role {
+    /// Publishes events (a node agent).
     Agent,
+    /// Queries and tails.
     Reader,
+    /// Everything, and the Admin service.
     Admin,
 }
 
+/// The URI SAN prefix that carries the role.
 pub const ROLE_URI_PREFIX: &str = "urn:amoskys:role:";
 
 impl Role {
+    /// `agent`, `reader` or `admin`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Agent => "agent",
@@ -25,10 +31,12 @@ impl Role {
         }
     }
 
+    /// The URI SAN naming this role.
     pub fn uri(self) -> String {
         format!("{ROLE_URI_PREFIX}{}", self.as_str())
     }
 
+    /// The role [`Role::as_str`] names.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "agent" => Some(Role::Agent),
@@ -42,8 +50,11 @@ impl Role {
 /// The identity in one certificate (the bus reads it from each TLS peer).
 #[derive(Clone, Debug)]
 pub struct PeerIdentity {
+    /// Its role, if it carries one.
     pub role: Option<Role>,
+    /// Its subject's CN.
     pub common_name: String,
+    /// Its serial number, hex.
     pub serial: String,
 }
 

@@ -6,6 +6,8 @@
 //! Agents, the operator and the CLI depend on this crate; the bus does too,
 //! for the halves it shares with them. Nothing here opens a store or serves.
 
+#![warn(missing_docs)]
+
 pub mod bus;
 pub mod identity;
 pub mod parse;

@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config file {}: {message}", path.display())]
 pub struct FileError {
+    /// The file.
     pub path: PathBuf,
+    /// What is wrong with it.
     pub message: String,
 }
 
@@ -37,7 +39,9 @@ pub fn read_yaml<T: DeserializeOwned + Default>(path: &Path) -> Result<T, FileEr
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {message}")]
 pub struct ParseError {
+    /// The key, as the file or flag names it.
     pub key: &'static str,
+    /// What is wrong with the value.
     pub message: String,
 }
 

@@ -3,10 +3,12 @@
 
 use amoskys_proto::AgentRecord;
 
+/// Where an agent stands, as `kubectl get agents` and the dashboard show it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     /// Connected or seen, but no heartbeat yet.
     Pending,
+    /// Heartbeating, nothing dropped, spool not growing.
     Running,
     /// No stream, or heartbeats stopped arriving.
     Disconnected,
@@ -15,6 +17,7 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in display order.
     pub const ALL: [Phase; 4] = [
         Phase::Pending,
         Phase::Running,
@@ -22,6 +25,7 @@ impl Phase {
         Phase::Degraded,
     ];
 
+    /// The name shown to people.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Pending => "Pending",
@@ -35,8 +39,11 @@ impl Phase {
 /// One observation of an agent's spool, oldest first in a slice.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SpoolSample {
+    /// When it was taken (unix ns).
     pub at_ns: i64,
+    /// Bytes the spool held.
     pub spool_bytes: u64,
+    /// Events dropped so far (a running total).
     pub dropped: u64,
 }
 

@@ -16,25 +16,34 @@ use time::OffsetDateTime;
 
 use crate::identity::Role;
 
+/// Why issuing or writing certificates failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// rcgen could not build or sign a certificate.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// A certificate file could not be written or read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// The directory already holds a PKI and overwriting was not asked for.
     #[error("{0} already holds a PKI; pass --force to overwrite it")]
     Exists(PathBuf),
+    /// A name for the server certificate is not a DNS name.
     #[error("invalid DNS name {0:?}")]
     BadDnsName(String),
 }
 
 /// A CA that can sign leaves: its certificate PEM and key.
 pub struct CertAuthority {
+    /// The CA certificate.
     pub cert_pem: String,
+    /// The CA's private key.
     pub key_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -42,19 +51,25 @@ pub struct CertAuthority {
 /// One issued leaf in PEM form.
 #[derive(Clone, Debug)]
 pub struct IssuedCert {
+    /// The leaf certificate.
     pub cert_pem: String,
+    /// Its private key.
     pub key_pem: String,
+    /// The CA certificate(s) to trust, written as `ca.crt`.
     pub ca_pem: String,
 }
 
 /// Validity window; `not_before` is backdated a little for clock skew.
 #[derive(Clone, Copy, Debug)]
 pub struct Validity {
+    /// Valid from.
     pub not_before: OffsetDateTime,
+    /// Valid until.
     pub not_after: OffsetDateTime,
 }
 
 impl Validity {
+    /// From now (backdated 5 minutes) for `lifetime`.
     pub fn from_now(lifetime: Duration) -> Self {
         Self::starting(OffsetDateTime::now_utc(), lifetime)
     }
@@ -223,15 +238,22 @@ pub fn write_secret_dir(dir: &Path, crt: &str, key: &str, ca: &str) -> Result<()
 /// What `amoskys pki init` creates.
 #[derive(Clone, Debug)]
 pub struct DevPkiOptions {
+    /// The directory that gets `ca/`, `bus/`, `agent/`, `reader/`, `admin/`.
     pub out: PathBuf,
+    /// DNS names for the bus certificate besides `localhost`.
     pub dns: Vec<String>,
+    /// IPs for the bus certificate besides 127.0.0.1 and ::1.
     pub ips: Vec<IpAddr>,
+    /// Overwrite a PKI already in `out`.
     pub force: bool,
+    /// Lifetime of the leaf certificates.
     pub leaf_validity: Duration,
+    /// Lifetime of the CA.
     pub ca_validity: Duration,
 }
 
 impl DevPkiOptions {
+    /// Defaults: leaves for 90 days, the CA for 5 years, no extra names.
     pub fn new(out: impl Into<PathBuf>) -> Self {
         Self {
             out: out.into(),

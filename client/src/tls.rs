@@ -13,26 +13,47 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::identity::PeerIdentity;
 
+/// Why a TLS directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// One of the three files could not be read.
     #[error("{path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What reading it said.
         #[source]
         source: io::Error,
     },
+    /// A file is not the PEM it should be.
     #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// rustls refused the certificate and key.
     #[error("TLS configuration from {dir}: {source}")]
     Rustls {
+        /// The TLS directory.
         dir: PathBuf,
+        /// rustls's error.
         #[source]
         source: rustls::Error,
     },
+    /// The client-certificate verifier could not be built from `ca.crt`.
     #[error("client verifier from {dir}: {message}")]
-    Verifier { dir: PathBuf, message: String },
+    Verifier {
+        /// The TLS directory.
+        dir: PathBuf,
+        /// What the verifier builder said.
+        message: String,
+    },
 }
 
+/// The one crypto provider every AMOSKYS TLS config uses (ring; aws-lc-rs
+/// beside kube's ring panics the kube client).
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -51,13 +72,18 @@ pub fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 /// The three files of a cert-manager style TLS directory, read once.
 #[derive(Clone)]
 pub struct TlsMaterial {
+    /// The directory read.
     pub dir: PathBuf,
+    /// `tls.crt`.
     pub cert_pem: Vec<u8>,
+    /// `tls.key`.
     pub key_pem: Vec<u8>,
+    /// `ca.crt`.
     pub ca_pem: Vec<u8>,
 }
 
 impl TlsMaterial {
+    /// Reads the three files of `dir`.
     pub fn read(dir: &Path) -> Result<Self, TlsError> {
         let read = |name: &str| {
             let path = dir.join(name);
@@ -78,22 +104,25 @@ impl TlsMaterial {
         h.finish()
     }
 
-    pub fn pem_err(&self, file: &str, message: String) -> TlsError {
+    fn pem_err(&self, file: &str, message: String) -> TlsError {
         TlsError::Pem {
             path: self.dir.join(file),
             message,
         }
     }
 
+    /// The certificate chain in `tls.crt`.
     pub fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         pem_certs(&self.cert_pem).map_err(|m| self.pem_err("tls.crt", m))
     }
 
+    /// The private key in `tls.key`.
     pub fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
         PrivateKeyDer::from_pem_slice(&self.key_pem)
             .map_err(|e| self.pem_err("tls.key", format!("bad PEM private key: {e}")))
     }
 
+    /// The CAs in `ca.crt`, as a trust store.
     pub fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for c in pem_certs(&self.ca_pem).map_err(|m| self.pem_err("ca.crt", m))? {

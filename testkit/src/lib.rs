@@ -6,6 +6,7 @@
 //!
 //! Test support: a failed setup panics, which fails the test that asked.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use amoskys_eventbus::{BusConfig, RunningBus, SyncPolicy};
 /// A temp dir with a dev PKI in `pki/` (`ca`, `bus`, `agent`, `reader`,
 /// `admin`) and room for a bus's data in `bus/`.
 pub struct Env {
+    /// Removed, with everything in it, when the `Env` drops.
     pub tmp: tempfile::TempDir,
 }
 
@@ -29,12 +31,14 @@ impl Default for Env {
 }
 
 impl Env {
+    /// A new temp dir with a fresh dev PKI.
     pub fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         pki::init_dev_pki(&DevPkiOptions::new(tmp.path().join("pki"))).unwrap();
         Self { tmp }
     }
 
+    /// The temp dir.
     pub fn path(&self) -> &Path {
         self.tmp.path()
     }
@@ -44,6 +48,7 @@ impl Env {
         self.tmp.path().join("pki").join(who)
     }
 
+    /// Where the bus keeps its store.
     pub fn data_dir(&self) -> PathBuf {
         self.tmp.path().join("bus")
     }
@@ -66,10 +71,12 @@ impl Env {
         c
     }
 
+    /// A bus on [`Env::config`].
     pub async fn start(&self) -> RunningBus {
         amoskys_eventbus::start(self.config()).await.unwrap()
     }
 
+    /// A bus on [`Env::config_on`].
     pub async fn start_on(&self, listen: SocketAddr) -> RunningBus {
         amoskys_eventbus::start(self.config_on(listen))
             .await
