@@ -213,6 +213,7 @@ pub struct BusOverrides {
     /// HTTP address for /metrics, /healthz, /readyz.
     #[arg(long)]
     pub http: Option<String>,
+    /// Where the store (RocksDB) lives.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Directory with tls.crt, tls.key and ca.crt (reloaded when they change).

@@ -81,6 +81,7 @@ pub struct AgentOverrides {
     /// Node name (default: $NODE_NAME or the hostname).
     #[arg(long)]
     pub node: Option<String>,
+    /// The bus to stream to (https://host:port).
     #[arg(long, env = "AMOSKYS_BUS")]
     pub bus: Option<String>,
     /// Directory with tls.crt, tls.key and ca.crt (reloaded when they change).
