@@ -537,30 +537,14 @@ async fn a_backup_taken_under_load_restores_into_a_bus_that_holds_what_it_held()
     assert!(ok && out.contains("acked=2000"), "{out}");
 
     // Only an admin may ask for a backup.
-    let now = |who: &str| {
-        cli(&[
-            "backup",
-            "now",
-            "--bus",
-            &url,
-            "--tls-dir",
-            &s(&root.join("pki").join(who)),
-        ])
-    };
+    let now = |who: &str| common::backup_now(bus.grpc, &root.join("pki").join(who));
     let (ok, out) = now("reader");
     assert!(!ok && out.contains("Admin.Backup"), "{out}");
     // A bus without a backup directory says so.
     std::fs::create_dir(root.join("other")).unwrap();
     std::os::unix::fs::symlink(root.join("pki"), root.join("other/pki")).unwrap();
     let other = common::start_bus_with(&root.join("other"), "batch", None, &[]);
-    let (ok, out) = cli(&[
-        "backup",
-        "now",
-        "--bus",
-        &format!("https://127.0.0.1:{}", other.grpc),
-        "--tls-dir",
-        &s(&root.join("pki/admin")),
-    ]);
+    let (ok, out) = common::backup_now(other.grpc, &root.join("pki/admin"));
     assert!(!ok && out.contains("no backup directory"), "{out}");
     drop(other);
     let (ok, out) = now("admin");

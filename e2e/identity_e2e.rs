@@ -375,14 +375,7 @@ async fn a_bus_restored_from_an_older_backup_records_the_gap_and_the_agent_conti
         async || (all_events(&bus, root).await.len() > 300).then_some(()),
     )
     .await;
-    let (ok, out) = cli(&[
-        "backup",
-        "now",
-        "--bus",
-        &format!("https://127.0.0.1:{}", bus.grpc),
-        "--tls-dir",
-        &s(&root.join("pki/admin")),
-    ]);
+    let (ok, out) = common::backup_now(bus.grpc, &root.join("pki/admin"));
     assert!(ok, "{out}");
     let in_backup = all_events(&bus, root).await.len();
     // More is acked after the backup; then the bus's volume is lost.

@@ -241,6 +241,17 @@ fn migrate_meta(db: &DB) -> Result<(), SpoolError> {
     Ok(())
 }
 
+/// Counts bytes that went below `first`; every few MB of them, the `first`
+/// below which whole files can be dropped.
+fn note_dead(s: &mut State, freed: u64) -> Option<u64> {
+    s.dead_bytes += freed;
+    if s.dead_bytes < RECLAIM_BYTES {
+        return None;
+    }
+    s.dead_bytes = 0;
+    Some(s.first)
+}
+
 impl Spool {
     pub fn open(
         dir: &Path,
@@ -387,7 +398,10 @@ impl Spool {
             .zip(drafts)
             .map(|(seq, d)| (seq, self.event(seq, d).encode_to_vec()))
             .collect();
-        self.write_locked(&mut s, encoded, None)
+        let (dropped, reclaim) = self.write_locked(&mut s, encoded, None)?;
+        drop(s);
+        self.drop_dead_files(reclaim);
+        Ok(dropped)
     }
 
     /// Appends a gap event for the pending drops (if any) and clears them in
@@ -412,11 +426,13 @@ impl Spool {
                 }),
             ),
         );
-        self.write_locked(
+        let (_, reclaim) = self.write_locked(
             &mut s,
             vec![(seq, ev.encode_to_vec())],
             Some(PendingGap::default()),
         )?;
+        drop(s);
+        self.drop_dead_files(reclaim);
         Ok(true)
     }
 
@@ -425,7 +441,7 @@ impl Spool {
         s: &mut State,
         mut new: Vec<(u64, Vec<u8>)>,
         gap_override: Option<PendingGap>,
-    ) -> Result<u64, SpoolError> {
+    ) -> Result<(u64, Option<u64>), SpoolError> {
         let mut batch = WriteBatch::default();
         // Every seq handed out stays used, even when its event is dropped below.
         let next = s.next + new.len() as u64;
@@ -516,23 +532,23 @@ impl Spool {
         s.events = events;
         s.dropped_total += dropped;
         s.gap = gap;
-        self.note_dead(s, freed_stored);
+        let reclaim = note_dead(s, freed_stored);
         self.appended.notify_one();
-        Ok(dropped)
+        Ok((dropped, reclaim))
     }
 
-    /// Counts bytes that went below `first` and, every few MB of them, drops
-    /// the files that hold only such events. Files still holding a live
-    /// event stay; what is dead in them is never read and goes with them.
-    fn note_dead(&self, s: &mut State, freed: u64) {
-        s.dead_bytes += freed;
-        if s.dead_bytes < RECLAIM_BYTES || s.first == 0 {
+    /// Drops the files that hold only events below `first` (from
+    /// [`note_dead`]). Called with the state unlocked: deleting files is I/O
+    /// the sender and the spool writer need not wait for. Files still holding
+    /// a live event stay; what is dead in them is never read and goes with
+    /// them.
+    fn drop_dead_files(&self, first: Option<u64>) {
+        let Some(first) = first.filter(|&f| f > 0) else {
             return;
-        }
-        s.dead_bytes = 0;
+        };
         // Best effort: a failure leaves dead files on disk, never a live
         // event lost, so it is logged and retried after the next few MB.
-        if let Err(e) = self.db.delete_file_in_range(key(0), key(s.first - 1)) {
+        if let Err(e) = self.db.delete_file_in_range(key(0), key(first - 1)) {
             tracing::warn!(error = %e, "spool: dropping files of acked events failed");
         }
     }
@@ -597,7 +613,9 @@ impl Spool {
         s.first = first;
         s.bytes -= freed.min(s.bytes);
         s.events -= n.min(s.events);
-        self.note_dead(&mut s, freed);
+        let reclaim = note_dead(&mut s, freed);
+        drop(s);
+        self.drop_dead_files(reclaim);
         Ok(n)
     }
 

@@ -51,16 +51,24 @@ fn invalid(key: &'static str, message: String) -> ParseError {
 
 /// Parses "7d", "90m", "30s" (humantime) into a duration.
 pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ParseError> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        invalid(
-            key,
-            format!("{s:?} is not a duration like 30s, 15m, 7d ({e})"),
-        )
-    })
+    duration(s).map_err(|m| invalid(key, m))
 }
 
 /// Parses "512MiB", "2GB", "1048576" into bytes.
 pub fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ParseError> {
+    bytes(s).map_err(|m| invalid(key, m))
+}
+
+/// [`parse_duration`] for callers that name the key themselves: the error
+/// is the message only.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 30s, 15m, 7d ({e})"))
+}
+
+/// [`parse_bytes`] for callers that name the key themselves: the error is
+/// the message only.
+pub fn bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -68,7 +76,7 @@ pub fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ParseError> {
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| invalid(key, format!("{s:?} is not a size like 512MiB or 2GB")))?;
+        .map_err(|_| format!("{s:?} is not a size like 512MiB or 2GB"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -79,12 +87,7 @@ pub fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ParseError> {
         "mi" | "mib" => 1024.0 * 1024.0,
         "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "ti" | "tib" => 1024.0f64.powi(4),
-        other => {
-            return Err(invalid(
-                key,
-                format!("unknown size unit {other:?} in {s:?}"),
-            ));
-        }
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
     };
     Ok((n * mult) as u64)
 }

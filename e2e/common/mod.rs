@@ -162,6 +162,19 @@ pub fn cli(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `amoskys backup now` against the bus whose gRPC port is `grpc`, with the
+/// client certificate in `tls_dir`.
+pub fn backup_now(grpc: u16, tls_dir: &Path) -> (bool, String) {
+    cli(&[
+        "backup",
+        "now",
+        "--bus",
+        &format!("https://127.0.0.1:{grpc}"),
+        "--tls-dir",
+        &tls_dir.display().to_string(),
+    ])
+}
+
 /// A bus that backs up only on request, into `root/backup`; also returns
 /// that directory.
 pub fn start_bus_with_backups(root: &Path, ports: Option<(u16, u16)>) -> (Bus, std::path::PathBuf) {

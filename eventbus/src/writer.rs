@@ -118,27 +118,6 @@ pub enum Outcome {
     Session(SessionOutcome),
 }
 
-/// Dedupes and numbers the events of `reqs` against the registry's last
-/// seqs; pure apart from reading the registry.
-#[cfg(test)]
-pub fn prepare(
-    registry: &Registry,
-    reqs: &[WriteRequest],
-    next_offset: u64,
-    stored_at: i64,
-) -> (PreparedGroup, Vec<WriteOutcome>) {
-    let mut group = PreparedGroup {
-        next_offset,
-        stored_at,
-        ..Default::default()
-    };
-    let outcomes = reqs
-        .iter()
-        .map(|r| prepare_write(registry, &mut group, r))
-        .collect();
-    (group, outcomes)
-}
-
 fn prepare_items(
     registry: &Registry,
     items: &[Item],
@@ -515,6 +494,25 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// `prepare_items` for write requests only.
+    fn prepare(
+        registry: &Registry,
+        reqs: Vec<WriteRequest>,
+        next_offset: u64,
+        stored_at: i64,
+    ) -> (PreparedGroup, Vec<WriteOutcome>) {
+        let items: Vec<Item> = reqs.into_iter().map(Item::Write).collect();
+        let (group, outcomes) = prepare_items(registry, &items, next_offset, stored_at);
+        let writes = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::Write(w) => w,
+                Outcome::Session(_) => unreachable!("only writes were prepared"),
+            })
+            .collect();
+        (group, writes)
+    }
+
     fn req(agent: &str, seqs: &[u64]) -> (WriteRequest, oneshot::Receiver<WriteOutcome>) {
         let (tx, rx) = oneshot::channel();
         (
@@ -550,7 +548,7 @@ mod tests {
         let (r1, _) = req("a", &[4, 5, 6, 7]);
         let (r2, _) = req("a", &[7, 8]);
         let (r3, _) = req("b", &[1]);
-        let (g, outs) = prepare(&reg, &[r1, r2, r3], 100, 42);
+        let (g, outs) = prepare(&reg, vec![r1, r2, r3], 100, 42);
         assert_eq!(
             outs,
             vec![
@@ -604,7 +602,7 @@ mod tests {
     ) -> (PreparedGroup, WriteOutcome) {
         let (mut r, _) = req(agent, seqs);
         r.incarnation = incarnation;
-        let (g, mut outs) = prepare(registry, &[r], 1, 77);
+        let (g, mut outs) = prepare(registry, vec![r], 1, 77);
         (g, outs.pop().unwrap())
     }
 

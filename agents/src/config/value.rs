@@ -21,8 +21,7 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Con
 }
 
 pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    let d = amoskys_client::parse::parse_duration("duration", s)
-        .map_err(|e| invalid(key, e.message))?;
+    let d = amoskys_client::parse::duration(s).map_err(|m| invalid(key, m))?;
     if d.is_zero() {
         return Err(invalid(key, "must be greater than 0"));
     }
@@ -30,7 +29,7 @@ pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
 }
 
 pub fn parse_bytes(key: &str, s: &str) -> Result<u64, ConfigError> {
-    amoskys_client::parse::parse_bytes("size", s).map_err(|e| invalid(key, e.message))
+    amoskys_client::parse::bytes(s).map_err(|m| invalid(key, m))
 }
 
 /// Whether resolving reads the credential files or only checks they are named.

@@ -78,7 +78,7 @@ impl Names {
 }
 
 fn duration(field: &str, v: &str) -> Result<Duration, InvalidSpec> {
-    amoskys_client::parse::parse_duration("duration", v).map_err(|e| invalid(field, e.message))
+    amoskys_client::parse::duration(v).map_err(|m| invalid(field, m))
 }
 
 /// Parsed TLS lifetimes: (leaf validity, renew before, CA validity).
