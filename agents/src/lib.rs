@@ -1,6 +1,9 @@
 //! The AMOSKYS node agent: a spooling runtime that streams events to the bus
 //! over mTLS, and the collectors that produce them.
 
+// Every public item is documented, and stays so.
+#![warn(missing_docs)]
+
 pub mod collectors;
 pub mod config;
 pub mod fuzzing;

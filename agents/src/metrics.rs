@@ -6,82 +6,126 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Metric labels: which collector.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CollectorLabel {
+    /// The collector's name (`process`, `flow`, ...).
     pub collector: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Metric labels: a collector and the mode it runs in.
 pub struct ModeLabel {
+    /// The collector's name.
     pub collector: String,
+    /// Its mode, e.g. `netlink` or `poll`.
     pub mode: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Metric labels: why something failed or was dropped.
 pub struct ReasonLabel {
+    /// A short, bounded reason such as `tls` or `truncated`.
     pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Metric labels: an SNMP target.
 pub struct TargetLabel {
+    /// The target's address.
     pub target: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Metric labels: an SNMP target and how a poll of it ended.
 pub struct TargetResultLabel {
+    /// The target's address.
     pub target: String,
+    /// `ok` or the failure's kind.
     pub result: String,
 }
 
+/// The labels for collector `c`.
 pub fn collector(c: &str) -> CollectorLabel {
     CollectorLabel {
         collector: c.to_string(),
     }
 }
 
+/// The labels for reason `r`.
 pub fn reason(r: &str) -> ReasonLabel {
     ReasonLabel {
         reason: r.to_string(),
     }
 }
 
+/// The labels for SNMP target `t`.
 pub fn target(t: &str) -> TargetLabel {
     TargetLabel {
         target: t.to_string(),
     }
 }
 
+/// The agent's metrics, served on its `/metrics`.
 pub struct AgentMetrics {
+    /// Every metric below, registered under the `amoskys_agent` prefix.
     pub registry: Registry,
+    /// `amoskys_agent_events_produced_total`: Events produced, by collector.
     pub produced: Family<CollectorLabel, Counter>,
+    /// `amoskys_agent_collector_errors_total`: Collector errors, by collector.
     pub collector_errors: Family<CollectorLabel, Counter>,
+    /// `amoskys_agent_collector_mode`: 1 for the mode each collector runs in (e.g. process netlink or poll, flow live or file).
     pub collector_mode: Family<ModeLabel, Gauge>,
+    /// `amoskys_agent_collector_paused`: 1 while a collector is paused by control.
     pub collector_paused: Family<CollectorLabel, Gauge>,
+    /// `amoskys_agent_events_sent_total`: Events sent to the bus (resends included).
     pub sent: Counter,
+    /// `amoskys_agent_events_acked_total`: Events the bus acked as durable.
     pub acked: Counter,
+    /// `amoskys_agent_events_dropped_total`: Events dropped because the spool was full (reported to the bus as gap events).
     pub dropped: Counter,
+    /// `amoskys_agent_spool_bytes`: Bytes of events in the spool.
     pub spool_bytes: Gauge,
+    /// `amoskys_agent_spool_events`: Events in the spool (not yet acked).
     pub spool_events: Gauge,
+    /// `amoskys_agent_spool_max_bytes`: The spool's byte bound (spool.maxBytes).
     pub spool_max_bytes: Gauge,
+    /// `amoskys_agent_spool_write_errors_total`: Failed spool writes.
     pub spool_write_errors: Counter,
+    /// `amoskys_agent_connected`: 1 while a Publish stream to the bus is open.
     pub connected: Gauge,
+    /// `amoskys_agent_reconnects_total`: Publish streams opened after the first.
     pub reconnects: Counter,
+    /// `amoskys_agent_connect_errors_total`: Failed connections or streams, by reason.
     pub connect_errors: Family<ReasonLabel, Counter>,
+    /// `amoskys_agent_tls_reloads_total`: Times changed TLS files were picked up.
     pub tls_reloads: Counter,
+    /// `amoskys_agent_process_polling_fallback`: 1 when the process collector polls /proc because the netlink connector is not permitted.
     pub process_polling_fallback: Gauge,
+    /// `amoskys_agent_flow_packets_total`: Packets seen by the flow collector.
     pub flow_packets: Counter,
+    /// `amoskys_agent_flow_bytes_total`: IP bytes seen by the flow collector.
     pub flow_bytes: Counter,
+    /// `amoskys_agent_flow_malformed_packets_total`: Packets skipped as truncated or malformed, by reason.
     pub flow_malformed: Family<ReasonLabel, Counter>,
+    /// `amoskys_agent_flow_evicted_total`: Flows evicted because the table was full (flow.maxFlows).
     pub flow_evicted: Counter,
+    /// `amoskys_agent_flow_exported_total`: Flow records exported.
     pub flow_exported: Counter,
+    /// `amoskys_agent_flow_active`: Flows in the flow table.
     pub flow_active: Gauge,
+    /// `amoskys_agent_flow_kernel_dropped`: Packets the kernel dropped before capture (libpcap stats).
     pub flow_kernel_dropped: Gauge,
+    /// `amoskys_agent_snmp_polls_total`: SNMP polls by target and result.
     pub snmp_polls: Family<TargetResultLabel, Counter>,
+    /// `amoskys_agent_snmp_up`: 1 when the SNMP target answered its last poll.
     pub snmp_up: Family<TargetLabel, Gauge>,
+    /// `amoskys_agent_discovery_probes_total`: TCP connect probes made by active discovery.
     pub discovery_probes: Counter,
 }
 
 impl AgentMetrics {
+    /// Every metric at zero, registered.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("amoskys_agent");
         let m = Self {
@@ -247,6 +291,7 @@ impl AgentMetrics {
         Self { registry, ..m }
     }
 
+    /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

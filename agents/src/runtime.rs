@@ -26,35 +26,55 @@ use crate::metrics::AgentMetrics;
 use crate::sender::{SendCounters, Sender, SenderConfig};
 use crate::spool::{Draft, Spool, SpoolError};
 
+/// The agent's version, sent in its heartbeats.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The spool could not be opened.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The TLS files are missing or unusable.
     #[error("TLS files in {dir}: {message}")]
-    Tls { dir: String, message: String },
+    Tls {
+        /// The TLS directory.
+        dir: String,
+        /// What is wrong with its files.
+        message: String,
+    },
+    /// The metrics address could not be bound.
     #[error("binding the HTTP address {addr}: {source}")]
     Http {
+        /// The address.
         addr: SocketAddr,
+        /// The OS's reason.
         #[source]
         source: std::io::Error,
     },
+    /// A collector could not start.
     #[error(transparent)]
     Collector(#[from] crate::collectors::StartError),
 }
 
 /// State shared by the runtime's tasks.
 pub struct Shared {
+    /// The spool.
     pub spool: Arc<Spool>,
+    /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// The running collectors.
     pub collectors: Arc<Registry>,
+    /// The sender's counters.
     pub counters: Arc<SendCounters>,
+    /// The serial of the client certificate in use, for heartbeats.
     pub cert_serial: std::sync::Mutex<String>,
+    /// When the agent started.
     pub started: Instant,
 }
 
 impl Shared {
+    /// Sets the spool gauges from the spool's figures now.
     pub fn refresh_gauges(&self) {
         let st = self.spool.stats();
         self.metrics.spool_bytes.set(st.bytes as i64);
@@ -86,8 +106,11 @@ impl Shared {
 
 /// A started agent.
 pub struct RunningAgent {
+    /// Its agent id.
     pub agent_id: String,
+    /// Its spool, collectors and counters.
     pub shared: Arc<Shared>,
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
     pub http_addr: Option<SocketAddr>,
     stop_collectors: CancellationToken,
     done: tokio::task::JoinHandle<()>,

@@ -22,23 +22,35 @@ use crate::collectors::context::Registry;
 use crate::metrics::{AgentMetrics, reason};
 use crate::spool::{Spool, SpoolError};
 
+/// How the sender talks to the bus.
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
+    /// The bus and the TLS files.
     pub client: ClientOptions,
+    /// What each session opens with (agent id, incarnation, node).
     pub hello: Hello,
+    /// Events per batch at most.
     pub max_events: usize,
+    /// Encoded bytes per batch at most (under the bus's message limit).
     pub max_bytes: usize,
+    /// How long a partial batch waits for more.
     pub max_delay: Duration,
+    /// Batches in flight, sent and not yet acked.
     pub window: usize,
+    /// The first reconnect delay.
     pub backoff_min: Duration,
+    /// The longest reconnect delay.
     pub backoff_max: Duration,
 }
 
 /// Counters the heartbeat and metrics read.
 #[derive(Default)]
 pub struct SendCounters {
+    /// Events sent, resends included.
     pub sent: AtomicU64,
+    /// Events the bus acked as durable.
     pub acked: AtomicU64,
+    /// Sessions the bus welcomed.
     pub sessions: AtomicU64,
 }
 
@@ -59,11 +71,18 @@ enum SessionEnd {
     Reconnect,
 }
 
+/// Streams the spool to the bus and drops what it acks; one session at a
+/// time, reconnecting with backoff.
 pub struct Sender {
+    /// How it talks to the bus.
     pub cfg: SenderConfig,
+    /// What it sends from.
     pub spool: Arc<Spool>,
+    /// The collectors, for the controls the bus sends.
     pub collectors: Arc<Registry>,
+    /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// Its counters, shared with the heartbeat.
     pub counters: Arc<SendCounters>,
     /// Notified when the TLS files changed.
     pub tls_changed: Arc<Notify>,

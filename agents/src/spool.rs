@@ -60,33 +60,51 @@ const META_CF: &str = "meta";
 /// Dead bytes below `first` after which whole files are dropped.
 const RECLAIM_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Why the spool failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// Its directory could not be opened.
     #[error("spool {path}: {source}")]
     Open {
+        /// The spool's directory.
         path: String,
+        /// RocksDB's reason.
         #[source]
         source: rocksdb::Error,
     },
+    /// A write did not reach the disk.
     #[error("spool write: {0}")]
     Write(#[source] rocksdb::Error),
+    /// A read failed.
     #[error("spool read: {0}")]
     Read(#[source] rocksdb::Error),
+    /// A stored event does not decode.
     #[error("spool holds an undecodable event at seq {seq}: {message}")]
-    Corrupt { seq: u64, message: String },
+    Corrupt {
+        /// The event's seq.
+        seq: u64,
+        /// The decoder's reason.
+        message: String,
+    },
 }
 
 /// What a collector hands to the runtime; the spool makes it an `Event`.
 #[derive(Clone, Debug)]
 pub struct Draft {
+    /// The collector's name.
     pub collector: &'static str,
+    /// When the collector saw it, Unix ns.
     pub observed_at: i64,
+    /// How much it matters.
     pub severity: Severity,
+    /// Free-form labels (`k8s.pod`, `k8s.namespace`, ...).
     pub labels: HashMap<String, String>,
+    /// What was seen.
     pub payload: Payload,
 }
 
 impl Draft {
+    /// A draft observed now, with no labels.
     pub fn new(collector: &'static str, severity: Severity, payload: Payload) -> Self {
         Self {
             collector,
@@ -108,6 +126,7 @@ fn new_incarnation() -> u64 {
     }
 }
 
+/// The wall clock, Unix ns (0 before 1970).
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -118,8 +137,11 @@ pub fn now_ns() -> i64 {
 /// Drops not yet reported to the bus.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingGap {
+    /// Events dropped.
     pub dropped: u64,
+    /// The first dropped seq.
     pub first_seq: u64,
+    /// The last dropped seq.
     pub last_seq: u64,
 }
 
@@ -174,17 +196,25 @@ struct State {
 /// A point-in-time view for metrics and heartbeats.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SpoolStats {
+    /// The oldest seq held.
     pub first_seq: u64,
+    /// The seq the next event gets.
     pub next_seq: u64,
+    /// Bytes held.
     pub bytes: u64,
+    /// Events held.
     pub events: u64,
+    /// Events dropped since the spool was made, because it was full.
     pub dropped_total: u64,
+    /// The cap on `bytes`.
     pub max_bytes: u64,
     /// The highest seq the bus has acked (0: none, or a spool from before
     /// this was recorded).
     pub acked_seq: u64,
 }
 
+/// Events between a collector and the bus's ack: seq-numbered, durable,
+/// bounded by bytes, the oldest dropped (and reported as a gap) when full.
 pub struct Spool {
     db: DB,
     state: Mutex<State>,
@@ -253,6 +283,8 @@ fn note_dead(s: &mut State, freed: u64) -> Option<u64> {
 }
 
 impl Spool {
+    /// Opens (or creates) the spool in `dir` for this agent, capped at
+    /// `max_bytes`; a new incarnation starts when the directory is new.
     pub fn open(
         dir: &Path,
         max_bytes: u64,
@@ -354,6 +386,7 @@ impl Spool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Its figures now.
     pub fn stats(&self) -> SpoolStats {
         let s = self.lock();
         SpoolStats {
@@ -367,6 +400,7 @@ impl Spool {
         }
     }
 
+    /// Drops the bus has not been told of yet.
     pub fn pending_gap(&self) -> PendingGap {
         self.lock().gap
     }

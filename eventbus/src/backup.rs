@@ -15,26 +15,51 @@ use rocksdb::backup::{BackupEngine, BackupEngineOptions, RestoreOptions};
 
 use crate::store::{Store, StoreError};
 
+/// Why a backup or restore failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// RocksDB's backup engine failed.
     #[error("backup dir {path}: {source}")]
     Rocks {
+        /// The backup directory.
         path: PathBuf,
+        /// RocksDB's reason.
         #[source]
         source: rocksdb::Error,
     },
+    /// The backup directory could not be made or read.
     #[error("backup dir {path}: {message}")]
-    Dir { path: PathBuf, message: String },
+    Dir {
+        /// The backup directory.
+        path: PathBuf,
+        /// The OS's reason.
+        message: String,
+    },
+    /// A restore named a backup the directory does not hold.
     #[error("backup dir {path}: no backup with id {id} (ids held: {held})")]
     NoSuchBackup {
+        /// The backup directory.
         path: PathBuf,
+        /// The id asked for.
         id: u32,
+        /// The ids it holds.
         held: String,
     },
+    /// A restore found nothing to restore.
     #[error("backup dir {path} holds no backups")]
-    Empty { path: PathBuf },
+    Empty {
+        /// The backup directory.
+        path: PathBuf,
+    },
+    /// The restore's target directory cannot be used.
     #[error("restore target {path}: {message}")]
-    Target { path: PathBuf, message: String },
+    Target {
+        /// The target directory.
+        path: PathBuf,
+        /// Why (not empty, a running bus's store, ...).
+        message: String,
+    },
+    /// The store refused.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -42,10 +67,13 @@ pub enum BackupError {
 /// One backup in a backup directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupInfo {
+    /// Its id, increasing.
     pub id: u32,
     /// Unix seconds.
     pub created_at: i64,
+    /// Bytes it holds (files shared with other backups included).
     pub size_bytes: u64,
+    /// Files it holds.
     pub files: u32,
 }
 
@@ -75,6 +103,7 @@ impl Backups {
         })
     }
 
+    /// The backup directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

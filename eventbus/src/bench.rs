@@ -14,33 +14,50 @@ use tokio::sync::Mutex;
 
 use amoskys_client::{BusClient, ClientOptions};
 
+/// One benchmark run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
+    /// The bus and the agents' TLS files.
     pub client: ClientOptions,
+    /// Events in total, split across the agents.
     pub events: u64,
+    /// Encoded bytes per event, about.
     pub event_bytes: usize,
+    /// Agents publishing at once, each on its own connection.
     pub agents: usize,
     /// Total events per second across agents; None = as fast as acks allow.
     pub rate: Option<u64>,
+    /// Events per batch.
     pub batch: usize,
     /// Batches in flight per agent.
     pub window: usize,
+    /// Agent ids are this with `-<n>` after it.
     pub agent_prefix: String,
     /// A reader's TLS directory: when set, the run's events are also
     /// followed on a Tail stream and the write → tail latency reported.
     pub tail_tls_dir: Option<PathBuf>,
 }
 
+/// What a run measured.
 #[derive(Clone, Debug, Default)]
 pub struct BenchReport {
+    /// Events offered.
     pub events: u64,
+    /// Events acked as durable.
     pub acked: u64,
+    /// Wall time of the run.
     pub seconds: f64,
+    /// Acked events per second.
     pub eps: f64,
+    /// Median time from sending a batch to its ack.
     pub ack_p50_ms: f64,
+    /// 99th percentile of the same.
     pub ack_p99_ms: f64,
+    /// The slowest ack.
     pub ack_max_ms: f64,
+    /// What went wrong, if anything.
     pub errors: Vec<String>,
+    /// What a Tail subscriber saw, when one was asked for.
     pub tail: Option<TailReport>,
 }
 
@@ -49,8 +66,11 @@ pub struct BenchReport {
 /// the bench sends it) to its arrival on the stream.
 #[derive(Clone, Debug, Default)]
 pub struct TailReport {
+    /// The run's events that arrived on the stream.
     pub events: u64,
+    /// Median write → tail latency.
     pub p50_ms: f64,
+    /// 99th percentile of the same.
     pub p99_ms: f64,
 }
 
@@ -77,6 +97,7 @@ impl BenchReport {
         }
     }
 
+    /// The report as one `key=value` line, as the scripts parse it.
     pub fn line(&self) -> String {
         let mut line = format!(
             "bench: events={} acked={} eps={:.0} ack_p50_ms={:.3} ack_p99_ms={:.3}",
@@ -161,6 +182,8 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// `n` events of `bytes` for `agent`, seqs after `base`, in batches of
+    /// `batch`, at `rate` events/s (None: as fast as taken).
     pub fn new(
         agent: &str,
         base: u64,

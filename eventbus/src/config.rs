@@ -10,12 +10,25 @@ use std::time::Duration;
 use amoskys_client::parse::{ParseError, parse_bytes, parse_duration};
 use serde::Deserialize;
 
+/// Why a bus config was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read or parsed.
     #[error("config file {path}: {message}")]
-    File { path: PathBuf, message: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// A value is not allowed.
     #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The key, as the file writes it.
+        key: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
 }
 
 impl From<ParseError> for ConfigError {
@@ -48,6 +61,7 @@ pub enum SyncPolicy {
 }
 
 impl SyncPolicy {
+    /// The policy as the config writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             SyncPolicy::Always => "always",
@@ -73,26 +87,47 @@ impl std::str::FromStr for SyncPolicy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BusConfigFile {
+    /// `listen`: The gRPC (mTLS) address agents and readers connect to.
     pub listen: Option<String>,
+    /// `http`: The HTTP address: metrics, health and the dashboard.
     pub http: Option<String>,
+    /// `dataDir`: The store's directory.
     pub data_dir: Option<PathBuf>,
+    /// `tlsDir`: The directory with the bus's `tls.crt`, `tls.key` and `ca.crt`.
     pub tls_dir: Option<PathBuf>,
+    /// `retention`: How long events are kept.
     pub retention: Option<String>,
+    /// `maxBytes`: A cap on the store's bytes; the oldest events go first.
     pub max_bytes: Option<String>,
+    /// `sync`: When writes are fsynced before their acks.
     pub sync: Option<String>,
+    /// `maxMessageBytes`: The largest gRPC message taken or sent.
     pub max_message_bytes: Option<String>,
+    /// `queueDepth`: Client batches waiting for the writer; beyond it, publishers wait.
     pub queue_depth: Option<usize>,
+    /// `writeBufferBytes`: RocksDB memtable size: bounds memory and the size of each log file.
     pub write_buffer_bytes: Option<String>,
+    /// `maxGroupEvents`: Upper bound on events folded into one group commit.
     pub max_group_events: Option<usize>,
+    /// `maxQueryLimit`: The most events one Query returns.
     pub max_query_limit: Option<u32>,
+    /// `retentionCheckInterval`: How often retention runs.
     pub retention_check_interval: Option<String>,
+    /// `tlsReloadInterval`: How often the TLS files are checked for a change.
     pub tls_reload_interval: Option<String>,
+    /// `shutdownGrace`: How long a stopping bus drains before it closes.
     pub shutdown_grace: Option<String>,
+    /// `logFormat`: `text` or `json`.
     pub log_format: Option<String>,
+    /// `httpTls`: Serve the HTTP address over TLS with the bus certificate.
     pub http_tls: Option<bool>,
+    /// `adminTokenFile`: A file of dashboard admin tokens, one per line.
     pub admin_token_file: Option<PathBuf>,
+    /// `readerTokenFile`: A file of dashboard reader tokens, one per line.
     pub reader_token_file: Option<PathBuf>,
+    /// `dashboard`: The `dashboard:` section.
     pub dashboard: Option<DashboardFile>,
+    /// `backup`: The `backup:` section; no backups when absent.
     pub backup: Option<BackupFile>,
 }
 
@@ -100,14 +135,18 @@ pub struct BusConfigFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackupFile {
+    /// `dir`: where backups go (best on another disk).
     pub dir: Option<PathBuf>,
+    /// `interval`: how often (`24h`); `0s` for only when asked.
     pub interval: Option<String>,
+    /// `keep`: backups kept (7).
     pub keep: Option<u32>,
 }
 
 /// Where and how often the bus backs up its store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupConfig {
+    /// Where backups go.
     pub dir: PathBuf,
     /// None: only when asked (Admin.Backup).
     pub interval: Option<Duration>,
@@ -115,15 +154,21 @@ pub struct BackupConfig {
     pub keep: u32,
 }
 
+/// How often backups run when the interval is not given.
 pub const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Backups kept when `keep` is not given.
 pub const DEFAULT_BACKUP_KEEP: u32 = 7;
 
 /// The `dashboard:` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DashboardFile {
+    /// `sampleInterval`: how often rates and history are sampled (`5s`).
     pub sample_interval: Option<String>,
+    /// `tailMaxEventsPerSecond`: events per second one live-tail viewer gets (500).
     pub tail_max_events_per_second: Option<u32>,
+    /// `agentMissedAfter`: heartbeat silence after which an agent is
+    /// Disconnected (`30s`).
     pub agent_missed_after: Option<String>,
 }
 
@@ -132,6 +177,7 @@ pub struct DashboardFile {
 pub struct DashboardConfig {
     /// Files holding bearer tokens (one per line); re-read when they change.
     pub admin_token_file: Option<PathBuf>,
+    /// The same, for reader tokens (read-only views).
     pub reader_token_file: Option<PathBuf>,
     /// How often rates and per-agent history are sampled (15 minutes kept).
     pub sample_interval: Duration,
@@ -145,14 +191,21 @@ pub struct DashboardConfig {
 /// The bus's resolved, validated configuration.
 #[derive(Clone, Debug)]
 pub struct BusConfig {
+    /// The gRPC (mTLS) address agents and readers connect to.
     pub listen: SocketAddr,
+    /// The HTTP address: metrics, health and the dashboard.
     pub http: SocketAddr,
+    /// The store's directory.
     pub data_dir: PathBuf,
+    /// The directory with the bus's `tls.crt`, `tls.key` and `ca.crt`.
     pub tls_dir: PathBuf,
+    /// How long events are kept.
     pub retention: Duration,
     /// 0 means no size cap.
     pub max_bytes: u64,
+    /// When writes are fsynced before their acks.
     pub sync: SyncPolicy,
+    /// The largest gRPC message taken or sent.
     pub max_message_bytes: usize,
     /// Client batches waiting for the writer; beyond it, publishers wait.
     pub queue_depth: usize,
@@ -160,18 +213,25 @@ pub struct BusConfig {
     pub write_buffer_bytes: usize,
     /// Upper bound on events folded into one group commit.
     pub max_group_events: usize,
+    /// The most events one Query returns.
     pub max_query_limit: u32,
+    /// How often retention runs.
     pub retention_check_interval: Duration,
+    /// How often the TLS files are checked for a change.
     pub tls_reload_interval: Duration,
+    /// How long a stopping bus drains before it closes.
     pub shutdown_grace: Duration,
     /// Serve the HTTP address over TLS with the bus certificate, accepting
     /// (not requiring) client certificates so an admin certificate can sign in.
     pub http_tls: bool,
+    /// The `dashboard:` section.
     pub dashboard: DashboardConfig,
+    /// The `backup:` section; no backups when absent.
     pub backup: Option<BackupConfig>,
 }
 
 impl BusConfig {
+    /// Every default, with the two directories a bus cannot do without.
     pub fn defaults(data_dir: PathBuf, tls_dir: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
@@ -250,6 +310,7 @@ pub struct BusOverrides {
     pub backup_dir: Option<PathBuf>,
 }
 
+/// Reads and parses the config file at `path`; the error names the file.
 pub fn read_config_file(path: &Path) -> Result<BusConfigFile, ConfigError> {
     amoskys_client::parse::read_yaml(path).map_err(|e| ConfigError::File {
         path: e.path,

@@ -7,6 +7,9 @@
 //! the bus's own. The client, TLS material, roles, PKI and value parsers it
 //! shares with agents and the operator are in `amoskys-client`.
 
+// Every public item is documented, and stays so.
+#![warn(missing_docs)]
+
 mod alerts;
 mod auth;
 pub mod backup;

@@ -26,31 +26,44 @@ use crate::tls::ReloadingTls;
 use crate::writer::{self, Writer, WriterMsg, now_ns};
 use amoskys_client::tls::TlsError;
 
+/// Why a bus could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// The TLS files are missing or unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The store could not be opened or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An address could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
+        /// Which listener: `grpc` or `http`.
         what: &'static str,
+        /// The address.
         addr: SocketAddr,
+        /// The OS's reason.
         #[source]
         source: std::io::Error,
     },
+    /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The backup directory could not be opened.
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    /// Anything else, with its text.
     #[error("{0}")]
     Other(String),
 }
 
 /// A bus that is running; `shutdown` stops it cleanly.
 pub struct RunningBus {
+    /// The gRPC address it listens on (the port is known once bound).
     pub grpc_addr: SocketAddr,
+    /// The HTTP address it listens on.
     pub http_addr: SocketAddr,
+    /// Its metrics, for in-process readers (tests, `amoskys up`).
     pub metrics: Arc<BusMetrics>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<Result<(), BusError>>,
@@ -71,6 +84,7 @@ impl RunningBus {
             .map_err(|e| BusError::Other(format!("bus task failed: {e}")))?
     }
 
+    /// A token that stops the bus when cancelled (a signal handler's).
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
     }

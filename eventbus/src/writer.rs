@@ -80,6 +80,7 @@ pub struct Writer {
     pub alerts: Arc<RecentAlerts>,
 }
 
+/// The wall clock, Unix ns (0 before 1970): what `stored_at` is.
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

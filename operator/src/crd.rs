@@ -10,7 +10,9 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The API group of every AMOSKYS resource.
 pub const GROUP: &str = "amoskys.io";
+/// Their API version.
 pub const VERSION: &str = "v1alpha1";
 
 // ---- EventBus --------------------------------------------------------------
@@ -40,12 +42,16 @@ pub struct EventBusSpec {
     /// The amoskys image; the operator's own image when empty.
     #[serde(default)]
     pub image: String,
+    /// CPU and memory for each bus pod.
     #[serde(default)]
     pub resources: Option<ResourceRequirements>,
+    /// The write-ahead store: its volume, retention and fsync policy.
     #[serde(default)]
     pub wal: WalSpec,
+    /// Certificate lifetimes, or cert-manager as the issuer.
     #[serde(default)]
     pub tls: TlsSpec,
+    /// The client Service.
     #[serde(default)]
     pub service: ServiceSpec,
     /// Backups of each pod's store onto a volume of its own; none when absent.
@@ -115,6 +121,7 @@ impl Default for BackupSpec {
     }
 }
 
+/// The mTLS certificates of the bus, its agents and its admin.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct TlsSpec {
@@ -139,13 +146,16 @@ impl Default for TlsSpec {
     }
 }
 
+/// A cert-manager issuer.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct IssuerRef {
+    /// The issuer's name.
     pub name: String,
     /// Issuer or ClusterIssuer.
     #[serde(default = "issuer_kind")]
     pub kind: String,
+    /// The issuer's API group.
     #[serde(default = "cert_manager_group")]
     pub group: String,
 }
@@ -158,13 +168,17 @@ fn cert_manager_group() -> String {
     "cert-manager.io".into()
 }
 
+/// The client Service in front of the bus pods.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ServiceSpec {
     /// ClusterIP, NodePort or LoadBalancer for the client Service.
     pub r#type: String,
+    /// The gRPC (mTLS) port agents and readers connect to.
     pub grpc_port: i32,
+    /// The HTTP port: metrics, health and the dashboard.
     pub http_port: i32,
+    /// Annotations for the Service (e.g. a load balancer's).
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -179,28 +193,36 @@ impl Default for ServiceSpec {
     }
 }
 
+/// What the operator last saw of an EventBus.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EventBusStatus {
+    /// Ready, and InvalidSpec when the spec is refused.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Bus pods ready.
     #[serde(default)]
     pub ready_replicas: i32,
     /// host:port of the client Service's gRPC port.
     #[serde(default)]
     pub endpoint: String,
+    /// When the certificates expire.
     #[serde(default)]
     pub certificates: CertificateStatus,
+    /// The spec generation this status describes.
     #[serde(default)]
     pub observed_generation: Option<i64>,
 }
 
+/// Expiry of the certificates the operator issued.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateStatus {
     /// RFC 3339 expiry of the CA, the bus certificate and the admin certificate.
     pub ca_not_after: Option<String>,
+    /// RFC 3339 expiry of the bus's certificate.
     pub server_not_after: Option<String>,
+    /// RFC 3339 expiry of the admin certificate.
     pub admin_not_after: Option<String>,
     /// The CA rotation phase, when one is in progress.
     pub rotation: Option<String>,
@@ -228,12 +250,18 @@ pub struct CertificateStatus {
 pub struct AgentSetSpec {
     /// The EventBus (same namespace) the agents send to.
     pub bus_ref: BusRef,
+    /// One section per collector; an absent section takes its defaults (process
+    /// and inventory on, the rest off). The same shape as the agent's own
+    /// `collectors:` config, except that SNMP credentials come from a Secret.
     #[serde(default)]
     pub collectors: AgentSetCollectors,
+    /// The nodes the agents run on; every node when empty.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the agents tolerate (e.g. to run on control-plane nodes).
     #[serde(default)]
     pub tolerations: Vec<Toleration>,
+    /// CPU and memory for each agent pod.
     #[serde(default)]
     pub resources: Option<ResourceRequirements>,
     /// Bound on each agent's on-disk spool, e.g. 256Mi.
@@ -252,8 +280,10 @@ fn spool_size() -> String {
     "256Mi".into()
 }
 
+/// An EventBus by name.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct BusRef {
+    /// The EventBus's name.
     pub name: String,
 }
 
@@ -266,10 +296,16 @@ pub struct BusRef {
 // can name them in an InvalidSpec condition instead of silently ignoring them.
 #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct AgentSetCollectors {
+    /// Process starts and exits.
     pub process: ProcessSpec,
+    /// Network flows, by live capture only in a cluster (no capture files);
+    /// enabling it grants the agents CAP_NET_RAW.
     pub flow: FlowCollector,
+    /// SNMP polls of network devices.
     pub snmp: SnmpCollector,
+    /// Host and device inventory.
     pub inventory: InventorySpec,
+    /// Synthetic load, for demos and benchmarks.
     pub synthetic: SyntheticSpec,
     /// Sections naming no known collector.
     #[serde(flatten)]
@@ -284,12 +320,19 @@ pub const COLLECTORS: [&str; 5] = ["process", "flow", "snmp", "inventory", "synt
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct FlowCollector {
+    /// Off unless set.
     pub enabled: bool,
+    /// The interface captured (`any`).
     pub interface: String,
+    /// A BPF filter in tcpdump's syntax; empty captures everything.
     pub bpf_filter: String,
+    /// A flow with no packet for this long is exported and closed (`15s`).
     pub idle_timeout: String,
+    /// A long flow is exported at least this often (`60s`).
     pub active_timeout: String,
+    /// Flows tracked at once; past it the oldest is evicted.
     pub max_flows: usize,
+    /// Bytes captured per packet: headers only.
     pub snaplen: i32,
 }
 
@@ -308,13 +351,19 @@ impl Default for FlowCollector {
     }
 }
 
+/// SNMP polling, with credentials from Secrets.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct SnmpCollector {
+    /// Off unless set.
     pub enabled: bool,
+    /// How often each target is polled (`30s`).
     pub interval: String,
+    /// How long one request waits for its answer (`2s`).
     pub timeout: String,
+    /// Requests retried after a timeout.
     pub retries: u32,
+    /// The devices to poll.
     pub targets: Vec<SnmpTargetSpec>,
 }
 
@@ -336,28 +385,37 @@ impl Default for SnmpCollector {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct SnmpTargetSpec {
+    /// The name its events carry (default: the address).
     pub name: String,
     /// host:port (port defaults to 161).
     pub address: String,
+    /// v2c (default) or v3.
     pub version: SnmpVersion,
     /// v3 user name.
     pub user: String,
+    /// v3: md5, sha1, sha224, sha256, sha384 or sha512.
     pub auth_protocol: String,
+    /// v3: des, aes128, aes192 or aes256; empty for authNoPriv.
     pub priv_protocol: String,
     /// The Secret holding `community` (v2c) or `authPassword` and
     /// `privPassword` (v3).
     pub credentials_secret: String,
 }
 
+/// What the operator last saw of an AgentSet.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSetStatus {
+    /// Ready, and InvalidSpec when the spec is refused.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Agent pods the DaemonSet wants.
     #[serde(default)]
     pub desired: i32,
+    /// Agent pods ready.
     #[serde(default)]
     pub ready: i32,
+    /// The spec generation this status describes.
     #[serde(default)]
     pub observed_generation: Option<i64>,
 }
@@ -383,30 +441,43 @@ pub struct AgentSetStatus {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
+    /// The AgentSet it belongs to.
     pub agent_set: String,
+    /// The node it runs on.
     pub node: String,
     /// `<agentset>/<node>`, the id the agent publishes under.
     pub agent_id: String,
 }
 
+/// The agent as the bus's registry last saw it.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
     /// Pending, Running, Disconnected or Degraded.
     pub phase: String,
+    /// Why it is in that phase.
     pub reason: String,
+    /// RFC 3339 time of its last heartbeat.
     pub last_seen: Option<String>,
+    /// Events per second at its last heartbeat.
     pub events_per_second: f64,
+    /// Events the bus has stored from it.
     pub events_total: u64,
+    /// Bytes waiting in its spool.
     pub spool_bytes: u64,
+    /// Events it dropped because its spool was full.
     pub dropped: u64,
+    /// Its collectors and the mode each runs in.
     pub collectors: Vec<AgentCollectorStatus>,
+    /// Its version.
     pub version: String,
+    /// The serial of the client certificate it connects with.
     pub cert_serial: String,
     /// The incarnation now publishing (hex): a random id made with the
     /// agent's spool. It changes when the spool is wiped or replaced.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub incarnation: String,
+    /// RFC 3339 time the bus first saw the current incarnation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation_started: Option<String>,
     /// Incarnations the bus has seen under this agent id.
@@ -420,6 +491,7 @@ pub struct AgentStatus {
     /// held this agent id's stream: two hosts share one id.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refused_streams: u64,
+    /// The text of the latest refusal, naming both streams' addresses.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_refusal: String,
     /// Events the agent saw acked that the bus no longer holds (a restore
@@ -432,9 +504,11 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// One collector of an agent.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentCollectorStatus {
+    /// The collector's name.
     pub name: String,
     /// e.g. netlink or poll for process, live for flow, paused.
     pub mode: String,

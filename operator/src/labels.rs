@@ -32,6 +32,7 @@ pub fn selector_query(m: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
+/// The recommended `app.kubernetes.io/*` labels of an owned object.
 pub fn labels(component: &str, instance: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "amoskys".to_string()),

@@ -5,6 +5,9 @@
 //! (`run`). Builders and the schedule do no I/O, so they are tested without
 //! an API server.
 
+// Every public item is documented, and stays so.
+#![warn(missing_docs)]
+
 pub mod build;
 pub mod controller;
 pub mod crd;

@@ -25,22 +25,28 @@ use amoskys_client::pki::{CertAuthority, PkiError, Validity};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// Annotations on the CA Secret.
+/// On the CA Secret: the rotation phase.
 pub const PHASE_ANNOTATION: &str = "amoskys.io/ca-rotation-phase";
+/// On the CA Secret: when the phase began (Unix seconds).
 pub const PHASE_SINCE_ANNOTATION: &str = "amoskys.io/ca-rotation-since";
 /// Set (to any new value) on an EventBus to rotate its CA now.
 pub const ROTATE_REQUEST_ANNOTATION: &str = "amoskys.io/rotate-ca";
 /// On each leaf Secret: the serial of the CA that signed it.
 pub const ISSUER_ANNOTATION: &str = "amoskys.io/issuer-serial";
 
+/// Where a CA rotation stands (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// One CA; no rotation in progress.
     Stable,
+    /// The new CA is in every bundle; leaves are still signed by the old.
     BundlePublished,
+    /// The new CA signs every leaf; the old is still in the bundles.
     LeavesReissued,
 }
 
 impl Phase {
+    /// The phase's name, as the annotation and status write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Stable => "Stable",
@@ -49,6 +55,7 @@ impl Phase {
         }
     }
 
+    /// The phase named `s`, if it is one.
     pub fn parse(s: &str) -> Option<Self> {
         [Phase::Stable, Phase::BundlePublished, Phase::LeavesReissued]
             .into_iter()
@@ -59,20 +66,28 @@ impl Phase {
 /// A CA as kept in the CA Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ca {
+    /// Its certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM.
     pub key_pem: String,
+    /// Its serial, hex.
     pub serial: String,
+    /// Its expiry, Unix seconds.
     pub not_after: i64,
 }
 
 /// What a leaf is for: the Secret it lives in and its identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeafSpec {
+    /// The Secret it lives in.
     pub secret: String,
+    /// Its subject's common name.
     pub common_name: String,
+    /// Server or client.
     pub kind: LeafKind,
 }
 
+/// The two kinds of leaf certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeafKind {
     /// The bus: these DNS names.
@@ -84,16 +99,23 @@ pub enum LeafKind {
 /// A leaf as kept in its Secret (`tls.crt`, `tls.key`, `ca.crt`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Leaf {
+    /// Its certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM.
     pub key_pem: String,
+    /// The CA bundle it is handed with, PEM.
     pub ca_pem: String,
+    /// The serial of the CA that signed it.
     pub issuer_serial: String,
+    /// Its serial, hex.
     pub serial: String,
+    /// Its expiry, Unix seconds.
     pub not_after: i64,
     /// DNS names (server) or role (client), to notice a changed spec.
     pub identity: String,
 }
 
+/// An EventBus's certificates, as its Secrets hold them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PkiState {
     /// Signs new leaves.
@@ -101,6 +123,7 @@ pub struct PkiState {
     /// During rotation: the other CA still in the bundle (the new one while
     /// BundlePublished, the old one while LeavesReissued).
     pub other: Option<Ca>,
+    /// Where a rotation stands.
     pub phase: Phase,
     /// Unix seconds the phase began.
     pub since: i64,
@@ -120,11 +143,16 @@ impl Default for PkiState {
     }
 }
 
+/// The schedule, from the EventBus's `spec.tls`.
 #[derive(Clone, Debug)]
 pub struct Policy {
+    /// The EventBus's name (the CA's common name).
     pub bus: String,
+    /// Lifetime of a new leaf.
     pub leaf_validity: Duration,
+    /// Renew a leaf this long before it expires.
     pub leaf_renew_before: Duration,
+    /// Lifetime of a new CA.
     pub ca_validity: Duration,
     /// Renew the CA this long before it expires (a third of its life).
     pub ca_renew_before: Duration,
@@ -136,19 +164,31 @@ pub struct Policy {
 /// What one step changed, for logs and Kubernetes events.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
+    /// The first CA was made.
     CaCreated {
+        /// Its serial.
         serial: String,
     },
+    /// A rotation began with a new CA.
     RotationStarted {
+        /// The new CA's serial.
         new_serial: String,
     },
+    /// The rotation moved to this phase.
     PhaseChanged(Phase),
+    /// A leaf was (re)issued.
     LeafIssued {
+        /// Its Secret.
         secret: String,
+        /// Its new serial.
         serial: String,
+        /// Why: `missing`, `expired`, `renewal due`, `signed by the previous
+        /// CA` or `names changed`.
         reason: &'static str,
     },
+    /// A leaf Secret's CA bundle changed.
     BundleUpdated {
+        /// The Secret.
         secret: String,
     },
 }
@@ -398,7 +438,9 @@ fn bundles_current(state: &PkiState, specs: &[LeafSpec]) -> bool {
 /// What the operator keeps in one Secret: data and annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SecretContent {
+    /// Its data, by key (`tls.crt`, `tls.key`, `ca.crt`).
     pub data: BTreeMap<String, String>,
+    /// Its annotations (phase, issuer serial).
     pub annotations: BTreeMap<String, String>,
 }
 

@@ -25,16 +25,20 @@ use crate::controller::{self, Context, Error};
 use crate::crd::{AgentSet, EventBus};
 use crate::labels::MANAGER;
 
+/// How the operator runs.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
     /// Where the leader Lease lives (the operator's own namespace).
     pub lease_namespace: String,
+    /// The leader Lease's name.
     pub lease_name: String,
     /// This replica's name in the Lease (the pod name in a cluster).
     pub identity: String,
     /// The image bus and agent pods run when a resource names none.
     pub image: Option<String>,
+    /// How often Agent resources are synced from the buses' registries.
     pub agents_interval: Duration,
 }
 

@@ -16,6 +16,7 @@ use crate::spool::Draft;
 /// What control can change while a collector runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Control {
+    /// Paused collectors emit nothing until resumed.
     pub paused: bool,
     /// None for collectors that have no interval (flow).
     pub interval: Option<Duration>,
@@ -23,9 +24,13 @@ pub struct Control {
 
 /// Counters and mode of one collector, for metrics and heartbeats.
 pub struct Status {
+    /// The collector's name.
     pub name: &'static str,
+    /// Events it has emitted.
     pub produced: AtomicU64,
+    /// Errors it has counted.
     pub errors: AtomicU64,
+    /// Whether control has paused it.
     pub paused: AtomicBool,
     mode: Mutex<String>,
     last_error: Mutex<String>,
@@ -45,6 +50,8 @@ impl Status {
         }
     }
 
+    /// Records the mode it runs in (`netlink`, `poll`, `live`, ...) and
+    /// moves the `collector_mode` gauge to it.
     pub fn set_mode(&self, mode: &str) {
         let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
         if *m != mode {
@@ -66,6 +73,7 @@ impl Status {
         }
     }
 
+    /// The mode it runs in.
     pub fn mode(&self) -> String {
         self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -82,6 +90,7 @@ impl Status {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = message;
     }
 
+    /// The text of its latest error; empty when it has had none.
     pub fn last_error(&self) -> String {
         self.last_error
             .lock()
@@ -99,6 +108,8 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// Hands an event on, waiting while the queue is full; false once the
+    /// agent has stopped taking events.
     pub async fn emit(&self, d: Draft) -> bool {
         self.count(&d);
         self.tx.send(d).await.is_ok()
@@ -123,18 +134,25 @@ impl Sink {
 
 /// Everything a collector task gets.
 pub struct Ctx {
+    /// Where its events go.
     pub sink: Sink,
+    /// Pause, resume and interval changes.
     pub control: watch::Receiver<Control>,
+    /// Its counters and mode.
     pub status: Arc<Status>,
+    /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// Cancelled when the agent stops.
     pub stop: CancellationToken,
 }
 
 impl Ctx {
+    /// Whether control has paused the collector.
     pub fn paused(&self) -> bool {
         self.control.borrow().paused
     }
 
+    /// The interval control set, or `default` when it set none.
     pub fn interval(&self, default: Duration) -> Duration {
         self.control.borrow().interval.unwrap_or(default)
     }
@@ -214,6 +232,7 @@ impl Registry {
         }
     }
 
+    /// The registered collectors' names, sorted.
     pub fn names(&self) -> Vec<String> {
         self.entries
             .lock()
@@ -287,6 +306,7 @@ impl Registry {
             .collect()
     }
 
+    /// Events emitted by every collector together.
     pub fn produced(&self) -> u64 {
         self.entries
             .lock()

@@ -28,7 +28,9 @@ pub type Started = Result<Option<JoinHandle<()>>, StartError>;
 #[derive(Debug, thiserror::Error)]
 #[error("collector {collector}: {message}")]
 pub struct StartError {
+    /// The collector's name.
     pub collector: &'static str,
+    /// Why it cannot start.
     pub message: String,
 }
 

@@ -13,12 +13,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::value::{ConfigError, invalid};
 use crate::spool::Draft;
 
+/// `collectors.synthetic`: load for demos and benchmarks.
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SyntheticSpec {
+    /// Off unless set.
     pub enabled: bool,
     /// Events per second.
     pub rate: u64,
+    /// Bytes of payload per event.
     pub event_bytes: usize,
 }
 
@@ -55,8 +58,10 @@ impl SyntheticSpec {
     }
 }
 
+/// The collector's name in events, metrics and control.
 pub const NAME: &str = "synthetic";
 
+/// Starts emitting events at the spec's rate.
 pub fn spawn(spec: SyntheticSpec, ctx: Ctx) -> super::Started {
     Ok(Some(run(spec, ctx)))
 }

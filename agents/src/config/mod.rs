@@ -30,32 +30,53 @@ pub use value::{ConfigError, Secrets, parse_bytes, parse_duration};
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AgentConfigFile {
+    /// `agentId`: the agent's stable id (default: the node name).
     pub agent_id: Option<String>,
+    /// `node`: the node name (default: `$NODE_NAME`, then the hostname).
     pub node: Option<String>,
+    /// `bus`: the bus URL, `https://host:port`.
     pub bus: Option<String>,
+    /// `busServerName`: the name the bus's certificate must carry, when it
+    /// differs from the URL's host.
     pub bus_server_name: Option<String>,
+    /// `tlsDir`: the directory with `tls.crt`, `tls.key` and `ca.crt`.
     pub tls_dir: Option<PathBuf>,
+    /// `spoolDir`: where unacked events wait.
     pub spool_dir: Option<PathBuf>,
+    /// `http`: the address for `/metrics` and `/healthz` (`off` for none).
     pub http: Option<String>,
+    /// `spool:` the spool's limits.
     pub spool: SpoolFile,
+    /// `batch:` how events are batched to the bus.
     pub batch: BatchFile,
+    /// `heartbeatInterval`: how often a heartbeat event is sent (`10s`).
     pub heartbeat_interval: Option<String>,
+    /// `shutdownGrace`: how long a stopping agent waits for acks (`5s`).
     pub shutdown_grace: Option<String>,
+    /// `tlsReloadInterval`: how often the TLS files are checked (`2s`).
     pub tls_reload_interval: Option<String>,
+    /// `collectors:` one section per collector.
     pub collectors: Collectors,
 }
 
+/// `spool:` in the file.
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SpoolFile {
+    /// `maxBytes`: the spool's cap (`256MiB`); past it the oldest events
+    /// are dropped and reported as a gap.
     pub max_bytes: Option<String>,
 }
 
+/// `batch:` in the file.
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct BatchFile {
+    /// `maxEvents`: events per batch, 1..65536 (512).
     pub max_events: Option<usize>,
+    /// `maxDelay`: how long a partial batch waits for more (`100ms`).
     pub max_delay: Option<String>,
+    /// `window`: batches in flight per connection, 1..1024 (32).
     pub window: Option<usize>,
 }
 
@@ -64,10 +85,15 @@ pub struct BatchFile {
 #[derive(Debug, Default, Deserialize, Serialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Collectors {
+    /// Process starts and exits.
     pub process: ProcessSpec,
+    /// Network flows captured with libpcap.
     pub flow: FlowSpec,
+    /// SNMP polls of network devices.
     pub snmp: SnmpSpec,
+    /// Host and device inventory.
     pub inventory: InventorySpec,
+    /// Synthetic load, for benchmarks and tests.
     pub synthetic: SyntheticSpec,
 }
 
@@ -101,33 +127,54 @@ pub struct AgentOverrides {
 /// Checked, ready-to-run configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The agent's stable id: its events' `agent_id`.
     pub agent_id: String,
+    /// The node the agent runs on.
     pub node: String,
+    /// The bus URL.
     pub bus: String,
+    /// The name the bus's certificate must carry, if not the URL's host.
     pub bus_server_name: Option<String>,
+    /// The directory with the agent's certificate, key and CA.
     pub tls_dir: PathBuf,
+    /// Where unacked events wait.
     pub spool_dir: PathBuf,
+    /// The address for `/metrics` and `/healthz`, if served.
     pub http: Option<SocketAddr>,
+    /// The spool's cap in bytes.
     pub spool_max_bytes: u64,
+    /// Events per batch.
     pub batch_max_events: usize,
+    /// How long a partial batch waits for more.
     pub batch_max_delay: Duration,
     /// Batches in flight (sent, not yet acked) per connection.
     pub window: usize,
+    /// How often a heartbeat event is sent.
     pub heartbeat_interval: Duration,
+    /// How long a stopping agent waits for acks.
     pub shutdown_grace: Duration,
+    /// How often the TLS files are checked for a change.
     pub tls_reload_interval: Duration,
+    /// The collectors that run, each checked.
     pub collectors: ResolvedCollectors,
 }
 
+/// The collectors' sections after checking; `None` for one that is off.
 #[derive(Debug, Clone)]
 pub struct ResolvedCollectors {
+    /// The process collector's settings.
     pub process: Option<ProcessConfig>,
+    /// The flow collector's settings.
     pub flow: Option<FlowConfig>,
+    /// The SNMP collector's settings, credentials read.
     pub snmp: Option<SnmpConfig>,
+    /// The inventory collector's settings.
     pub inventory: Option<InventoryConfig>,
+    /// The synthetic collector's settings.
     pub synthetic: Option<SyntheticSpec>,
 }
 
+/// Reads and parses the config file at `path`; the error names the file.
 pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
     amoskys_client::parse::read_yaml(path).map_err(|e| ConfigError::File {
         path: e.path,
@@ -140,6 +187,7 @@ pub fn parse_config(text: &str) -> Result<AgentConfigFile, String> {
     amoskys_client::parse::parse_yaml(text)
 }
 
+/// Checks every collector's section, reading credential files.
 pub fn resolve_collectors(
     c: &Collectors,
     pcap_override: Option<&str>,
@@ -147,6 +195,8 @@ pub fn resolve_collectors(
     resolve_collectors_with(c, pcap_override, Secrets::Read)
 }
 
+/// Checks every collector's section; `secrets` says whether credential
+/// files are read or only checked to be named (the operator's case).
 pub fn resolve_collectors_with(
     c: &Collectors,
     pcap_override: Option<&str>,
@@ -161,10 +211,12 @@ pub fn resolve_collectors_with(
     })
 }
 
+/// This host's name, or `localhost` when it has none.
 pub fn hostname() -> String {
     sysinfo::System::host_name().unwrap_or_else(|| "localhost".into())
 }
 
+/// The file with the flags over it, checked: every error names its key.
 pub fn resolve(file: AgentConfigFile, flags: AgentOverrides) -> Result<AgentConfig, ConfigError> {
     let node = flags
         .node
@@ -245,27 +297,35 @@ pub fn resolve(file: AgentConfigFile, flags: AgentOverrides) -> Result<AgentConf
     })
 }
 
+/// The error a config file gets, from parsing or resolving: what the
+/// collectors' config tests check their messages against.
+#[cfg(test)]
+pub(crate) fn config_error(yaml: &str) -> String {
+    match parse_config(yaml) {
+        Err(e) => e,
+        Ok(f) => match resolve(f, test_flags()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected an error for {yaml}"),
+        },
+    }
+}
+
+/// The directories a config needs from flags, as the tests give them.
+#[cfg(test)]
+fn test_flags() -> AgentOverrides {
+    AgentOverrides {
+        tls_dir: Some("/tls".into()),
+        spool_dir: Some("/spool".into()),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn base() -> AgentOverrides {
-        AgentOverrides {
-            tls_dir: Some("/tls".into()),
-            spool_dir: Some("/spool".into()),
-            ..Default::default()
-        }
-    }
-
-    fn err(yaml: &str) -> String {
-        match parse_config(yaml) {
-            Err(e) => e,
-            Ok(f) => match resolve(f, base()) {
-                Err(e) => e.to_string(),
-                Ok(_) => panic!("expected an error for {yaml}"),
-            },
-        }
-    }
+    use super::config_error as err;
+    use super::test_flags as base;
 
     #[test]
     fn defaults_enable_process_and_inventory_only() {
@@ -286,32 +346,8 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_name_their_key() {
-        let e = err("collectors:\n  flow:\n    enabled: true\n    idleTimeout: soon\n");
-        assert!(e.contains("collectors.flow.idleTimeout"), "{e}");
-        let e = err("collectors:\n  process:\n    pollInterval: 0s\n");
-        assert!(e.contains("collectors.process.pollInterval"), "{e}");
+    fn bad_spool_values_name_their_key() {
         let e = err("spool:\n  maxBytes: lots\n");
         assert!(e.contains("spool.maxBytes"), "{e}");
-    }
-
-    #[test]
-    fn unreadable_credentials_file_is_named() {
-        let e = err(
-            "collectors:\n  snmp:\n    enabled: true\n    targets:\n    - address: 127.0.0.1\n      communityFile: /nonexistent/community\n",
-        );
-        assert!(
-            e.contains("collectors.snmp.targets[0].communityFile"),
-            "{e}"
-        );
-        assert!(e.contains("/nonexistent/community"), "{e}");
-    }
-
-    #[test]
-    fn discovery_refuses_large_ranges() {
-        let e = err(
-            "collectors:\n  inventory:\n    discovery:\n      enabled: true\n      cidrs: [10.0.0.0/8]\n",
-        );
-        assert!(e.contains("maxHosts"), "{e}");
     }
 }

@@ -21,22 +21,32 @@ use crate::build::eventbus::{InvalidSpec, invalid, is_quantity};
 use crate::crd::{AgentSet, AgentSetCollectors, EventBus};
 use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
 
+/// The `app.kubernetes.io/component` of agent objects.
 pub const COMPONENT: &str = "agent";
+/// Where the agent's ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/amoskys/config";
+/// Where the agents' client certificate Secret is mounted.
 pub const TLS_DIR: &str = "/etc/amoskys/tls";
+/// Where SNMP credential Secrets are mounted, one directory per target.
 pub const SNMP_DIR: &str = "/etc/amoskys/snmp";
+/// The host directory holding each AgentSet's spools.
 pub const SPOOL_ROOT: &str = "/var/lib/amoskys";
 /// A label no node carries: a paused AgentSet's DaemonSet schedules nothing
 /// while the DaemonSet, its history and the Agents' spools stay.
 pub const PAUSED_NODE_LABEL: &str = "amoskys.io/paused-agentset";
 
+/// The names of the objects an AgentSet owns.
 pub struct Names {
+    /// The DaemonSet.
     pub daemonset: String,
+    /// The agent ConfigMap.
     pub config: String,
+    /// The agents' client certificate Secret.
     pub tls_secret: String,
 }
 
 impl Names {
+    /// The names for AgentSet `set`.
     pub fn of(set: &str) -> Self {
         Self {
             daemonset: format!("{set}-agent"),
@@ -49,11 +59,15 @@ impl Names {
 /// The host access a set of collectors needs (docs/security.md explains each).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Privileges {
+    /// The host's PID namespace (process and inventory see host processes).
     pub host_pid: bool,
+    /// The host's network namespace (flow capture, the proc connector).
     pub host_network: bool,
+    /// Linux capabilities added to the container.
     pub capabilities: BTreeSet<&'static str>,
 }
 
+/// The least host access the enabled collectors need.
 pub fn privileges(c: &AgentSetCollectors) -> Privileges {
     let mut p = Privileges::default();
     if c.process.enabled {
@@ -200,6 +214,7 @@ struct AgentFile {
     collectors: Collectors,
 }
 
+/// The agent's config file (`agent.yaml`) for the set.
 pub fn agent_config(set: &AgentSet) -> String {
     let f = AgentFile {
         spool: amoskys_agents::config::SpoolFile {
@@ -214,11 +229,14 @@ fn meta(set: &AgentSet, name: &str) -> ObjectMeta {
     owned_meta(set, COMPONENT, name)
 }
 
+/// The ConfigMap holding the agent's config file.
 pub fn config_map(set: &AgentSet) -> ConfigMap {
     let name = Names::of(&set.name_any()).config;
     crate::labels::config_map(set, COMPONENT, &name, "agent.yaml", agent_config(set))
 }
 
+/// The agents' DaemonSet, sending to `bus`; the operator's image when the
+/// set names none.
 pub fn daemonset(set: &AgentSet, bus: &EventBus, operator_image: Option<&str>) -> DaemonSet {
     let name = set.name_any();
     let n = Names::of(&name);

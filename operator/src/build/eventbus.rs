@@ -23,11 +23,17 @@ use serde::Serialize;
 use crate::crd::EventBus;
 use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
 
+/// The `app.kubernetes.io/component` of bus objects.
 pub const COMPONENT: &str = "bus";
+/// Where the bus's ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/amoskys/config";
+/// Where the bus's server certificate Secret is mounted.
 pub const TLS_DIR: &str = "/etc/amoskys/tls";
+/// Where the dashboard's admin token Secret is mounted.
 pub const TOKEN_DIR: &str = "/etc/amoskys/dashboard";
+/// The WAL volume's mount: the bus's data directory.
 pub const WAL_DIR: &str = "/var/lib/amoskys/wal";
+/// The backup volume's mount.
 pub const BACKUP_DIR: &str = "/var/lib/amoskys/backup";
 /// The bus drains for up to its shutdown grace (20 s) on SIGTERM; the pod
 /// gets more so it is never killed mid-drain.
@@ -37,10 +43,13 @@ pub const TERMINATION_GRACE_SECONDS: i64 = 40;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct InvalidSpec {
+    /// The field's path, e.g. `spec.wal.size`.
     pub field: String,
+    /// Why it cannot work.
     pub message: String,
 }
 
+/// An [`InvalidSpec`] for `field`.
 pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidSpec {
     InvalidSpec {
         field: field.into(),
@@ -50,18 +59,28 @@ pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidS
 
 /// Names of everything an EventBus owns.
 pub struct Names {
+    /// The StatefulSet.
     pub statefulset: String,
+    /// The headless Service giving each pod its DNS name.
     pub headless: String,
+    /// The client Service.
     pub service: String,
+    /// The bus ConfigMap.
     pub config: String,
+    /// The PodDisruptionBudget.
     pub pdb: String,
+    /// The CA Secret (certificate and key).
     pub ca_secret: String,
+    /// The bus's server certificate Secret.
     pub server_secret: String,
+    /// The admin client certificate Secret.
     pub admin_secret: String,
+    /// The dashboard's admin token Secret.
     pub dashboard_secret: String,
 }
 
 impl Names {
+    /// The names for EventBus `bus`.
     pub fn of(bus: &str) -> Self {
         Self {
             statefulset: bus.to_string(),
@@ -174,6 +193,7 @@ pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
     Ok(())
 }
 
+/// Whether `s` is a binary quantity the CRD allows (`10Gi`, `256Mi`).
 pub fn is_quantity(s: &str) -> bool {
     let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let unit = &s[digits.len()..];
@@ -207,6 +227,7 @@ struct BackupFile<'a> {
     keep: u32,
 }
 
+/// The bus's config file (`bus.yaml`) for the spec.
 pub fn bus_config(bus: &EventBus) -> String {
     let s = &bus.spec;
     let f = BusFile {
@@ -232,6 +253,7 @@ fn meta(bus: &EventBus, name: &str) -> ObjectMeta {
     owned_meta(bus, COMPONENT, name)
 }
 
+/// The ConfigMap holding the bus's config file.
 pub fn config_map(bus: &EventBus) -> ConfigMap {
     let name = Names::of(&bus.name_any()).config;
     crate::labels::config_map(bus, COMPONENT, &name, "bus.yaml", bus_config(bus))
@@ -303,6 +325,7 @@ pub fn server_dns_names(bus: &EventBus) -> Vec<String> {
     names
 }
 
+/// `host:port` of the client Service's gRPC port, for the status.
 pub fn endpoint(bus: &EventBus) -> String {
     let n = Names::of(&bus.name_any());
     let ns = bus.namespace().unwrap_or_else(|| "default".into());
@@ -348,6 +371,7 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
+/// The bus's StatefulSet; the operator's image when the spec names none.
 pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet {
     let name = bus.name_any();
     let n = Names::of(&name);
@@ -469,8 +493,11 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
 /// The volumes each pod gets, with the spec fields that size them. A
 /// pod's claim is named `<template>-<statefulset>-<ordinal>`.
 pub struct ClaimKind {
+    /// The claim template's name (`wal`, `backup`).
     pub template: &'static str,
+    /// The spec field that sizes it.
     pub size_field: &'static str,
+    /// The size the spec asks for.
     pub size: String,
     storage_class_name: Option<String>,
 }
@@ -487,6 +514,7 @@ impl ClaimKind {
     }
 }
 
+/// The claim templates the spec asks for (the WAL, and backups if set).
 pub fn claim_kinds(bus: &EventBus) -> Vec<ClaimKind> {
     let s = &bus.spec;
     let wal = ClaimKind {

@@ -33,7 +33,9 @@ const CONCURRENCY: usize = 16;
 /// serials of every certificate loaded by the bus and its connected agents.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
+    /// Agent records by agent id, the newest of every replica's.
     pub agents: HashMap<String, AgentRecord>,
+    /// Serials of the certificates loaded by the bus and its agents.
     pub loaded_serials: Vec<String>,
     /// Replicas that did not answer, with why; the records they hold are
     /// missing from `agents`.
@@ -100,6 +102,7 @@ impl RegistryReader {
         }
     }
 
+    /// Connections dialled so far (they are kept between reads).
     pub fn connects(&self) -> u64 {
         self.connects.get()
     }
@@ -311,9 +314,13 @@ pub fn agent_name(set: &str, node: &str) -> String {
 /// What one sync of an AgentSet's Agents did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
+    /// Agent resources created.
     pub created: usize,
+    /// Agent resources deleted (their node left the set).
     pub deleted: usize,
+    /// Statuses written because they changed.
     pub status_written: usize,
+    /// Agent resources the set has after the sync.
     pub agents: usize,
 }
 

@@ -23,6 +23,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// While a referenced object is missing or the certificate is not issued yet.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Brings an AgentSet's ConfigMap, certificate and DaemonSet to its spec
+/// and writes its status.
 pub async fn reconcile(set: Arc<AgentSet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = set.namespace().unwrap_or_default();
     observed(

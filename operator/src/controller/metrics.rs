@@ -11,34 +11,52 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Metric labels: which controller.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabel {
+    /// `eventbus`, `agentset` or `agents`.
     pub controller: String,
 }
 
+/// Metric labels: a controller and what failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
+    /// `eventbus`, `agentset` or `agents`.
     pub controller: String,
     /// What failed, from `Error::kind`: `conflict`, `forbidden`, `api`,
     /// `kube_client`, `pki`, `invalid_object`, ...
     pub kind: String,
 }
 
+/// Metric labels: a certificate's Secret.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
+    /// The Secret's namespace.
     pub namespace: String,
+    /// The Secret's name.
     pub secret: String,
 }
 
+/// The operator's metrics, served on its `/metrics`.
 pub struct Metrics {
+    /// `amoskys_operator_reconciles_total`: reconciles run, per controller.
     pub reconciles: Family<ControllerLabel, Counter>,
+    /// `amoskys_operator_reconcile_errors_total`: reconciles that failed,
+    /// per controller and kind of error.
     pub reconcile_errors: Family<ErrorLabel, Counter>,
+    /// `amoskys_operator_reconcile_duration_seconds`: time one reconcile took.
     pub reconcile_seconds: Family<ControllerLabel, Histogram>,
     /// Unix seconds at which each issued certificate expires.
     pub certificate_not_after: Family<CertLabel, Gauge>,
+    /// `amoskys_operator_agents`: Agent resources the status sync keeps current.
     pub agents: Gauge,
+    /// `amoskys_operator_registry_errors_total`: failed reads of a bus
+    /// replica's agent registry.
     pub registry_errors: Counter,
+    /// `amoskys_operator_registry_connects_total`: admin connections dialled
+    /// to bus replicas.
     pub registry_connects: Counter,
+    /// `amoskys_operator_leader`: 1 while this replica holds the lease.
     pub leader: Gauge,
     registry: Mutex<Registry>,
 }
@@ -67,6 +85,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Records the expiry of the certificate in `namespace/secret`.
     pub fn certificate(&self, namespace: &str, secret: &str, not_after: i64) {
         self.certificate_not_after
             .get_or_create(&CertLabel {

@@ -36,28 +36,44 @@ use crate::rotation::SecretContent;
 /// The clock the reconcilers read; tests move it.
 pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
+/// The wall clock.
 pub fn system_clock() -> Clock {
     Arc::new(OffsetDateTime::now_utc)
 }
 
+/// Why a reconcile (or the operator) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The API server refused or could not be reached.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// A certificate could not be made.
     #[error("issuing certificates: {0}")]
     Pki(#[from] amoskys_client::pki::PkiError),
+    /// A namespaced object came without its namespace.
     #[error("{kind} {name} has no namespace")]
-    NoNamespace { kind: String, name: String },
+    NoNamespace {
+        /// The object's kind.
+        kind: String,
+        /// Its name.
+        name: String,
+    },
+    /// An object could not be serialized.
     #[error("serializing {what}: {source}")]
     Json {
+        /// What was being serialized.
         what: &'static str,
+        /// serde's reason.
         #[source]
         source: serde_json::Error,
     },
+    /// The leader lease could not be taken or kept.
     #[error("leader election: {0}")]
     Lease(#[from] kube_lease_manager::LeaseManagerError),
+    /// Another replica holds the lease now: this one stops reconciling.
     #[error("another replica took the leader lease")]
     LeaseLost,
+    /// A local I/O error (the metrics listener).
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -89,11 +105,15 @@ impl Error {
 
 /// What every reconciler shares.
 pub struct Context {
+    /// The API client.
     pub client: Client,
     /// The operator's own image: what pods run when a resource names none.
     pub image: Option<String>,
+    /// The clock certificates are scheduled by.
     pub clock: Clock,
+    /// Publishes Kubernetes events.
     pub recorder: Recorder,
+    /// The operator's metrics.
     pub metrics: Arc<metrics::Metrics>,
     /// How long a changed Secret takes to reach every pod and be reloaded.
     pub propagation: Duration,
@@ -105,6 +125,7 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context on `client`, with the given image and clock.
     pub fn new(client: Client, image: Option<String>, clock: Clock) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -129,10 +150,13 @@ impl Context {
         }
     }
 
+    /// The clock's time now.
     pub fn now(&self) -> OffsetDateTime {
         (self.clock)()
     }
 
+    /// The serials loaded by bus `key` (`namespace/bus`) and its agents,
+    /// if the agent sync has read them.
     pub fn loaded(&self, key: &str) -> Option<Vec<String>> {
         self.loaded.lock().ok()?.get(key).cloned()
     }
@@ -192,6 +216,7 @@ pub fn requeue_on_error<K>(_obj: Arc<K>, _e: &Error, _ctx: Arc<Context>) -> Acti
     Action::requeue(Duration::from_secs(15))
 }
 
+/// The object's namespace; an error naming it when it has none.
 pub fn namespace<K: Resource<DynamicType = ()>>(obj: &K) -> Result<String, Error> {
     obj.namespace().ok_or_else(|| Error::NoNamespace {
         kind: K::kind(&()).into_owned(),
@@ -269,6 +294,7 @@ pub fn condition(
     }
 }
 
+/// A Kubernetes time from Unix seconds (the epoch when out of range).
 pub fn time_of(unix_seconds: i64) -> Time {
     Time(Timestamp::from_second(unix_seconds).unwrap_or(Timestamp::UNIX_EPOCH))
 }

@@ -7,17 +7,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::value::{ConfigError, invalid, parse_duration};
 
+/// `collectors.flow` as written.
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct FlowSpec {
+    /// Off unless set (capturing needs CAP_NET_RAW).
     pub enabled: bool,
+    /// The interface captured (`any`).
     pub interface: String,
+    /// A BPF filter in tcpdump's syntax; empty captures everything.
     pub bpf_filter: String,
     /// Read this capture file instead of a live interface.
     pub pcap_file: String,
+    /// A flow with no packet for this long is exported and closed (`15s`).
     pub idle_timeout: String,
+    /// A long flow is exported at least this often (`60s`).
     pub active_timeout: String,
+    /// Flows tracked at once; past it the oldest is evicted (65536).
     pub max_flows: usize,
+    /// Bytes captured per packet: headers only (128).
     pub snaplen: i32,
 }
 
@@ -36,14 +44,22 @@ impl Default for FlowSpec {
     }
 }
 
+/// `collectors.flow` checked.
 #[derive(Debug, Clone)]
 pub struct FlowConfig {
+    /// The interface captured.
     pub interface: String,
+    /// The BPF filter; empty for none.
     pub bpf_filter: String,
+    /// A capture file read instead of the interface.
     pub pcap_file: Option<PathBuf>,
+    /// When an idle flow is exported.
     pub idle_timeout: Duration,
+    /// How often a long flow is exported.
     pub active_timeout: Duration,
+    /// Flows tracked at once.
     pub max_flows: usize,
+    /// Bytes captured per packet.
     pub snaplen: i32,
 }
 
@@ -87,5 +103,16 @@ impl FlowSpec {
         } else {
             None
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::config_error as err;
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = err("collectors:\n  flow:\n    enabled: true\n    idleTimeout: soon\n");
+        assert!(e.contains("collectors.flow.idleTimeout"), "{e}");
     }
 }

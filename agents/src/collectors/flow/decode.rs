@@ -6,32 +6,46 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// What makes packets one flow: both ends, the protocol and the VLAN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
+    /// The sender's address.
     pub src: IpAddr,
+    /// The receiver's address.
     pub dst: IpAddr,
+    /// The sender's port (0 without ports, e.g. ICMP).
     pub src_port: u16,
+    /// The receiver's port (for ICMP: type and code).
     pub dst_port: u16,
+    /// The IP protocol number (6 TCP, 17 UDP, 1 ICMP, ...).
     pub protocol: u8,
+    /// The innermost VLAN id; 0 untagged.
     pub vlan: u16,
 }
 
+/// One packet, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decoded {
+    /// Its flow.
     pub key: FlowKey,
     /// IP bytes (header included), from the IP header.
     pub ip_bytes: u64,
     /// Transport payload bytes (what the application sent).
     pub payload_bytes: u64,
+    /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
 }
 
+/// Why a packet gave no flow key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Malformed {
+    /// The packet ends inside the named header or field.
     Truncated(&'static str),
+    /// The named header holds an impossible value.
     Bad(&'static str),
     /// Not IP (ARP, LLDP, ...): skipped, not an error.
     NotIp,
+    /// A link type this decoder does not read.
     UnsupportedLink(i32),
 }
 
@@ -58,13 +72,22 @@ impl std::fmt::Display for Malformed {
     }
 }
 
+// libpcap's link types (LINKTYPE_* / DLT_*) this decoder reads.
+/// BSD loopback: a 4-byte address family, then IP.
 pub const LINK_NULL: i32 = 0;
+/// Ethernet, with any number of 802.1Q/802.1ad tags.
 pub const LINK_ETHERNET: i32 = 1;
+/// Raw IP, as DLT 12 on some systems.
 pub const LINK_RAW_DLT: i32 = 12;
+/// Raw IP (LINKTYPE_RAW).
 pub const LINK_RAW: i32 = 101;
+/// Linux cooked capture v1 (`any` interface).
 pub const LINK_LINUX_SLL: i32 = 113;
+/// Raw IPv4.
 pub const LINK_IPV4: i32 = 228;
+/// Raw IPv6.
 pub const LINK_IPV6: i32 = 229;
+/// Linux cooked capture v2.
 pub const LINK_LINUX_SLL2: i32 = 276;
 
 fn u16_at(b: &[u8], i: usize, what: &'static str) -> Result<u16, Malformed> {

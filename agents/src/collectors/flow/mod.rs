@@ -5,9 +5,9 @@
 //! node's traffic). Without it the collector reports itself unavailable with
 //! the reason, and the agent runs on without it.
 
-pub mod config;
+pub(crate) mod config;
 pub mod decode;
-pub mod table;
+pub(crate) mod table;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use crate::metrics::{AgentMetrics, reason};
 use crate::spool::Draft;
 use table::{Export, FlowTable};
 
+/// The collector's name in events, metrics and control.
 pub const NAME: &str = "flow";
 
 fn ts_ns(h: &pcap::PacketHeader) -> i64 {
@@ -135,6 +136,8 @@ pub fn spawn(cfg: FlowConfig, ctx: Ctx) -> Started {
     }
 }
 
+/// Opens a live capture on the configured interface with its snaplen and
+/// filter; fails without capture privilege.
 pub fn open_live(cfg: &FlowConfig) -> Result<pcap::Capture<pcap::Active>, pcap::Error> {
     let mut cap = pcap::Capture::from_device(cfg.interface.as_str())?
         .promisc(false)

@@ -7,11 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::value::{ConfigError, invalid, parse_duration};
 
+/// `collectors.inventory` as written (also the AgentSet's).
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct InventorySpec {
+    /// On unless turned off.
     pub enabled: bool,
+    /// How often host facts, listening sockets and neighbours are read again.
     pub interval: String,
+    /// Probing the local networks for devices; off unless enabled.
     pub discovery: DiscoverySpec,
 }
 
@@ -25,15 +29,23 @@ impl Default for InventorySpec {
     }
 }
 
+/// `collectors.inventory.discovery` as written.
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DiscoverySpec {
+    /// Off unless set: probing networks must be asked for.
     pub enabled: bool,
+    /// The networks probed, e.g. `10.0.0.0/24`.
     pub cidrs: Vec<String>,
+    /// TCP ports tried on each host.
     pub ports: Vec<u16>,
+    /// The probe rate cap, connection attempts per second.
     pub probes_per_second: u32,
+    /// The most hosts all `cidrs` together may hold (a guard against a /8).
     pub max_hosts: u64,
+    /// How long one connection attempt waits.
     pub connect_timeout: String,
+    /// How often the networks are probed again.
     pub interval: String,
 }
 
@@ -51,18 +63,27 @@ impl Default for DiscoverySpec {
     }
 }
 
+/// `collectors.inventory` checked.
 #[derive(Debug, Clone)]
 pub struct InventoryConfig {
+    /// How often the host's inventory is taken.
     pub interval: Duration,
+    /// Network discovery, when enabled.
     pub discovery: Option<DiscoveryConfig>,
 }
 
+/// `collectors.inventory.discovery` checked.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
+    /// The networks probed.
     pub networks: Vec<ipnet::IpNet>,
+    /// TCP ports tried on each host.
     pub ports: Vec<u16>,
+    /// Connection attempts per second at most.
     pub probes_per_second: u32,
+    /// How long one attempt waits.
     pub connect_timeout: Duration,
+    /// How often the networks are probed again.
     pub interval: Duration,
 }
 
@@ -134,5 +155,18 @@ impl InventorySpec {
         } else {
             None
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::config_error as err;
+
+    #[test]
+    fn discovery_refuses_large_ranges() {
+        let e = err(
+            "collectors:\n  inventory:\n    discovery:\n      enabled: true\n      cidrs: [10.0.0.0/8]\n",
+        );
+        assert!(e.contains("maxHosts"), "{e}");
     }
 }

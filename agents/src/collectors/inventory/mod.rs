@@ -3,10 +3,10 @@
 //! at start and then change events. Optional active discovery probes
 //! configured ranges.
 
-pub mod config;
-pub mod discovery;
-pub mod neighbors;
-pub mod sockets;
+pub(crate) mod config;
+pub(crate) mod discovery;
+pub(crate) mod neighbors;
+pub(crate) mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,8 +22,10 @@ use crate::collectors::context::Ctx;
 use crate::config::InventoryConfig;
 use crate::spool::Draft;
 
+/// The collector's name in events, metrics and control.
 pub const NAME: &str = "inventory";
 
+/// This host's facts: name, OS, CPUs, memory, disks and interfaces.
 pub fn host_facts() -> HostFacts {
     let sys = System::new_with_specifics(
         RefreshKind::nothing()
@@ -127,10 +129,12 @@ fn host_shape(h: &HostFacts) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
+/// Starts the collector on this host's `/proc`.
 pub fn spawn(cfg: InventoryConfig, ctx: Ctx) -> super::Started {
     Ok(Some(spawn_at(cfg, ctx, PathBuf::from("/proc"))))
 }
 
+/// Starts the collector reading `proc` as `/proc` (tests give a copy).
 pub fn spawn_at(cfg: InventoryConfig, mut ctx: Ctx, proc: PathBuf) -> JoinHandle<()> {
     ctx.status.set_mode(if cfg.discovery.is_some() {
         "scan+discovery"

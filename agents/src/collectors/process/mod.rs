@@ -3,10 +3,10 @@
 //! agent may (exact, nothing missed); otherwise it polls with sysinfo and
 //! says so in its mode, a metric and the heartbeat.
 
-pub mod cgroup;
-pub mod config;
+pub(crate) mod cgroup;
+pub(crate) mod config;
 pub mod netlink;
-pub mod procfs;
+pub(crate) mod procfs;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use crate::config::{ProcessConfig, ProcessMode};
 use crate::spool::Draft;
 use procfs::{Clock, ProcInfo};
 
+/// The collector's name in events, metrics and control.
 pub const NAME: &str = "process";
 /// Bounds the per-process cache so a fork storm cannot grow memory.
 const MAX_TRACKED: usize = 65_536;
@@ -95,10 +96,12 @@ fn draft(kind: Kind, p: &ProcInfo, exit_code: i32, source: &str, users: &mut Use
     d
 }
 
+/// Starts the collector on this host's `/proc`.
 pub fn spawn(cfg: ProcessConfig, ctx: Ctx) -> super::Started {
     Ok(Some(spawn_at(cfg, ctx, PathBuf::from("/proc"))))
 }
 
+/// Starts the collector reading `proc` as `/proc` (tests give a copy).
 pub fn spawn_at(cfg: ProcessConfig, ctx: Ctx, proc: PathBuf) -> JoinHandle<()> {
     tokio::spawn(async move {
         let conn = match cfg.mode {

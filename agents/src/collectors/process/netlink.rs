@@ -20,20 +20,32 @@ const PROC_EVENT_FORK: u32 = 0x0000_0001;
 const PROC_EVENT_EXEC: u32 = 0x0000_0002;
 const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 
+/// The kernel's process events this collector reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcEvent {
+    /// A process or thread was created.
     Fork {
+        /// The parent's process id.
         parent_tgid: u32,
+        /// The new task's id.
         child_pid: u32,
+        /// The new task's process id (equal to `child_pid` for a process).
         child_tgid: u32,
     },
+    /// A process ran a new program.
     Exec {
+        /// The task's id.
         pid: u32,
+        /// Its process id.
         tgid: u32,
     },
+    /// A task ended.
     Exit {
+        /// The task's id.
         pid: u32,
+        /// Its process id.
         tgid: u32,
+        /// The raw wait status (see [`exit_status`]).
         exit_code: u32,
     },
 }
@@ -118,6 +130,7 @@ pub fn exit_status(raw: u32) -> i32 {
     }
 }
 
+/// A socket on the kernel's process-events connector.
 pub struct Connector {
     fd: OwnedFd,
 }

@@ -8,13 +8,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::value::{ConfigError, Secrets, invalid, parse_duration};
 
+/// `collectors.snmp` as written.
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SnmpSpec {
+    /// Off unless set.
     pub enabled: bool,
+    /// How often each target is polled (`30s`).
     pub interval: String,
+    /// How long one request waits for its answer (`2s`).
     pub timeout: String,
+    /// Requests retried after a timeout (1).
     pub retries: u32,
+    /// The devices to poll.
     pub targets: Vec<SnmpTarget>,
 }
 
@@ -30,13 +36,17 @@ impl Default for SnmpSpec {
     }
 }
 
+/// The SNMP version a target speaks: `v2c` (a community) or `v3` (a user
+/// with authentication and, optionally, privacy).
 #[derive(
     Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Default, schemars::JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum SnmpVersion {
+    /// SNMPv2c.
     #[default]
     V2c,
+    /// SNMPv3.
     V3,
 }
 
@@ -44,32 +54,47 @@ pub enum SnmpVersion {
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct SnmpTarget {
+    /// The name its events carry (default: the address).
     pub name: String,
     /// host:port (port defaults to 161).
     pub address: String,
+    /// `v2c` (default) or `v3`.
     pub version: SnmpVersion,
+    /// v2c: the file holding the community.
     pub community_file: Option<PathBuf>,
+    /// v3: the user name.
     pub user: String,
     /// md5, sha1, sha224, sha256, sha384, sha512.
     pub auth_protocol: String,
+    /// v3: the file holding the authentication password.
     pub auth_password_file: Option<PathBuf>,
     /// des, aes128, aes192, aes256; empty for authNoPriv.
     pub priv_protocol: String,
+    /// v3 with privacy: the file holding the privacy password.
     pub priv_password_file: Option<PathBuf>,
 }
 
+/// `collectors.snmp` checked, credentials read.
 #[derive(Debug, Clone)]
 pub struct SnmpConfig {
+    /// How often each target is polled.
     pub interval: Duration,
+    /// How long one request waits.
     pub timeout: Duration,
+    /// Retries after a timeout.
     pub retries: u32,
+    /// The devices, each resolved.
     pub targets: Vec<SnmpTargetConfig>,
 }
 
+/// One device, ready to poll. Its `Debug` never prints the credentials.
 #[derive(Clone)]
 pub struct SnmpTargetConfig {
+    /// The name its events carry.
     pub name: String,
+    /// host:port.
     pub address: String,
+    /// How requests authenticate.
     pub credentials: SnmpCredentials,
 }
 
@@ -83,15 +108,23 @@ impl std::fmt::Debug for SnmpTargetConfig {
     }
 }
 
+/// A target's credentials, as read from their files.
 #[derive(Clone)]
 pub enum SnmpCredentials {
+    /// SNMPv2c.
     V2c {
+        /// The community string.
         community: Vec<u8>,
     },
+    /// SNMPv3 (authNoPriv or authPriv).
     V3 {
+        /// The user name.
         user: String,
+        /// The authentication hash.
         auth_protocol: snmp2::v3::AuthProtocol,
+        /// The authentication password.
         auth_password: Vec<u8>,
+        /// The privacy cipher and password; None for authNoPriv.
         privacy: Option<(snmp2::v3::Cipher, Vec<u8>)>,
     },
 }
@@ -269,5 +302,17 @@ mod tests {
             _ => panic!("v2c expected"),
         }
         assert!(!format!("{r:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn unreadable_credentials_file_is_named() {
+        let e = crate::config::config_error(
+            "collectors:\n  snmp:\n    enabled: true\n    targets:\n    - address: 127.0.0.1\n      communityFile: /nonexistent/community\n",
+        );
+        assert!(
+            e.contains("collectors.snmp.targets[0].communityFile"),
+            "{e}"
+        );
+        assert!(e.contains("/nonexistent/community"), "{e}");
     }
 }

@@ -3,9 +3,9 @@
 //! reports a device going down (timeouts, auth failures) and coming back.
 //! Credentials are read from files when the config loads.
 
-pub mod config;
-pub mod device;
-pub mod rates;
+pub(crate) mod config;
+pub(crate) mod device;
+pub(crate) mod rates;
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -23,6 +23,7 @@ use crate::spool::Draft;
 use device::{Device, PollError, Reading};
 use rates::Sample;
 
+/// The collector's name in events, metrics and control.
 pub const NAME: &str = "snmp";
 
 struct TargetState {
@@ -121,6 +122,7 @@ fn transition(kind: Kind, name: &str, error: String) -> Draft {
     )
 }
 
+/// Starts polling every target.
 pub fn spawn(cfg: SnmpConfig, ctx: Ctx) -> super::Started {
     Ok(Some(run(cfg, ctx)))
 }

@@ -48,6 +48,8 @@ pub fn leaf_specs(bus: &EventBus, sets: &[AgentSet]) -> Vec<LeafSpec> {
     specs
 }
 
+/// The certificate schedule from the bus's `spec.tls`; the CA is renewed a
+/// third of its life before it expires.
 pub fn policy(bus: &EventBus, propagation: Duration) -> Result<Policy, InvalidSpec> {
     let (leaf_validity, leaf_renew_before, ca_validity) = tls_lifetimes(bus)?;
     Ok(Policy {
@@ -270,6 +272,8 @@ pub(super) async fn cert_manager_certificates(
     })
 }
 
+/// cert-manager's `Certificate`, for the dynamic API (no cert-manager types
+/// are compiled in).
 pub fn certificate_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),

@@ -39,6 +39,8 @@ pub const ROTATE_HANDLED_ANNOTATION: &str = "amoskys.io/rotate-ca-handled";
 /// How often a healthy bus is looked at again without any change.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// Brings an EventBus's certificates, config, Services, StatefulSet, PDB
+/// and volume claims to its spec and writes its status.
 pub async fn reconcile(bus: Arc<EventBus>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = bus.namespace().unwrap_or_default();
     observed(
