@@ -4,11 +4,17 @@
 #   durable: fsync before ack  (bus --sync batch  vs JetStream sync_interval: always)
 #   nofsync: no fsync before ack (bus --sync never vs JetStream's default sync_interval)
 # Both sides use TLS with client certificates, file storage, acked async publishes,
-# the same event size, connection count and in-flight window. JetStream gets one
-# event per message in the throughput runs.
+# the same event size, connection count and in-flight window. JetStream runs in
+# two shapes: the bus's batch per message (one Batch of BATCH events, the same
+# batching: the headline ratio), and one event per message (on EVENTS/10
+# events, as its rate is two orders lower).
 # Then ack latency at 10,000 events/s, durable, in batches of 10 events (one
 # message per batch for JetStream, so both make one durable write per batch),
 # after the disk's own latency.
+#
+# Then reads: the durable run's events read back by Query pages and a Tail
+# replay over gRPC, a full scan of the store with the bus stopped, and the
+# bus's time to ready after a restart with them stored.
 #
 # Usage: e2e/bench-vs-nats.sh [EVENTS] [EVENT_BYTES] [AGENTS]
 set -euo pipefail
@@ -69,15 +75,38 @@ eps() { sed -n 's/.* eps=\([0-9.]*\).*/\1/p' <<<"$1"; }
 
 echo "workload: events=$EVENTS event_bytes=$BYTES agents=$AGENTS in_flight_per_agent=$((BATCH*WINDOW)) ($(nproc) cores)"
 echo "nats-server $(nats-server --version 2>&1 | head -1)"
+ratio() { # $1 = label, $2 = bus line, $3 = nats line
+  awk -v a="$(eps "$2")" -v c="$(eps "$3")" -v m="$1" 'BEGIN { printf "%s = %.2fx\n", m, (c > 0 ? a / c : 0) }'
+}
 for mode in durable nofsync; do
   if [ "$mode" = durable ]; then bus_sync=batch; js_sync=", sync_interval: always"; else bus_sync=never; js_sync=""; fi
   b=$(run_bus "$bus_sync" --events "$EVENTS" --batch "$BATCH" --window "$WINDOW")
-  n=$(run_nats "$js_sync" --events "$EVENTS" --batch 1 --window $((BATCH * WINDOW)))
+  nb=$(run_nats "$js_sync" --events "$EVENTS" --batch "$BATCH" --window "$WINDOW")
+  n1=$(run_nats "$js_sync" --events $((EVENTS / 10)) --batch 1 --window $((BATCH * WINDOW)))
   echo "[$mode] $b"
-  echo "[$mode] $n"
-  awk -v a="$(eps "$b")" -v c="$(eps "$n")" -v m="$mode" 'BEGIN { printf "[%s] ratio bus/jetstream = %.2fx\n", m, (c > 0 ? a / c : 0) }'
+  echo "[$mode] jetstream $BATCH events/message: $nb"
+  echo "[$mode] jetstream 1 event/message:      $n1"
+  ratio "[$mode] ratio bus/jetstream, same batching (headline)" "$b" "$nb"
+  ratio "[$mode] ratio bus/jetstream, 1 event/message" "$b" "$n1"
 done
 echo "[disk] $(python3 e2e/disk-fsync.py "$work")"
 latency=(--events 300000 --rate 10000 --batch 10 --window 64)
 echo "[latency @10k/s durable] $(run_bus batch "${latency[@]}")"
 echo "[latency @10k/s durable] $(run_nats ", sync_interval: always" "${latency[@]}")"
+
+# Reads of what a durable run stored.
+fresh_dir "$work/bus"
+start_read_bus() {
+  "$BIN" bus --listen 127.0.0.1:17443 --http 127.0.0.1:19464 --data-dir "$work/bus" \
+    --tls-dir "$P/bus" --sync batch 2>>"$work/bus.log" &
+  bus_pid=$!; pids+=("$bus_pid")
+}
+start_read_bus; wait_port 19464
+"$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/agent" --event-bytes "$BYTES" \
+  --agents "$AGENTS" --events "$EVENTS" --batch "$BATCH" --window "$WINDOW" --agent-prefix read >/dev/null
+echo "[read] $("$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/reader" --read | tail -1) bus_rss_peak_mb=$(rss_mb "$bus_pid")"
+kill -TERM "$bus_pid"; wait "$bus_pid" 2>/dev/null || true
+echo "[read] $("$BIN" bench --scan-store "$work/bus" | tail -1)"
+start_read_bus
+echo "[restart] stored=$EVENTS ready_ms=$(ready_ms 19464)"
+kill -TERM "$bus_pid"; wait "$bus_pid" 2>/dev/null || true

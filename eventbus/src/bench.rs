@@ -12,7 +12,7 @@ use amoskys_proto::{Event, Filter, Hello, Severity, SyntheticEvent, TailRequest}
 use prost::Message;
 use tokio::sync::Mutex;
 
-use amoskys_client::{BusClient, ClientOptions};
+use amoskys_client::{BusClient, ClientError, ClientOptions};
 
 /// One benchmark run.
 #[derive(Clone, Debug)]
@@ -466,6 +466,146 @@ async fn run_agent(
     }
     producer.abort();
     Ok(lat)
+}
+
+/// What reading a bus's events back measured over gRPC.
+#[derive(Clone, Debug, Default)]
+pub struct ReadReport {
+    /// Events read by Query, page after page from the first offset.
+    pub query_events: u64,
+    /// Their rate.
+    pub query_eps: f64,
+    /// Events replayed by one Tail stream from the first offset.
+    pub tail_events: u64,
+    /// Their rate.
+    pub tail_eps: f64,
+}
+
+impl ReadReport {
+    /// The report as one `key=value` line, as the scripts parse it.
+    pub fn line(&self) -> String {
+        format!(
+            "read: query_events={} query_eps={:.0} tail_events={} tail_eps={:.0}",
+            self.query_events, self.query_eps, self.tail_events, self.tail_eps
+        )
+    }
+}
+
+/// Reads every stored event back as a reader would: Query pages of `limit`
+/// from the first offset until one comes back empty, then one Tail stream
+/// from the first offset until it has replayed as many.
+pub async fn read(client: &ClientOptions, limit: u32) -> Result<ReadReport, ClientError> {
+    let mut bus = BusClient::connect(client).await?;
+    let mut report = ReadReport::default();
+    let started = Instant::now();
+    let mut from = 0;
+    loop {
+        let page = bus
+            .query(amoskys_proto::QueryRequest {
+                from_offset: from,
+                limit,
+                ..Default::default()
+            })
+            .await?;
+        let Some(last) = page.last() else { break };
+        from = last.offset + 1;
+        report.query_events += page.len() as u64;
+    }
+    report.query_eps = report.query_events as f64 / started.elapsed().as_secs_f64().max(1e-9);
+
+    let started = Instant::now();
+    let mut stream = bus.tail(TailRequest::default()).await?;
+    while report.tail_events < report.query_events {
+        let Some(chunk) = stream.message().await? else {
+            break;
+        };
+        report.tail_events += chunk.events.len() as u64;
+    }
+    report.tail_eps = report.tail_events as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok(report)
+}
+
+/// What a full scan of a store measured, in process, with the bus stopped:
+/// what export and detection will do.
+#[derive(Clone, Debug, Default)]
+pub struct ScanReport {
+    /// Milliseconds to open the store.
+    pub open_ms: f64,
+    /// Events read, every one decoded.
+    pub events: u64,
+    /// Their rate.
+    pub eps: f64,
+}
+
+impl ScanReport {
+    /// The report as one `key=value` line, as the scripts parse it.
+    pub fn line(&self) -> String {
+        format!(
+            "scan: open_ms={:.0} events={} eps={:.0}",
+            self.open_ms, self.events, self.eps
+        )
+    }
+}
+
+/// Opens the store in `dir` and decodes every event in it, in offset order.
+pub fn scan_store(dir: &std::path::Path) -> Result<ScanReport, String> {
+    let opened = Instant::now();
+    let store = crate::store::Store::open(dir).map_err(|e| e.to_string())?;
+    let open_ms = opened.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let (mut from, mut events) = (store.first_offset(), 0u64);
+    loop {
+        let chunk = store.read_from(from, 65_536).map_err(|e| e.to_string())?;
+        let Some(last) = chunk.last() else { break };
+        from = last.offset + 1;
+        events += chunk.len() as u64;
+    }
+    Ok(ScanReport {
+        open_ms,
+        events,
+        eps: events as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+/// Writes `events` synthetic events of `event_bytes` into `dir` as a format 1
+/// store (one key per event) in groups of `batch`, then opens it, which
+/// converts it to blocks. Returns the milliseconds the conversion took.
+pub fn convert_legacy(
+    dir: &std::path::Path,
+    events: u64,
+    event_bytes: usize,
+    batch: usize,
+) -> Result<f64, String> {
+    let batch = batch.max(1) as u64;
+    let mut offset = 1;
+    // Written a slice of groups at a time, so memory stays flat.
+    let mut groups = Vec::new();
+    let write = |groups: &mut Vec<Vec<Event>>| -> Result<(), String> {
+        crate::store::write_format1(dir, groups).map_err(|e| e.to_string())?;
+        groups.clear();
+        Ok(())
+    };
+    while offset <= events {
+        let stored_at = crate::writer::now_ns();
+        let n = batch.min(events - offset + 1);
+        groups.push(
+            (offset..offset + n)
+                .map(|o| {
+                    let mut e = synthetic_event("bench-0", o, event_bytes);
+                    (e.offset, e.stored_at) = (o, stored_at);
+                    e
+                })
+                .collect(),
+        );
+        offset += n;
+        if groups.len() >= 256 {
+            write(&mut groups)?;
+        }
+    }
+    write(&mut groups)?;
+    let started = Instant::now();
+    crate::store::Store::open(dir).map_err(|e| e.to_string())?;
+    Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
 #[cfg(test)]

@@ -464,10 +464,14 @@ impl EventBus for EventBusService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
-        let chunks: Vec<Result<QueryResponse, Status>> = events
-            .chunks(QUERY_CHUNK)
-            .map(|c| Ok(QueryResponse { events: c.to_vec() }))
-            .collect();
+        // The events move into their responses; a copy of a page would cost
+        // as much as reading it.
+        let mut chunks: Vec<Result<QueryResponse, Status>> = Vec::new();
+        let mut events = events.into_iter().peekable();
+        while events.peek().is_some() {
+            let page = events.by_ref().take(QUERY_CHUNK).collect();
+            chunks.push(Ok(QueryResponse { events: page }));
+        }
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 

@@ -119,9 +119,12 @@ pub enum Outcome {
     Session(SessionOutcome),
 }
 
+/// Dedupes and stamps what `items` carry into one group. The events are
+/// moved out of the write requests, not copied: the group is prepared once
+/// and committed, however many attempts the commit takes.
 fn prepare_items(
     registry: &Registry,
-    items: &[Item],
+    items: &mut [Item],
     next_offset: u64,
     stored_at: i64,
 ) -> (PreparedGroup, Vec<Outcome>) {
@@ -131,7 +134,7 @@ fn prepare_items(
         ..Default::default()
     };
     let outcomes = items
-        .iter()
+        .iter_mut()
         .map(|item| match item {
             Item::Write(r) => Outcome::Write(prepare_write(registry, &mut group, r)),
             Item::Session(s) => Outcome::Session(prepare_session(registry, &mut group, &s.hello)),
@@ -183,11 +186,13 @@ fn set_last_seq(rec: &mut AgentRecord, incarnation: u64, seq: u64) {
 fn prepare_write(
     registry: &Registry,
     group: &mut PreparedGroup,
-    req: &WriteRequest,
+    req: &mut WriteRequest,
 ) -> WriteOutcome {
     let stored_at = group.stored_at;
     let mut next_offset = group.next_offset;
-    let mut stored = Vec::new();
+    // Out of the group while the agent's record (in the group) is borrowed.
+    let mut batch = std::mem::take(&mut group.batch_events);
+    batch.reserve(req.events.len());
     let rec = record_in(registry, group, &req.agent_id);
     let current = rec.incarnation == req.incarnation;
     let mut last = last_seq_of(rec, req.incarnation);
@@ -196,12 +201,11 @@ fn prepare_write(
         stored: 0,
         duplicates: 0,
     };
-    for e in &req.events {
+    for mut e in std::mem::take(&mut req.events) {
         if e.seq <= last {
             out.duplicates += 1;
             continue;
         }
-        let mut e = e.clone();
         e.offset = next_offset;
         e.stored_at = stored_at;
         next_offset += 1;
@@ -225,14 +229,14 @@ fn prepare_write(
             rec.node = e.node.clone();
         }
         out.stored += 1;
-        stored.push(e);
+        batch.push(e);
     }
     set_last_seq(rec, req.incarnation, last);
     rec.duplicates += out.duplicates as u64;
     rec.last_seen = stored_at;
     out.acked_seq = last;
     group.next_offset = next_offset;
-    group.batch_events.extend(stored);
+    group.batch_events = batch;
     out
 }
 
@@ -398,12 +402,18 @@ impl Writer {
         }
     }
 
-    fn commit(&self, reqs: Vec<Item>, sync: bool) {
+    fn commit(&self, mut reqs: Vec<Item>, sync: bool) {
         let mut attempt = 0u32;
+        // A failed write changes nothing, so the retry writes the same group
+        // (same offsets, same stored time) rather than preparing it again.
+        let (group, outcomes) = prepare_items(
+            &self.registry,
+            &mut reqs,
+            self.store.next_offset(),
+            now_ns(),
+        );
         loop {
             let started = Instant::now();
-            let (group, outcomes) =
-                prepare_items(&self.registry, &reqs, self.store.next_offset(), now_ns());
             match self.store.commit(&group, sync) {
                 Ok(()) => {
                     self.metrics
@@ -502,8 +512,8 @@ mod tests {
         next_offset: u64,
         stored_at: i64,
     ) -> (PreparedGroup, Vec<WriteOutcome>) {
-        let items: Vec<Item> = reqs.into_iter().map(Item::Write).collect();
-        let (group, outcomes) = prepare_items(registry, &items, next_offset, stored_at);
+        let mut items: Vec<Item> = reqs.into_iter().map(Item::Write).collect();
+        let (group, outcomes) = prepare_items(registry, &mut items, next_offset, stored_at);
         let writes = outcomes
             .into_iter()
             .map(|o| match o {
@@ -588,7 +598,7 @@ mod tests {
             hello: hello.clone(),
             reply: tx,
         });
-        let (g, mut outs) = prepare_items(registry, &[item], next_offset, 77);
+        let (g, mut outs) = prepare_items(registry, &mut [item], next_offset, 77);
         match outs.pop() {
             Some(Outcome::Session(o)) => (g, o),
             _ => panic!("no session outcome"),

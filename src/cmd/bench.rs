@@ -41,11 +41,53 @@ pub struct BenchArgs {
     /// (the benchmark anchor; needs a build with `--features nats-anchor`).
     #[arg(long)]
     pub nats: Option<String>,
+    /// Read every stored event back instead of publishing (--tls-dir a
+    /// reader's): Query pages from the first offset, then a Tail replay.
+    #[arg(long)]
+    pub read: bool,
+    /// Events per Query page with --read (the bus caps it at its
+    /// max_query_limit).
+    #[arg(long, default_value_t = 100_000)]
+    pub query_limit: u32,
+    /// Open the store in this data directory (its bus stopped) and decode
+    /// every event in it; reports the time to open and the scan rate.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["read", "nats", "convert"])]
+    pub scan_store: Option<PathBuf>,
+    /// Write --events events as a store of the old one-key-per-event format
+    /// into this new directory, in groups of --batch, and time its
+    /// conversion when it is opened.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["read", "nats"])]
+    pub convert: Option<PathBuf>,
 }
 
 pub async fn run(a: BenchArgs) -> Result<()> {
     if a.agents == 0 || a.batch == 0 || a.window == 0 {
         bail!("--agents, --batch and --window must be at least 1");
+    }
+    if let Some(dir) = a.scan_store {
+        let report = tokio::task::spawn_blocking(move || bench::scan_store(&dir)).await?;
+        println!("{}", report.map_err(anyhow::Error::msg)?.line());
+        return Ok(());
+    }
+    if let Some(dir) = a.convert {
+        if dir.exists() {
+            bail!(
+                "--convert {}: already exists; give a new directory",
+                dir.display()
+            );
+        }
+        let (events, bytes, batch) = (a.events, a.event_bytes, a.batch);
+        let ms =
+            tokio::task::spawn_blocking(move || bench::convert_legacy(&dir, events, bytes, batch))
+                .await?
+                .map_err(anyhow::Error::msg)?;
+        println!("convert: events={events} event_bytes={bytes} convert_ms={ms:.0}");
+        return Ok(());
+    }
+    if a.read {
+        let report = bench::read(&a.conn.options(), a.query_limit).await?;
+        println!("{}", report.line());
+        return Ok(());
     }
     if let Some(url) = &a.nats {
         return nats_bench(&a, url).await;

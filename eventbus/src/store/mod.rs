@@ -1,13 +1,22 @@
 //! The durable event store: RocksDB column families on one data directory.
 //!
-//! - `events`: offset (u64 big-endian) -> encoded `Event` (offset and stored_at set)
+//! - `blocks`: first offset (u64 big-endian) -> a record block of consecutive
+//!   events (see [`block`]); an event's offset is its block's key plus its
+//!   index in the block
 //! - `tindex`: stored_at ns ++ first offset of a group -> empty; maps time to offsets
 //!   so time-range queries and age retention touch only the range they need
 //! - `agents`: agent_id -> encoded `AgentRecord` (last durable seq lives here,
 //!   written in the same atomic batch as the events: dedupe survives restarts)
-//! - `meta`: `next_offset`, `first_offset`
+//! - `meta`: `next_offset`, `first_offset`, `format`
+//!
+//! `format` is the store's layout version. A store of an older layout (one
+//! key per event, format 1) is converted once when it is opened (see
+//! [`legacy`]); a newer one is refused.
 //!
 //! Only the writer thread calls [`Store::commit`]; reads go straight to RocksDB.
+
+mod block;
+mod legacy;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,17 +26,23 @@ use std::sync::{Arc, RwLock};
 use amoskys_proto::{AgentRecord, Event};
 use prost::Message;
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions,
 };
 
 use crate::filter::EventFilter;
+use block::Block;
+pub(crate) use legacy::write_format1;
 
-const CF_EVENTS: &str = "events";
+const CF_BLOCKS: &str = "blocks";
 const CF_TINDEX: &str = "tindex";
 const CF_AGENTS: &str = "agents";
 const CF_META: &str = "meta";
 const KEY_NEXT: &[u8] = b"next_offset";
 const KEY_FIRST: &[u8] = b"first_offset";
+const KEY_FORMAT: &[u8] = b"format";
+/// The layout this build writes: record blocks.
+const FORMAT: u64 = 2;
 
 /// Events observed before they reach the bus can trail its clock; a time query
 /// starts this far before its lower bound so such events are not missed.
@@ -46,6 +61,11 @@ pub enum StoreError {
     },
     #[error("stored record at offset {offset} is corrupt: {message}")]
     Corrupt { offset: u64, message: String },
+    #[error(
+        "the store at {path} has layout format {found}, newer than the {FORMAT} this bus reads; \
+         run the bus version that wrote it"
+    )]
+    Newer { path: PathBuf, found: u64 },
     #[error("the store is closed while it recovers from a write failure")]
     Unavailable,
 }
@@ -135,6 +155,14 @@ fn read_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::Unavailable)
+}
+
+fn corrupt(offset: u64) -> impl FnOnce(String) -> StoreError {
+    move |message| StoreError::Corrupt { offset, message }
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with(path, DEFAULT_WRITE_BUFFER_BYTES)
@@ -181,22 +209,50 @@ impl Store {
                 }
             }
         }
-        let cfs = [CF_EVENTS, CF_TINDEX, CF_AGENTS, CF_META]
+        let opts = db_options(self.write_buffer_bytes);
+        // A directory that is not a database yet has no families to list.
+        let existing = DB::list_cf(&opts, &self.path).unwrap_or_default();
+        let has_legacy = existing.iter().any(|n| n == legacy::CF_EVENTS);
+        let mut names = vec![CF_BLOCKS, CF_TINDEX, CF_AGENTS, CF_META];
+        if has_legacy {
+            names.push(legacy::CF_EVENTS);
+        }
+        let cfs = names
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, db_options(self.write_buffer_bytes)));
-        let db = DB::open_cf_descriptors(&db_options(self.write_buffer_bytes), &self.path, cfs)
-            .map_err(|e| self.rocks(e))?;
-        let meta = db.cf_handle(CF_META).ok_or(StoreError::Unavailable)?;
-        let next = db
-            .get_cf(meta, KEY_NEXT)
-            .map_err(|e| self.rocks(e))?
-            .and_then(|v| read_u64(&v))
-            .unwrap_or(1);
-        let first = db
-            .get_cf(meta, KEY_FIRST)
-            .map_err(|e| self.rocks(e))?
-            .and_then(|v| read_u64(&v))
-            .unwrap_or(1);
+        let mut db = DB::open_cf_descriptors(&opts, &self.path, cfs).map_err(|e| self.rocks(e))?;
+        let meta = cf(&db, CF_META)?;
+        let get = |key: &[u8]| -> Result<Option<u64>, StoreError> {
+            Ok(db
+                .get_cf(meta, key)
+                .map_err(|e| self.rocks(e))?
+                .and_then(|v| read_u64(&v)))
+        };
+        let format = get(KEY_FORMAT)?;
+        match format {
+            Some(found) if found > FORMAT => {
+                return Err(StoreError::Newer {
+                    path: self.path.clone(),
+                    found,
+                });
+            }
+            Some(_) => {}
+            // Format 1 stores had no format key and kept events one per key.
+            None if has_legacy => legacy::convert(&db, &self.path)?,
+            None => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                db.put_cf_opt(meta, KEY_FORMAT, be(FORMAT), &wo)
+                    .map_err(|e| self.rocks(e))?;
+            }
+        }
+        let next = get(KEY_NEXT)?.unwrap_or(1);
+        let first = get(KEY_FIRST)?.unwrap_or(1);
+        if has_legacy {
+            // Only once the converted blocks and the format are durable (a
+            // crash before this converts again from the start).
+            db.drop_cf(legacy::CF_EVENTS).map_err(|e| self.rocks(e))?;
+        }
         self.next_offset.store(next, Ordering::SeqCst);
         self.first_offset.store(first.min(next), Ordering::SeqCst);
         *guard = Some(Arc::new(db));
@@ -226,7 +282,7 @@ impl Store {
     /// Every agent record, as last committed.
     pub fn load_agents(&self) -> Result<HashMap<String, AgentRecord>, StoreError> {
         let db = self.db()?;
-        let cf = db.cf_handle(CF_AGENTS).ok_or(StoreError::Unavailable)?;
+        let cf = cf(&db, CF_AGENTS)?;
         let mut out = HashMap::new();
         for item in db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
@@ -240,32 +296,35 @@ impl Store {
     }
 
     /// Writes one group atomically. Offsets in `group.batch_events` must run
-    /// from the current next offset up to `group.next_offset - 1`.
+    /// from the current next offset up to `group.next_offset - 1`. The events
+    /// go into as few blocks as their limits allow: a new block starts only
+    /// where offsets or stored times do not follow on.
     pub fn commit(&self, group: &PreparedGroup, sync: bool) -> Result<(), StoreError> {
         let db = self.db()?;
-        let (Some(ev), Some(ti), Some(ag), Some(meta)) = (
-            db.cf_handle(CF_EVENTS),
-            db.cf_handle(CF_TINDEX),
-            db.cf_handle(CF_AGENTS),
-            db.cf_handle(CF_META),
-        ) else {
-            return Err(StoreError::Unavailable);
-        };
+        let (bl, ti, ag, meta) = (
+            cf(&db, CF_BLOCKS)?,
+            cf(&db, CF_TINDEX)?,
+            cf(&db, CF_AGENTS)?,
+            cf(&db, CF_META)?,
+        );
         let mut wb = WriteBatch::default();
-        let mut buf = Vec::with_capacity(512);
         if let Some(first) = group.batch_events.first() {
             let mut key = [0u8; 16];
             key[..8].copy_from_slice(&be(group.stored_at as u64));
             key[8..].copy_from_slice(&be(first.offset));
             wb.put_cf(ti, key, b"");
         }
+        let mut builder = block::Builder::new();
         for e in &group.batch_events {
-            buf.clear();
-            e.encode(&mut buf).map_err(|err| StoreError::Corrupt {
-                offset: e.offset,
-                message: err.to_string(),
-            })?;
-            wb.put_cf(ev, be(e.offset), &buf);
+            if !builder.accepts(e.offset, e.stored_at)
+                && let Some((first, bytes)) = builder.take()
+            {
+                wb.put_cf(bl, be(first), bytes);
+            }
+            builder.push(e, e.offset, e.stored_at);
+        }
+        if let Some((first, bytes)) = builder.take() {
+            wb.put_cf(bl, be(first), bytes);
         }
         for (id, rec) in &group.agents {
             wb.put_cf(ag, id.as_bytes(), rec.encode_to_vec());
@@ -283,6 +342,39 @@ impl Store {
         self.scan(from, u64::MAX, max, |_| true)
     }
 
+    /// The first offset and the end of the block that holds `offset`, if
+    /// one does.
+    fn block_around(&self, db: &DB, offset: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        let cf = cf(db, CF_BLOCKS)?;
+        let mut it = db.iterator_cf(cf, IteratorMode::From(&be(offset), Direction::Reverse));
+        let Some(item) = it.next() else {
+            return Ok(None);
+        };
+        let (k, v) = item.map_err(|e| self.rocks(e))?;
+        let first = read_u64(&k).unwrap_or(0);
+        let end = Block::parse(first, &v).map_err(corrupt(first))?.end();
+        Ok((end > offset).then_some((first, end)))
+    }
+
+    /// The first offset of the block holding `offset` (`offset` itself when
+    /// none does): cutting there splits no block.
+    fn block_start(&self, offset: u64) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        Ok(self
+            .block_around(&db, offset)?
+            .map_or(offset, |(first, _)| first))
+    }
+
+    /// One past the block holding `offset`, or `offset` when it starts a
+    /// block or none holds it.
+    fn block_end(&self, offset: u64) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        Ok(match self.block_around(&db, offset)? {
+            Some((first, end)) if first < offset => end,
+            _ => offset,
+        })
+    }
+
     fn scan(
         &self,
         from: u64,
@@ -291,21 +383,37 @@ impl Store {
         mut keep: impl FnMut(&Event) -> bool,
     ) -> Result<Vec<Event>, StoreError> {
         let db = self.db()?;
-        let cf = db.cf_handle(CF_EVENTS).ok_or(StoreError::Unavailable)?;
-        let start = be(from.max(self.first_offset()));
+        let cf = cf(&db, CF_BLOCKS)?;
+        let from = from.max(self.first_offset());
+        let start = self
+            .block_around(&db, from)?
+            .map_or(from, |(first, _)| first);
         let mut out = Vec::new();
-        for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+        if max == 0 {
+            return Ok(out);
+        }
+        for item in db.iterator_cf(cf, IteratorMode::From(&be(start), Direction::Forward)) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
-            let off = read_u64(&k).unwrap_or(0);
-            if off > to_inclusive || out.len() >= max {
+            let first = read_u64(&k).unwrap_or(0);
+            if first > to_inclusive {
                 break;
             }
-            let e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
-                offset: off,
-                message: err.to_string(),
-            })?;
-            if keep(&e) {
-                out.push(e);
+            let block = Block::parse(first, &v).map_err(corrupt(first))?;
+            for raw in block.raw() {
+                let (off, bytes) = raw.map_err(corrupt(first))?;
+                if off < from {
+                    continue;
+                }
+                if off > to_inclusive {
+                    return Ok(out);
+                }
+                let e = block.decode(off, bytes).map_err(corrupt(off))?;
+                if keep(&e) {
+                    out.push(e);
+                    if out.len() >= max {
+                        return Ok(out);
+                    }
+                }
             }
         }
         Ok(out)
@@ -314,7 +422,7 @@ impl Store {
     /// First offset of the first group stored at or after `t` (ns).
     fn offset_at_time(&self, t: i64) -> Result<u64, StoreError> {
         let db = self.db()?;
-        let cf = db.cf_handle(CF_TINDEX).ok_or(StoreError::Unavailable)?;
+        let cf = cf(&db, CF_TINDEX)?;
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&be(t.max(0) as u64));
         let mut it = db.iterator_cf(cf, IteratorMode::From(&key, Direction::Forward));
@@ -340,7 +448,7 @@ impl Store {
     /// reachable by paging with `before`.
     pub fn page_back(&self, req: &PageRequest) -> Result<Page, StoreError> {
         let db = self.db()?;
-        let cf = db.cf_handle(CF_EVENTS).ok_or(StoreError::Unavailable)?;
+        let cf = cf(&db, CF_BLOCKS)?;
         let lower = if req.from_time > 0 {
             self.offset_at_time(req.from_time.saturating_sub(TIME_QUERY_SLACK_NS))?
         } else {
@@ -359,24 +467,36 @@ impl Store {
         let start = be(upper - 1);
         for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Reverse)) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
-            let off = read_u64(&k).unwrap_or(0);
-            if off < lower {
-                return Ok(page);
+            let first = read_u64(&k).unwrap_or(0);
+            let block = Block::parse(first, &v).map_err(corrupt(first))?;
+            // Blocks are read forwards; splitting one is cheap, decoding
+            // is what the budget bounds.
+            let mut raws = Vec::with_capacity(block.count as usize);
+            for raw in block.raw() {
+                raws.push(raw.map_err(corrupt(first))?);
             }
-            if page.events.len() >= req.limit || page.scanned >= req.max_scan {
-                page.next_before = Some(off + 1);
-                return Ok(page);
+            for &(off, bytes) in raws.iter().rev() {
+                if off >= upper {
+                    continue;
+                }
+                if off < lower {
+                    return Ok(page);
+                }
+                if page.events.len() >= req.limit || page.scanned >= req.max_scan {
+                    page.next_before = Some(off + 1);
+                    return Ok(page);
+                }
+                page.scanned += 1;
+                let e = block.decode(off, bytes).map_err(corrupt(off))?;
+                if (req.from_time == 0 || e.observed_at >= req.from_time)
+                    && (req.to_time == 0 || e.observed_at <= req.to_time)
+                    && req.filter.matches(&e)
+                {
+                    page.events.push(e);
+                }
             }
-            page.scanned += 1;
-            let e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
-                offset: off,
-                message: err.to_string(),
-            })?;
-            if (req.from_time == 0 || e.observed_at >= req.from_time)
-                && (req.to_time == 0 || e.observed_at <= req.to_time)
-                && req.filter.matches(&e)
-            {
-                page.events.push(e);
+            if first <= lower {
+                return Ok(page);
             }
         }
         Ok(page)
@@ -411,7 +531,7 @@ impl Store {
     /// contents sit in RocksDB's own log until flushed).
     pub fn wal_bytes(&self) -> u64 {
         let Ok(db) = self.db() else { return 0 };
-        let Some(cf) = db.cf_handle(CF_EVENTS) else {
+        let Ok(cf) = cf(&db, CF_BLOCKS) else {
             return 0;
         };
         let sst = db
@@ -436,9 +556,10 @@ impl Store {
     }
 
     /// Drops events stored before `now - max_age`, then, while the store is
-    /// over `max_bytes` (0 = no cap), the oldest ones. Deletes whole offset
-    /// ranges with range tombstones and compacts them away, so the cost does
-    /// not depend on how many events go.
+    /// over `max_bytes` (0 = no cap), the oldest ones. Deletes whole blocks
+    /// with range tombstones and compacts them away, so the cost does not
+    /// depend on how many events go. An age cut inside a block keeps the
+    /// block (never drop what is young); a size cut drops it.
     pub fn enforce_retention(
         &self,
         now_ns: i64,
@@ -447,7 +568,7 @@ impl Store {
     ) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport::default();
         let cutoff = now_ns.saturating_sub(max_age.as_nanos().min(i64::MAX as u128) as i64);
-        let age_cut = self.offset_at_time(cutoff)?;
+        let age_cut = self.block_start(self.offset_at_time(cutoff)?)?;
         let first = self.first_offset();
         if age_cut > first {
             self.drop_before(age_cut, cutoff)?;
@@ -467,31 +588,27 @@ impl Store {
                 let per_event = (size / count).max(1);
                 let n = (excess / per_event).clamp(1, count);
                 let first = self.first_offset();
-                let cut = first + n;
+                let cut = self.block_end(first + n)?.min(self.next_offset());
                 let cut_time = self
                     .read_from(cut, 1)?
                     .first()
                     .map(|e| e.stored_at)
                     .unwrap_or(now_ns);
                 self.drop_before(cut, cut_time)?;
-                report.deleted_by_size += n;
+                report.deleted_by_size += cut - first;
                 self.flush()?;
             }
         }
         Ok(report)
     }
 
+    /// Deletes every block below `cut`, which must start a block (or be the
+    /// next offset), and the time index below `time_cut`.
     fn drop_before(&self, cut: u64, time_cut: i64) -> Result<(), StoreError> {
         let db = self.db()?;
-        let (Some(ev), Some(ti), Some(meta)) = (
-            db.cf_handle(CF_EVENTS),
-            db.cf_handle(CF_TINDEX),
-            db.cf_handle(CF_META),
-        ) else {
-            return Err(StoreError::Unavailable);
-        };
+        let (bl, ti, meta) = (cf(&db, CF_BLOCKS)?, cf(&db, CF_TINDEX)?, cf(&db, CF_META)?);
         let mut wb = WriteBatch::default();
-        wb.delete_range_cf(ev, be(0), be(cut));
+        wb.delete_range_cf(bl, be(0), be(cut));
         let mut tcut = [0u8; 16];
         tcut[..8].copy_from_slice(&be(time_cut.max(0) as u64));
         wb.delete_range_cf(ti, [0u8; 16], tcut);
@@ -500,7 +617,7 @@ impl Store {
         wo.set_sync(true);
         db.write_opt(wb, &wo).map_err(|e| self.rocks(e))?;
         self.first_offset.store(cut, Ordering::SeqCst);
-        db.compact_range_cf(ev, None::<&[u8]>, Some(&be(cut)[..]));
+        db.compact_range_cf(bl, None::<&[u8]>, Some(&be(cut)[..]));
         Ok(())
     }
 
@@ -511,14 +628,12 @@ impl Store {
         // Every column family's memtable, not only the default one: what is
         // left unflushed is replayed from the WAL at the next open, which
         // made restarts slow in proportion to recent writes.
-        for name in [CF_EVENTS, CF_TINDEX, CF_AGENTS, CF_META] {
-            let cf = db.cf_handle(name).ok_or(StoreError::Unavailable)?;
-            db.flush_cf(cf).map_err(|e| self.rocks(e))?;
+        for name in [CF_BLOCKS, CF_TINDEX, CF_AGENTS, CF_META] {
+            db.flush_cf(cf(&db, name)?).map_err(|e| self.rocks(e))?;
         }
         Ok(())
     }
 
-    /// Closes the database after flushing; later calls get `Unavailable`.
     /// Takes a backup through `engine` while writes go on. The WAL is copied
     /// with the table files (no flush first), so the backup holds every write
     /// that completed before it started without forcing a memtable flush.
@@ -532,6 +647,7 @@ impl Store {
             .map_err(|e| self.rocks(e))
     }
 
+    /// Closes the database after flushing; later calls get `Unavailable`.
     pub fn close(&self) -> Result<(), StoreError> {
         let flushed = self.flush();
         let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
@@ -563,9 +679,12 @@ mod tests {
             payload: Some(Payload::Synthetic(SyntheticEvent {
                 n: seq,
                 // Incompressible (xorshift), so size tests measure real bytes
-                // once LZ4 compresses flushed tables.
+                // once LZ4 compresses flushed tables. Seeded by seq and offset
+                // apart: `write` gives both the same value, and a seed of
+                // their xor gave every event the same bytes, which LZ4 over
+                // a block of them shrinks a hundredfold.
                 data: {
-                    let mut x = (seq ^ offset).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    let mut x = (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ offset) | 1;
                     (0..size)
                         .map(|_| {
                             x ^= x << 13;
@@ -752,5 +871,145 @@ mod tests {
             .unwrap();
         assert_eq!(got.len(), 3);
         assert!(got.iter().all(|e| e.observed_at == 200 * sec));
+    }
+
+    #[test]
+    fn reads_start_and_stop_inside_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let sec = 1_000_000_000i64;
+        // 3000 events in one group: three blocks (1024 + 1024 + 952).
+        write(&s, 3000, 100 * sec, 10);
+        let got = s
+            .query(&QuerySpec {
+                from_offset: 1000,
+                to_offset: 1100,
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (1000..=1100).collect::<Vec<u64>>()
+        );
+        assert!(
+            got.iter()
+                .all(|e| e.stored_at == 100 * sec && e.seq == e.offset)
+        );
+        assert_eq!(s.read_from(2048, 3).unwrap()[0].offset, 2048);
+        assert_eq!(s.get(1025).unwrap().map(|e| e.seq), Some(1025));
+        assert_eq!(s.get(3000).unwrap().map(|e| e.seq), Some(3000));
+        assert!(s.get(3001).unwrap().is_none());
+
+        let p = s
+            .page_back(&PageRequest {
+                before: 1030,
+                from_time: 0,
+                to_time: 0,
+                filter: EventFilter::default(),
+                limit: 10,
+                max_scan: 1000,
+            })
+            .unwrap();
+        assert_eq!(
+            p.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (1020..1030).rev().collect::<Vec<u64>>()
+        );
+        assert_eq!(p.next_before, Some(1020));
+    }
+
+    #[test]
+    fn size_retention_drops_whole_blocks_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let now = 1_000_000_000_000i64;
+        for _ in 0..8 {
+            write(&s, 1000, now, 1000);
+        }
+        s.flush().unwrap();
+        let cap = s.wal_bytes() / 2;
+        let r = s
+            .enforce_retention(now, std::time::Duration::from_secs(3600), cap)
+            .unwrap();
+        let first = s.first_offset();
+        assert_eq!(r.deleted_by_size, first - 1);
+        // Every block start is where a cut can fall: its first event is whole.
+        let left = s.read_from(0, usize::MAX).unwrap();
+        assert_eq!(left.first().map(|e| e.offset), Some(first));
+        assert_eq!(left.len() as u64, 8000 - r.deleted_by_size);
+        assert_eq!(s.block_start(first).unwrap(), first);
+    }
+
+    fn legacy_groups(groups: u64, per: u64) -> Vec<Vec<Event>> {
+        (0..groups)
+            .map(|g| {
+                (0..per)
+                    .map(|i| {
+                        let off = g * per + i + 1;
+                        ev("a", off, off, (g as i64 + 1) * 1_000_000_000, 20)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_format_1_store_is_converted_once_and_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = legacy_groups(5, 700);
+        legacy::write_format1(dir.path(), &groups).unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!((s.first_offset(), s.next_offset()), (1, 3501));
+        let all = s.read_from(0, usize::MAX).unwrap();
+        let want: Vec<Event> = groups.into_iter().flatten().collect();
+        assert_eq!(all, want, "every event, with its offset and stored time");
+        // The time index still finds each group.
+        let got = s
+            .query(&QuerySpec {
+                from_time: 3_000_000_000,
+                to_time: 3_000_000_000,
+                limit: 10_000,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(got.len(), 700);
+        assert!(got.iter().all(|e| e.stored_at == 3_000_000_000));
+        write(&s, 1, 9_000_000_000, 5);
+        drop(s);
+
+        let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(!names.iter().any(|n| n == legacy::CF_EVENTS), "{names:?}");
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.read_from(0, usize::MAX).unwrap().len(), 3501);
+        assert_eq!(
+            s.get(3501).unwrap().map(|e| e.stored_at),
+            Some(9_000_000_000)
+        );
+    }
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        write(&s, 3, 1, 5);
+        drop(s);
+        {
+            let db = DB::open_cf(
+                &Options::default(),
+                dir.path(),
+                [CF_BLOCKS, CF_TINDEX, CF_AGENTS, CF_META],
+            )
+            .unwrap();
+            db.put_cf(db.cf_handle(CF_META).unwrap(), KEY_FORMAT, be(FORMAT + 1))
+                .unwrap();
+        }
+        match Store::open(dir.path()) {
+            Err(e @ StoreError::Newer { found, .. }) => {
+                assert_eq!(found, FORMAT + 1);
+                assert!(e.to_string().contains("layout format 3"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a newer store was opened"),
+        }
     }
 }
