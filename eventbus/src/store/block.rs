@@ -38,7 +38,6 @@ const STORED_AT_TAG: u64 = 9;
 /// Builds one block at a time from events appended in offset order.
 pub(crate) struct Builder {
     buf: Vec<u8>,
-    scratch: Vec<u8>,
     first: u64,
     stored_at: i64,
     count: u32,
@@ -48,7 +47,6 @@ impl Builder {
     pub(crate) fn new() -> Self {
         Self {
             buf: Vec::with_capacity(64 * 1024),
-            scratch: Vec::with_capacity(1024),
             first: 0,
             stored_at: 0,
             count: 0,
@@ -76,12 +74,22 @@ impl Builder {
             self.buf.extend_from_slice(&stored_at.to_be_bytes());
             self.buf.extend_from_slice(&0u32.to_be_bytes());
         }
-        self.scratch.clear();
-        // Encoding into a Vec cannot fail: it grows as needed.
-        let _ = e.encode(&mut self.scratch);
-        strip_stamps(&mut self.scratch);
-        encode_varint(self.scratch.len() as u64, &mut self.buf);
-        self.buf.extend_from_slice(&self.scratch);
+        // Encoded in place behind its length, which leaves out the stamps
+        // the strip below removes again.
+        let stamps = stamp_len(e.offset) + stamp_len(e.stored_at as u64);
+        let len = e.encoded_len() - stamps;
+        let prefix = self.buf.len();
+        encode_varint(len as u64, &mut self.buf);
+        let start = self.buf.len();
+        e.encode_raw(&mut self.buf);
+        strip_stamps(&mut self.buf, start);
+        if self.buf.len() - start != len {
+            // Not the layout the strip expects: keep the whole encoding
+            // (decoding overwrites the stamps), behind its true length.
+            self.buf.truncate(prefix);
+            encode_varint(e.encoded_len() as u64, &mut self.buf);
+            e.encode_raw(&mut self.buf);
+        }
         self.count += 1;
     }
 
@@ -96,12 +104,23 @@ impl Builder {
     }
 }
 
-/// Removes the offset and stored-time fields from one encoded `Event`. They
-/// come right after the labels, so the walk stops at the first field past
-/// them. A walk that does not understand the bytes leaves them as they are:
-/// decoding overwrites both fields anyway, so this only saves space.
-fn strip_stamps(buf: &mut Vec<u8>) {
-    let mut rest: &[u8] = buf;
+/// The bytes a varint stamp field takes in an encoding: none when it is 0
+/// (protobuf leaves default values out), else its key and its value.
+fn stamp_len(v: u64) -> usize {
+    if v == 0 {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(v)
+    }
+}
+
+/// Removes the offset and stored-time fields from the encoded `Event` that
+/// runs from `from` to the end of `buf`. They come right after the labels, so
+/// the walk stops at the first field past them. Bytes the walk does not
+/// understand are left as they are; it only ever sees what `encode_raw` just
+/// wrote, and [`stamp_len`] must have counted what it removes.
+fn strip_stamps(buf: &mut Vec<u8>, from: usize) {
+    let mut rest: &[u8] = &buf[from..];
     let mut start = None;
     loop {
         let at = buf.len() - rest.len();
