@@ -106,7 +106,7 @@ start_read_bus; wait_port 19464
   --agents "$AGENTS" --events "$EVENTS" --batch "$BATCH" --window "$WINDOW" --agent-prefix read >/dev/null
 echo "[read] $("$BIN" bench --bus https://127.0.0.1:17443 --tls-dir "$P/reader" --read | tail -1) bus_rss_peak_mb=$(rss_mb "$bus_pid")"
 kill -TERM "$bus_pid"; wait "$bus_pid" 2>/dev/null || true
-echo "[read] $("$BIN" bench --scan-store "$work/bus" | tail -1)"
+echo "[read] $("$BIN" bench --tls-dir "$P/reader" --scan-store "$work/bus" | tail -1)"
 start_read_bus
 echo "[restart] stored=$EVENTS ready_ms=$(ready_ms 19464)"
 kill -TERM "$bus_pid"; wait "$bus_pid" 2>/dev/null || true

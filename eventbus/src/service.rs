@@ -36,6 +36,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_PENDING_BATCHES: usize = 64;
 const DEFAULT_QUERY_LIMIT: u32 = 1000;
 const QUERY_CHUNK: usize = 512;
+/// Events a query reads from the store at a time.
+const QUERY_READ: usize = 8 * QUERY_CHUNK;
 const TAIL_CHUNK: usize = 1024;
 
 /// Everything the services share.
@@ -458,21 +460,47 @@ impl EventBus for EventBusService {
         req: Request<QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
         authorize(&req, Permission::Read, "Query")?;
-        let spec = self.0.query_spec(req.get_ref())?;
+        let mut spec = self.0.query_spec(req.get_ref())?;
         let store = self.0.store.clone();
-        let events = tokio::task::spawn_blocking(move || store.query(&spec))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_status)?;
-        // The events move into their responses; a copy of a page would cost
-        // as much as reading it.
-        let mut chunks: Vec<Result<QueryResponse, Status>> = Vec::new();
-        let mut events = events.into_iter().peekable();
-        while events.peek().is_some() {
-            let page = events.by_ref().take(QUERY_CHUNK).collect();
-            chunks.push(Ok(QueryResponse { events: page }));
+        // The first read answers for the query (a store error fails the
+        // call); the rest are read on a blocking thread while earlier
+        // responses are sent, so a large query holds a few chunks in memory
+        // and its reads overlap the network.
+        let mut left = spec.limit;
+        let (first, spec, left, store) = tokio::task::spawn_blocking(move || {
+            let first = next_query_chunk(&store, &mut spec, &mut left);
+            (first, spec, left, store)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let first = first.map_err(store_status)?;
+        let (tx, rx) = mpsc::channel(QUERY_READ / QUERY_CHUNK * 2);
+        let more = first.is_some() && left > 0;
+        if let Some(events) = first {
+            send_chunks(&tx, events, |tx, r| tx.try_send(r).is_ok());
         }
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        if more {
+            let (mut spec, mut left) = (spec, left);
+            tokio::task::spawn_blocking(move || {
+                loop {
+                    match next_query_chunk(&store, &mut spec, &mut left) {
+                        Ok(Some(events)) => {
+                            if !send_chunks(&tx, events, |tx, r| tx.blocking_send(r).is_ok()) {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(store_status(e)));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn tail(&self, req: Request<TailRequest>) -> Result<Response<Self::TailStream>, Status> {
@@ -497,6 +525,47 @@ impl EventBus for EventBusService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// Reads the next part of a query: up to [`QUERY_READ`] of the `left`
+/// events it still wants, after what the last part returned. None once it is
+/// done.
+fn next_query_chunk(
+    store: &Store,
+    spec: &mut QuerySpec,
+    left: &mut usize,
+) -> Result<Option<Vec<Event>>, StoreError> {
+    if *left == 0 {
+        return Ok(None);
+    }
+    spec.limit = (*left).min(QUERY_READ);
+    let events = store.query(spec)?;
+    *left = if events.len() < spec.limit {
+        0
+    } else {
+        *left - events.len()
+    };
+    Ok(events.last().map(|l| l.offset + 1).map(|next| {
+        spec.from_offset = next;
+        events
+    }))
+}
+
+/// Sends `events` as responses of [`QUERY_CHUNK`], moving them (a copy
+/// would cost as much as the read); false once the receiver is gone.
+fn send_chunks(
+    tx: &mpsc::Sender<Result<QueryResponse, Status>>,
+    events: Vec<Event>,
+    send: impl Fn(&mpsc::Sender<Result<QueryResponse, Status>>, Result<QueryResponse, Status>) -> bool,
+) -> bool {
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let page = events.by_ref().take(QUERY_CHUNK).collect();
+        if !send(tx, Ok(QueryResponse { events: page })) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Serves history from the store, then live groups from the writer; falls
@@ -789,5 +858,71 @@ mod tests {
             let e = validate_batch(&hello, &mut b, 10).unwrap_err();
             assert!(e.starts_with(field), "{e} should name {field}");
         }
+    }
+
+    #[test]
+    fn a_query_read_in_parts_returns_its_limit_in_order_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let n = 3 * QUERY_READ as u64 + 7;
+        let events = (1..=n)
+            .map(|i| Event {
+                offset: i,
+                stored_at: 5,
+                agent_id: if i % 3 == 0 { "b" } else { "a" }.into(),
+                ..ev(i)
+            })
+            .collect();
+        store
+            .commit(
+                &crate::store::PreparedGroup {
+                    batch_events: events,
+                    next_offset: n + 1,
+                    stored_at: 5,
+                    ..Default::default()
+                },
+                false,
+            )
+            .unwrap();
+        let read = |spec: QuerySpec| {
+            let (mut spec, mut left) = (spec.clone(), spec.limit);
+            let mut parts = Vec::new();
+            while let Some(part) = next_query_chunk(&store, &mut spec, &mut left).unwrap() {
+                assert!(part.len() <= QUERY_READ);
+                parts.push(part);
+            }
+            parts
+                .into_iter()
+                .flatten()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>()
+        };
+        let limit = 2 * QUERY_READ + 5;
+        let spec = QuerySpec {
+            from_offset: 3,
+            limit,
+            ..Default::default()
+        };
+        assert_eq!(
+            read(spec.clone()),
+            (3..3 + limit as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            read(QuerySpec {
+                limit: usize::MAX,
+                ..spec.clone()
+            }),
+            (3..=n).collect::<Vec<_>>()
+        );
+        let only_b = read(QuerySpec {
+            filter: EventFilter {
+                agent_ids: vec!["b".into()],
+                ..Default::default()
+            },
+            limit: QUERY_READ + 1,
+            ..spec
+        });
+        assert_eq!(only_b.len(), QUERY_READ + 1);
+        assert!(only_b.iter().all(|s| s % 3 == 0));
     }
 }
