@@ -360,6 +360,7 @@ impl Writer {
     /// Runs on its own thread until a Stop arrives or every sender is gone.
     pub fn run(self, mut rx: mpsc::Receiver<WriterMsg>) {
         self.metrics.writable.set(1);
+        let reclaim = Reclaim::start();
         let mut stop = false;
         while !stop {
             let Some(first) = rx.blocking_recv() else {
@@ -387,22 +388,22 @@ impl Writer {
             match self.sync {
                 SyncPolicy::Always => {
                     for r in reqs {
-                        self.commit(vec![r], true);
+                        self.commit(vec![r], true, &reclaim);
                     }
                 }
-                SyncPolicy::Batch => self.commit(reqs, true),
-                SyncPolicy::Never => self.commit(reqs, false),
+                SyncPolicy::Batch => self.commit(reqs, true, &reclaim),
+                SyncPolicy::Never => self.commit(reqs, false, &reclaim),
             }
         }
         // Drain anything that raced with Stop.
         while let Ok(msg) = rx.try_recv() {
             if let Some(item) = Item::from_msg(msg) {
-                self.commit(vec![item], self.sync != SyncPolicy::Never);
+                self.commit(vec![item], self.sync != SyncPolicy::Never, &reclaim);
             }
         }
     }
 
-    fn commit(&self, mut reqs: Vec<Item>, sync: bool) {
+    fn commit(&self, mut reqs: Vec<Item>, sync: bool, reclaim: &Reclaim) {
         let mut attempt = 0u32;
         // A failed write changes nothing, so the retry writes the same group
         // (same offsets, same stored time) rather than preparing it again.
@@ -424,7 +425,7 @@ impl Writer {
                         self.writable.store(true, Ordering::SeqCst);
                         self.metrics.writable.set(1);
                     }
-                    self.finish(reqs, group, outcomes);
+                    self.finish(reqs, group, outcomes, reclaim);
                     return;
                 }
                 Err(e) => {
@@ -446,7 +447,13 @@ impl Writer {
         }
     }
 
-    fn finish(&self, reqs: Vec<Item>, group: PreparedGroup, outcomes: Vec<Outcome>) {
+    fn finish(
+        &self,
+        reqs: Vec<Item>,
+        group: PreparedGroup,
+        outcomes: Vec<Outcome>,
+        reclaim: &Reclaim,
+    ) {
         let stored = group.batch_events.len();
         let dups: usize = outcomes
             .iter()
@@ -455,16 +462,18 @@ impl Writer {
                 Outcome::Session(_) => 0,
             })
             .sum();
-        self.metrics.events_stored.inc_by(stored as u64);
-        self.metrics
-            .count_stored(group.batch_events.iter().map(|e| e.collector.as_str()));
-        self.alerts.observe(&group.batch_events);
-        self.metrics.duplicates.inc_by(dups as u64);
-        self.metrics.group_events.observe((stored + dups) as f64);
+        // The next group's dedupe reads the registry: applied before
+        // anything else, on this thread.
         self.registry.apply(group.agents);
-        if stored > 0 && self.tail.receiver_count() > 0 {
-            let _ = self.tail.send(Arc::new(group.batch_events));
-        }
+        let (owned, shared) = if stored > 0 && self.tail.receiver_count() > 0 {
+            let shared = Arc::new(group.batch_events);
+            let _ = self.tail.send(shared.clone());
+            (Vec::new(), Some(shared))
+        } else {
+            (group.batch_events, None)
+        };
+        // Acks before the bookkeeping below: the agents' next batches are
+        // what the writer waits for.
         for (req, out) in reqs.into_iter().zip(outcomes) {
             // A publisher that went away still had its events stored; the
             // ack it misses is re-derived from Welcome when it reconnects.
@@ -483,6 +492,68 @@ impl Writer {
                 }
                 _ => {}
             }
+        }
+        let events: &[Event] = shared.as_deref().map_or(&owned, |v| v);
+        self.metrics.events_stored.inc_by(stored as u64);
+        self.metrics
+            .count_stored(events.iter().map(|e| e.collector.as_str()));
+        self.alerts.observe(events);
+        self.metrics.duplicates.inc_by(dups as u64);
+        self.metrics.group_events.observe((stored + dups) as f64);
+        reclaim.free(owned);
+    }
+}
+
+/// Frees stored events on a thread of their own: a group's events are
+/// tens of thousands of small allocations, and freeing them took the
+/// writer a share of every group's time. Inline when that thread is busy
+/// or could not be started.
+struct Reclaim {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Event>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reclaim {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(4);
+        match std::thread::Builder::new()
+            .name("amoskys-reclaim".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+        {
+            Ok(thread) => Self {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                error!(error = %e, "could not start the reclaim thread; the writer frees events itself");
+                Self {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    fn free(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.tx
+            && let Err(
+                std::sync::mpsc::TrySendError::Full(events)
+                | std::sync::mpsc::TrySendError::Disconnected(events),
+            ) = tx.try_send(events)
+        {
+            drop(events);
+        }
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
