@@ -9,6 +9,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# RocksDB checksums every WAL record and table block with CRC32C; built
+# without SSE4.2 it uses a table-driven CRC that took 10% of the bus's CPU
+# at full load. Every x86-64 CPU since 2011 has both instructions.
+ENV CXXFLAGS_x86_64_unknown_linux_gnu="-msse4.2 -mpclmul"
 RUN cargo build --release --locked --bin amoskys \
  && strip target/release/amoskys \
  && install -m 0755 target/release/amoskys /amoskys

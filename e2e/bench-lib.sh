@@ -10,6 +10,10 @@ bench_bin() {
   fi
   ./scripts/setup.sh
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/amoskys-target}"
+  # Hardware CRC32C for RocksDB, as the image is built (see Dockerfile).
+  if [ "$(uname -m)" = x86_64 ]; then
+    export CXXFLAGS_x86_64_unknown_linux_gnu="${CXXFLAGS_x86_64_unknown_linux_gnu:--msse4.2 -mpclmul}"
+  fi
   cargo build --release --locked "$@"
   BIN="$CARGO_TARGET_DIR/release/amoskys"
 }
