@@ -53,9 +53,26 @@ impl Builder {
         }
     }
 
+    /// Appends `e` at `offset`, first handing the open block to `closed`
+    /// when `e` cannot join it. True when a block was closed.
+    pub(crate) fn add(
+        &mut self,
+        e: &Event,
+        offset: u64,
+        stored_at: i64,
+        closed: impl FnOnce(u64, &[u8]),
+    ) -> bool {
+        let closing = !self.accepts(offset, stored_at);
+        if closing && let Some((first, bytes)) = self.take() {
+            closed(first, bytes);
+        }
+        self.push(e, offset, stored_at);
+        closing
+    }
+
     /// Whether `e` (stored at `stored_at`) can join the open block: it must
     /// follow the last event's offset, share its stored time, and fit.
-    pub(crate) fn accepts(&self, offset: u64, stored_at: i64) -> bool {
+    fn accepts(&self, offset: u64, stored_at: i64) -> bool {
         self.count == 0
             || (offset == self.first + u64::from(self.count)
                 && stored_at == self.stored_at
@@ -63,9 +80,8 @@ impl Builder {
                 && self.buf.len() < MAX_BYTES)
     }
 
-    /// Appends `e` at `offset`; call [`Builder::accepts`] first, or
-    /// [`Builder::take`] the open block.
-    pub(crate) fn push(&mut self, e: &Event, offset: u64, stored_at: i64) {
+    /// Appends `e` at `offset` to the open block, which must accept it.
+    fn push(&mut self, e: &Event, offset: u64, stored_at: i64) {
         if self.count == 0 {
             self.first = offset;
             self.stored_at = stored_at;

@@ -18,20 +18,13 @@ use rocksdb::{DB, IteratorMode, WriteBatch, WriteOptions};
 use tracing::info;
 
 use super::block::Builder;
-use super::{CF_BLOCKS, CF_META, FORMAT, KEY_FORMAT, StoreError, be, cf, read_u64};
+use super::{CF_BLOCKS, CF_META, FORMAT, KEY_FORMAT, StoreError, be, cf, read_u64, rocks_at};
 
 /// The family format 1 kept its events in.
 pub(super) const CF_EVENTS: &str = "events";
 /// Converted blocks are written in batches of about this many bytes, so the
 /// conversion's memory does not grow with the store.
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
-
-fn rocks(path: &Path) -> impl Fn(rocksdb::Error) -> StoreError + '_ {
-    move |source| StoreError::Rocks {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// Rewrites every event of the `events` family as blocks and marks the store
 /// as of this build's format.
@@ -41,32 +34,28 @@ pub(super) fn convert(db: &DB, path: &Path) -> Result<(), StoreError> {
     let mut builder = Builder::new();
     let mut wb = WriteBatch::default();
     let mut converted = 0u64;
-    let flush_block = |builder: &mut Builder, wb: &mut WriteBatch| {
-        if let Some((first, bytes)) = builder.take() {
-            wb.put_cf(blocks, be(first), bytes);
-        }
-    };
     for item in db.iterator_cf(events, IteratorMode::Start) {
-        let (k, v) = item.map_err(rocks(path))?;
+        let (k, v) = item.map_err(rocks_at(path))?;
         let offset = read_u64(&k).unwrap_or(0);
         let e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
             offset,
             message: format!("format 1 event: {err}"),
         })?;
-        if !builder.accepts(offset, e.stored_at) {
-            flush_block(&mut builder, &mut wb);
-            if wb.size_in_bytes() >= BATCH_BYTES {
-                db.write(std::mem::take(&mut wb)).map_err(rocks(path))?;
-            }
+        let closed = builder.add(&e, offset, e.stored_at, |first, bytes| {
+            wb.put_cf(blocks, be(first), bytes)
+        });
+        if closed && wb.size_in_bytes() >= BATCH_BYTES {
+            db.write(std::mem::take(&mut wb)).map_err(rocks_at(path))?;
         }
-        builder.push(&e, offset, e.stored_at);
         converted += 1;
     }
-    flush_block(&mut builder, &mut wb);
+    if let Some((first, bytes)) = builder.take() {
+        wb.put_cf(blocks, be(first), bytes);
+    }
     wb.put_cf(meta, KEY_FORMAT, be(FORMAT));
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
-    db.write_opt(wb, &wo).map_err(rocks(path))?;
+    db.write_opt(wb, &wo).map_err(rocks_at(path))?;
     info!(
         path = %path.display(),
         events = converted,
@@ -83,8 +72,8 @@ pub(crate) fn write_format1(path: &Path, groups: &[Vec<Event>]) -> Result<(), St
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let db =
-        DB::open_cf(&opts, path, [CF_EVENTS, "tindex", "agents", CF_META]).map_err(rocks(path))?;
+    let db = DB::open_cf(&opts, path, [CF_EVENTS, "tindex", "agents", CF_META])
+        .map_err(rocks_at(path))?;
     let (events, tindex, meta) = (cf(&db, CF_EVENTS)?, cf(&db, "tindex")?, cf(&db, CF_META)?);
     let mut next = 1;
     for group in groups {
@@ -100,8 +89,8 @@ pub(crate) fn write_format1(path: &Path, groups: &[Vec<Event>]) -> Result<(), St
             next = e.offset + 1;
         }
         wb.put_cf(meta, b"next_offset", be(next));
-        db.write(wb).map_err(rocks(path))?;
+        db.write(wb).map_err(rocks_at(path))?;
     }
-    db.flush_cf(events).map_err(rocks(path))?;
+    db.flush_cf(events).map_err(rocks_at(path))?;
     Ok(())
 }

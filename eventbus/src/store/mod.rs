@@ -167,6 +167,14 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
     db.cf_handle(name).ok_or(StoreError::Unavailable)
 }
 
+/// Names the store's directory in a RocksDB error.
+fn rocks_at(path: &Path) -> impl Fn(rocksdb::Error) -> StoreError + '_ {
+    move |source| StoreError::Rocks {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn corrupt(offset: u64) -> impl FnOnce(String) -> StoreError {
     move |message| StoreError::Corrupt { offset, message }
 }
@@ -191,10 +199,7 @@ impl Store {
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
-        StoreError::Rocks {
-            path: self.path.clone(),
-            source,
-        }
+        rocks_at(&self.path)(source)
     }
 
     /// Closes and opens the database again. RocksDB refuses writes after a
@@ -324,12 +329,9 @@ impl Store {
         }
         let mut builder = block::Builder::new();
         for e in &group.batch_events {
-            if !builder.accepts(e.offset, e.stored_at)
-                && let Some((first, bytes)) = builder.take()
-            {
-                wb.put_cf(bl, be(first), bytes);
-            }
-            builder.push(e, e.offset, e.stored_at);
+            builder.add(e, e.offset, e.stored_at, |first, bytes| {
+                wb.put_cf(bl, be(first), bytes)
+            });
         }
         if let Some((first, bytes)) = builder.take() {
             wb.put_cf(bl, be(first), bytes);
