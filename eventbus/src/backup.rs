@@ -246,13 +246,13 @@ mod tests {
             last_seq: *seqs.end(),
             ..Default::default()
         };
-        let group = crate::store::PreparedGroup {
+        let mut group = crate::store::PreparedGroup {
             batch_events,
             agents: [(agent.to_string(), record)].into(),
             next_offset,
             stored_at: now_ns(),
         };
-        store.commit(&group, true).unwrap();
+        store.commit(&mut group, true).unwrap();
     }
 
     fn seqs(store: &Store) -> Vec<u64> {

@@ -875,7 +875,7 @@ mod tests {
             .collect();
         store
             .commit(
-                &crate::store::PreparedGroup {
+                &mut crate::store::PreparedGroup {
                     batch_events: events,
                     next_offset: n + 1,
                     stored_at: 5,

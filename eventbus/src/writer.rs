@@ -131,6 +131,7 @@ fn prepare_items(
     let mut group = PreparedGroup {
         next_offset,
         stored_at,
+        batch_events: Vec::with_capacity(items.iter().map(Item::events).sum()),
         ..Default::default()
     };
     let outcomes = items
@@ -192,7 +193,6 @@ fn prepare_write(
     let mut next_offset = group.next_offset;
     // Out of the group while the agent's record (in the group) is borrowed.
     let mut batch = std::mem::take(&mut group.batch_events);
-    batch.reserve(req.events.len());
     let rec = record_in(registry, group, &req.agent_id);
     let current = rec.incarnation == req.incarnation;
     let mut last = last_seq_of(rec, req.incarnation);
@@ -201,10 +201,12 @@ fn prepare_write(
         stored: 0,
         duplicates: 0,
     };
-    for mut e in std::mem::take(&mut req.events) {
+    // Stamped and deduped where they are, then moved over in one piece:
+    // moving each event on its own cost the writer more than encoding it.
+    req.events.retain_mut(|e| {
         if e.seq <= last {
             out.duplicates += 1;
-            continue;
+            return false;
         }
         e.offset = next_offset;
         e.stored_at = stored_at;
@@ -225,12 +227,13 @@ fn prepare_write(
             Some(Payload::Gap(g)) => rec.gaps_dropped += g.dropped,
             _ => {}
         }
-        if !e.node.is_empty() && current {
-            rec.node = e.node.clone();
+        if current && !e.node.is_empty() && e.node != rec.node {
+            rec.node.clone_from(&e.node);
         }
-        out.stored += 1;
-        batch.push(e);
-    }
+        true
+    });
+    out.stored = req.events.len();
+    batch.append(&mut req.events);
     set_last_seq(rec, req.incarnation, last);
     rec.duplicates += out.duplicates as u64;
     rec.last_seen = stored_at;
@@ -407,7 +410,7 @@ impl Writer {
         let mut attempt = 0u32;
         // A failed write changes nothing, so the retry writes the same group
         // (same offsets, same stored time) rather than preparing it again.
-        let (group, outcomes) = prepare_items(
+        let (mut group, outcomes) = prepare_items(
             &self.registry,
             &mut reqs,
             self.store.next_offset(),
@@ -415,7 +418,7 @@ impl Writer {
         );
         loop {
             let started = Instant::now();
-            match self.store.commit(&group, sync) {
+            match self.store.commit(&mut group, sync) {
                 Ok(()) => {
                     self.metrics
                         .fsync_seconds

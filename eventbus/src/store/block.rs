@@ -30,11 +30,6 @@ pub(crate) const MAX_EVENTS: usize = 1024;
 pub(crate) const MAX_BYTES: usize = 256 * 1024;
 const HEADER_LEN: usize = 1 + 8 + 4;
 
-/// Protobuf keys of `Event.offset` (field 8) and `Event.stored_at` (field 9),
-/// both varints: wire type 0.
-const OFFSET_TAG: u64 = 8;
-const STORED_AT_TAG: u64 = 9;
-
 /// Builds one block at a time from events appended in offset order.
 pub(crate) struct Builder {
     buf: Vec<u8>,
@@ -57,7 +52,7 @@ impl Builder {
     /// when `e` cannot join it. True when a block was closed.
     pub(crate) fn add(
         &mut self,
-        e: &Event,
+        e: &mut Event,
         offset: u64,
         stored_at: i64,
         closed: impl FnOnce(u64, &[u8]),
@@ -81,7 +76,8 @@ impl Builder {
     }
 
     /// Appends `e` at `offset` to the open block, which must accept it.
-    fn push(&mut self, e: &Event, offset: u64, stored_at: i64) {
+    /// `e` comes back as it was.
+    fn push(&mut self, e: &mut Event, offset: u64, stored_at: i64) {
         if self.count == 0 {
             self.first = offset;
             self.stored_at = stored_at;
@@ -90,22 +86,15 @@ impl Builder {
             self.buf.extend_from_slice(&stored_at.to_be_bytes());
             self.buf.extend_from_slice(&0u32.to_be_bytes());
         }
-        // Encoded in place behind its length, which leaves out the stamps
-        // the strip below removes again.
-        let stamps = stamp_len(e.offset) + stamp_len(e.stored_at as u64);
-        let len = e.encoded_len() - stamps;
-        let prefix = self.buf.len();
-        encode_varint(len as u64, &mut self.buf);
-        let start = self.buf.len();
+        // Protobuf leaves zero fields out, so with its stamps zeroed the
+        // event encodes without them, in place behind its length.
+        let stamps = (
+            std::mem::take(&mut e.offset),
+            std::mem::take(&mut e.stored_at),
+        );
+        encode_varint(e.encoded_len() as u64, &mut self.buf);
         e.encode_raw(&mut self.buf);
-        strip_stamps(&mut self.buf, start);
-        if self.buf.len() - start != len {
-            // Not the layout the strip expects: keep the whole encoding
-            // (decoding overwrites the stamps), behind its true length.
-            self.buf.truncate(prefix);
-            encode_varint(e.encoded_len() as u64, &mut self.buf);
-            e.encode_raw(&mut self.buf);
-        }
+        (e.offset, e.stored_at) = stamps;
         self.count += 1;
     }
 
@@ -117,74 +106,6 @@ impl Builder {
         self.buf[9..HEADER_LEN].copy_from_slice(&self.count.to_be_bytes());
         self.count = 0;
         Some((self.first, &self.buf))
-    }
-}
-
-/// The bytes a varint stamp field takes in an encoding: none when it is 0
-/// (protobuf leaves default values out), else its key and its value.
-fn stamp_len(v: u64) -> usize {
-    if v == 0 {
-        0
-    } else {
-        1 + prost::encoding::encoded_len_varint(v)
-    }
-}
-
-/// Removes the offset and stored-time fields from the encoded `Event` that
-/// runs from `from` to the end of `buf`. They come right after the labels, so
-/// the walk stops at the first field past them. Bytes the walk does not
-/// understand are left as they are; it only ever sees what `encode_raw` just
-/// wrote, and [`stamp_len`] must have counted what it removes.
-fn strip_stamps(buf: &mut Vec<u8>, from: usize) {
-    let mut rest: &[u8] = &buf[from..];
-    let mut start = None;
-    loop {
-        let at = buf.len() - rest.len();
-        let Ok(key) = decode_varint(&mut rest) else {
-            return;
-        };
-        let (tag, wire) = (key >> 3, key & 7);
-        if tag > STORED_AT_TAG {
-            if let Some(s) = start {
-                buf.drain(s..at);
-            }
-            return;
-        }
-        if tag == OFFSET_TAG || tag == STORED_AT_TAG {
-            start.get_or_insert(at);
-        } else if start.is_some() {
-            // Another field between them: not the layout this expects.
-            return;
-        }
-        let skipped = match wire {
-            0 => decode_varint(&mut rest).is_ok(),
-            1 => skip(&mut rest, 8),
-            2 => match decode_varint(&mut rest) {
-                Ok(n) => usize::try_from(n).is_ok_and(|n| skip(&mut rest, n)),
-                Err(_) => false,
-            },
-            5 => skip(&mut rest, 4),
-            _ => false,
-        };
-        if !skipped {
-            return;
-        }
-        if rest.is_empty() {
-            if let Some(s) = start {
-                buf.truncate(s);
-            }
-            return;
-        }
-    }
-}
-
-fn skip(rest: &mut &[u8], n: usize) -> bool {
-    match rest.get(n..) {
-        Some(r) => {
-            *rest = r;
-            true
-        }
-        None => false,
     }
 }
 
@@ -310,7 +231,7 @@ mod tests {
 
     fn build(events: &[Event]) -> (u64, Vec<u8>) {
         let mut b = Builder::new();
-        for e in events {
+        for e in &mut events.to_vec() {
             assert!(b.accepts(e.offset, e.stored_at));
             b.push(e, e.offset, e.stored_at);
         }
@@ -351,13 +272,13 @@ mod tests {
     #[test]
     fn a_block_closes_at_a_gap_a_new_stored_time_or_its_limits() {
         let mut b = Builder::new();
-        let e = event(1);
-        b.push(&e, 10, 5);
+        let mut e = event(1);
+        b.push(&mut e, 10, 5);
         assert!(b.accepts(11, 5));
         assert!(!b.accepts(12, 5), "offsets must follow on");
         assert!(!b.accepts(11, 6), "one stored time per block");
         for off in 11..10 + MAX_EVENTS as u64 {
-            b.push(&e, off, 5);
+            b.push(&mut e, off, 5);
         }
         assert!(!b.accepts(10 + MAX_EVENTS as u64, 5), "full");
         let (first, bytes) = b.take().unwrap();
@@ -365,14 +286,14 @@ mod tests {
         assert_eq!(block.count as usize, MAX_EVENTS);
         assert!(b.take().is_none(), "taking empties the builder");
 
-        let big = Event {
+        let mut big = Event {
             payload: Some(Payload::Synthetic(SyntheticEvent {
                 n: 0,
                 data: vec![1; MAX_BYTES],
             })),
             ..Default::default()
         };
-        b.push(&big, 1, 5);
+        b.push(&mut big, 1, 5);
         assert!(!b.accepts(2, 5), "over the byte limit after one event");
     }
 

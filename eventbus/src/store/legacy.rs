@@ -37,11 +37,12 @@ pub(super) fn convert(db: &DB, path: &Path) -> Result<(), StoreError> {
     for item in db.iterator_cf(events, IteratorMode::Start) {
         let (k, v) = item.map_err(rocks_at(path))?;
         let offset = read_u64(&k).unwrap_or(0);
-        let e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
+        let mut e = Event::decode(&*v).map_err(|err| StoreError::Corrupt {
             offset,
             message: format!("format 1 event: {err}"),
         })?;
-        let closed = builder.add(&e, offset, e.stored_at, |first, bytes| {
+        let stored_at = e.stored_at;
+        let closed = builder.add(&mut e, offset, stored_at, |first, bytes| {
             wb.put_cf(blocks, be(first), bytes)
         });
         if closed && wb.size_in_bytes() >= BATCH_BYTES {
