@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // JSON for the CLI and the dashboard API.
         .type_attribute(".", "#[derive(serde::Serialize)]")
+        // Written by hand (src/query_response.rs): a bus sends stored events
+        // in the bytes it holds them in.
+        .extern_path(".amoskys.v1.QueryResponse", "crate::QueryResponse")
         .compile_protos(&["amoskys/v1/events.proto", "amoskys/v1/bus.proto"], &["."])?;
     println!("cargo:rerun-if-changed=amoskys");
     Ok(())

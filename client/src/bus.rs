@@ -178,12 +178,21 @@ impl BusClient {
 
     /// Runs a query and collects every event it returns.
     pub async fn query(&mut self, req: QueryRequest) -> Result<Vec<Event>, ClientError> {
-        let mut stream = self.bus.query(req).await?.into_inner();
+        let mut stream = self.query_stream(req).await?;
         let mut out = Vec::new();
         while let Some(chunk) = stream.message().await? {
             out.extend(chunk.events);
         }
         Ok(out)
+    }
+
+    /// Runs one query and hands back its responses as they arrive, for a
+    /// reader that handles events as they come rather than all at once.
+    pub async fn query_stream(
+        &mut self,
+        req: QueryRequest,
+    ) -> Result<Streaming<amoskys_proto::QueryResponse>, ClientError> {
+        Ok(self.bus.query(req).await?.into_inner())
     }
 
     /// Runs a query page by page (each up to `req.limit`, capped by the

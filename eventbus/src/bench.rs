@@ -499,17 +499,22 @@ pub async fn read(client: &ClientOptions, limit: u32) -> Result<ReadReport, Clie
     let mut report = ReadReport::default();
     let started = Instant::now();
     let mut from = 0;
+    // Each page is handled as it streams in, as an exporter would.
     loop {
-        let page = bus
-            .query(amoskys_proto::QueryRequest {
+        let mut stream = bus
+            .query_stream(amoskys_proto::QueryRequest {
                 from_offset: from,
                 limit,
                 ..Default::default()
             })
             .await?;
-        let Some(last) = page.last() else { break };
-        from = last.offset + 1;
-        report.query_events += page.len() as u64;
+        let mut last = None;
+        while let Some(chunk) = stream.message().await? {
+            report.query_events += chunk.events.len() as u64;
+            last = chunk.events.last().map(|e| e.offset).or(last);
+        }
+        let Some(last) = last else { break };
+        from = last + 1;
     }
     report.query_eps = report.query_events as f64 / started.elapsed().as_secs_f64().max(1e-9);
 

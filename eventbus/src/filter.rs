@@ -42,6 +42,15 @@ impl EventFilter {
         })
     }
 
+    /// Whether it matches every event the bus stores: the bus refuses
+    /// events of an unknown severity, so every stored one is at least 0.
+    pub fn matches_all(&self) -> bool {
+        self.collectors.is_empty()
+            && self.agent_ids.is_empty()
+            && self.min_severity <= 0
+            && self.text.is_empty()
+    }
+
     pub fn matches(&self, e: &Event) -> bool {
         (self.collectors.is_empty() || self.collectors.contains(&e.collector))
             && (self.agent_ids.is_empty() || self.agent_ids.contains(&e.agent_id))

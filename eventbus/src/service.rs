@@ -10,9 +10,10 @@ use amoskys_proto::event_bus_server::EventBus;
 use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{
-    Ack, BackupRequest, BackupResponse, Batch, ControlRequest, ControlResponse, Event, Hello,
-    ListAgentsRequest, ListAgentsResponse, PublishRequest, PublishResponse, QueryRequest,
-    QueryResponse, Severity, StatsRequest, StatsResponse, TailRequest, Welcome, control,
+    Ack, BackupRequest, BackupResponse, Batch, ControlRequest, ControlResponse, EncodedEvents,
+    Event, Hello, ListAgentsRequest, ListAgentsResponse, PublishRequest, PublishResponse,
+    QueryRequest, QueryResponse, Severity, StatsRequest, StatsResponse, TailRequest, Welcome,
+    control,
 };
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -476,16 +477,16 @@ impl EventBus for EventBusService {
         let first = first.map_err(store_status)?;
         let (tx, rx) = mpsc::channel(QUERY_READ / QUERY_CHUNK * 2);
         let more = first.is_some() && left > 0;
-        if let Some(events) = first {
-            send_chunks(&tx, events, |tx, r| tx.try_send(r).is_ok());
+        if let Some(parts) = first {
+            send_parts(&tx, parts, |tx, r| tx.try_send(r).is_ok());
         }
         if more {
             let (mut spec, mut left) = (spec, left);
             tokio::task::spawn_blocking(move || {
                 loop {
                     match next_query_chunk(&store, &mut spec, &mut left) {
-                        Ok(Some(events)) => {
-                            if !send_chunks(&tx, events, |tx, r| tx.blocking_send(r).is_ok()) {
+                        Ok(Some(parts)) => {
+                            if !send_parts(&tx, parts, |tx, r| tx.blocking_send(r).is_ok()) {
                                 return;
                             }
                         }
@@ -528,44 +529,44 @@ impl EventBus for EventBusService {
 }
 
 /// Reads the next part of a query: up to [`QUERY_READ`] of the `left`
-/// events it still wants, after what the last part returned. None once it is
-/// done.
+/// events it still wants, after what the last part returned, as responses
+/// of at most [`QUERY_CHUNK`] events. None once it is done.
 fn next_query_chunk(
     store: &Store,
     spec: &mut QuerySpec,
     left: &mut usize,
-) -> Result<Option<Vec<Event>>, StoreError> {
+) -> Result<Option<Vec<EncodedEvents>>, StoreError> {
     if *left == 0 {
         return Ok(None);
     }
     spec.limit = (*left).min(QUERY_READ);
-    let events = store.query(spec)?;
-    *left = if events.len() < spec.limit {
+    let read = store.query_encoded(spec, QUERY_CHUNK)?;
+    *left = if read.count < spec.limit {
         0
     } else {
-        *left - events.len()
+        *left - read.count
     };
-    Ok(events.last().map(|l| l.offset + 1).map(|next| {
-        spec.from_offset = next;
-        events
+    Ok(read.last.map(|last| {
+        spec.from_offset = last + 1;
+        read.parts
     }))
 }
 
-/// Sends `events` as responses of [`QUERY_CHUNK`], moving them (a copy
-/// would cost as much as the read); false once the receiver is gone.
-fn send_chunks(
+/// Sends each part as a response; false once the receiver is gone.
+fn send_parts(
     tx: &mpsc::Sender<Result<QueryResponse, Status>>,
-    events: Vec<Event>,
+    parts: Vec<EncodedEvents>,
     send: impl Fn(&mpsc::Sender<Result<QueryResponse, Status>>, Result<QueryResponse, Status>) -> bool,
 ) -> bool {
-    let mut events = events.into_iter().peekable();
-    while events.peek().is_some() {
-        let page = events.by_ref().take(QUERY_CHUNK).collect();
-        if !send(tx, Ok(QueryResponse { events: page })) {
-            return false;
-        }
-    }
-    true
+    parts.into_iter().all(|encoded| {
+        send(
+            tx,
+            Ok(QueryResponse {
+                encoded,
+                ..Default::default()
+            }),
+        )
+    })
 }
 
 /// Serves history from the store, then live groups from the writer; falls
@@ -581,31 +582,58 @@ async fn tail_loop(
         if events.is_empty() {
             return true;
         }
-        tx.send(Ok(QueryResponse { events })).await.is_ok()
+        tx.send(Ok(QueryResponse {
+            events,
+            ..Default::default()
+        }))
+        .await
+        .is_ok()
     };
     loop {
-        // Catch up from the store.
+        // Catch up from the store, TAIL_CHUNK offsets at a time, sending
+        // stored events as the store holds them.
         loop {
             let store = state.store.clone();
-            let from = cursor;
-            let chunk = match tokio::task::spawn_blocking(move || store.read_from(from, TAIL_CHUNK))
-                .await
-            {
-                Ok(Ok(c)) => c,
+            let spec = QuerySpec {
+                filter: filter.clone(),
+                limit: usize::MAX,
+                ..Default::default()
+            };
+            let read = tokio::task::spawn_blocking(move || {
+                // Everything below the next offset is durable and readable.
+                let upto = store.next_offset();
+                let from = cursor.max(store.first_offset());
+                let to = upto.min(from.saturating_add(TAIL_CHUNK as u64));
+                if from >= to {
+                    return Ok((to.max(from), Vec::new(), false));
+                }
+                let spec = QuerySpec {
+                    from_offset: from,
+                    to_offset: to - 1,
+                    ..spec
+                };
+                let read = store.query_encoded(&spec, TAIL_CHUNK)?;
+                Ok((to, read.parts, to < upto))
+            });
+            let (next, parts, more) = match read.await {
+                Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(store_status(e))).await;
                     return;
                 }
                 Err(_) => return,
             };
-            let full = chunk.len() == TAIL_CHUNK;
-            if let Some(last) = chunk.last() {
-                cursor = last.offset + 1;
+            cursor = next;
+            for encoded in parts {
+                let r = QueryResponse {
+                    encoded,
+                    ..Default::default()
+                };
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
             }
-            if !send(chunk.into_iter().filter(|e| filter.matches(e)).collect()).await {
-                return;
-            }
-            if !full {
+            if !more {
                 break;
             }
         }
@@ -774,6 +802,7 @@ mod tests {
     use super::*;
     use amoskys_proto::SyntheticEvent;
     use amoskys_proto::event::Payload;
+    use prost::Message;
 
     fn ev(seq: u64) -> Event {
         Event {
@@ -888,14 +917,21 @@ mod tests {
             let (mut spec, mut left) = (spec.clone(), spec.limit);
             let mut parts = Vec::new();
             while let Some(part) = next_query_chunk(&store, &mut spec, &mut left).unwrap() {
-                assert!(part.len() <= QUERY_READ);
-                parts.push(part);
+                assert!(part.iter().map(EncodedEvents::count).sum::<usize>() <= QUERY_READ);
+                for encoded in part {
+                    assert!(encoded.count() <= QUERY_CHUNK);
+                    let bytes = QueryResponse {
+                        encoded,
+                        ..Default::default()
+                    }
+                    .encode_to_vec();
+                    parts.extend(QueryResponse::decode(&*bytes).unwrap().events);
+                }
             }
-            parts
-                .into_iter()
-                .flatten()
-                .map(|e| e.seq)
-                .collect::<Vec<_>>()
+            for e in &parts {
+                assert_eq!((e.offset, e.stored_at), (e.seq, 5), "stamps come back");
+            }
+            parts.into_iter().map(|e| e.seq).collect::<Vec<_>>()
         };
         let limit = 2 * QUERY_READ + 5;
         let spec = QuerySpec {

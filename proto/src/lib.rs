@@ -6,4 +6,7 @@ pub mod v1 {
     tonic::include_proto!("amoskys.v1");
 }
 
+mod query_response;
+
+pub use query_response::{EncodedEvents, QueryResponse};
 pub use v1::*;

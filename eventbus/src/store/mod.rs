@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use amoskys_proto::{AgentRecord, Event};
+use amoskys_proto::{AgentRecord, EncodedEvents, Event};
 use prost::Message;
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
@@ -89,6 +89,29 @@ pub struct QuerySpec {
     pub to_time: i64,
     pub filter: EventFilter,
     pub limit: usize,
+}
+
+impl QuerySpec {
+    /// Whether the query returns `e` (within its offsets).
+    fn keeps(&self, e: &Event) -> bool {
+        (self.from_time == 0 || e.observed_at >= self.from_time)
+            && (self.to_time == 0 || e.observed_at <= self.to_time)
+            && self.filter.matches(e)
+    }
+
+    /// Whether it returns every stored event within its offsets.
+    fn keeps_all(&self) -> bool {
+        self.from_time == 0 && self.to_time == 0 && self.filter.matches_all()
+    }
+}
+
+/// A query's events as `QueryResponse` bytes (see [`Store::query_encoded`]).
+#[derive(Debug, Default)]
+pub struct EncodedQuery {
+    pub parts: Vec<EncodedEvents>,
+    pub count: usize,
+    /// The offset of the last event returned.
+    pub last: Option<u64>,
 }
 
 /// A backwards page request (see [`Store::page_back`]).
@@ -431,16 +454,34 @@ impl Store {
         max: usize,
         mut keep: impl FnMut(&Event) -> bool,
     ) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        self.scan_raw(from, to_inclusive, |block, off, bytes| {
+            let e = block.decode(off, bytes).map_err(corrupt(off))?;
+            if keep(&e) {
+                out.push(e);
+            }
+            Ok(out.len() < max)
+        })?;
+        Ok(out)
+    }
+
+    /// Hands `visit` each stored event from `from` to `to_inclusive` in
+    /// offset order, as its block and its bytes, until it returns false.
+    fn scan_raw(
+        &self,
+        from: u64,
+        to_inclusive: u64,
+        mut visit: impl FnMut(&Block, u64, &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         let db = self.db()?;
         let cf = cf(&db, CF_BLOCKS)?;
         let from = from.max(self.first_offset());
         let start = self
             .block_around(&db, from)?
             .map_or(from, |(first, _)| first);
-        let mut out = Vec::new();
-        if max == 0 {
-            return Ok(out);
-        }
         for item in db.iterator_cf(cf, IteratorMode::From(&be(start), Direction::Forward)) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let first = read_u64(&k).unwrap_or(0);
@@ -453,19 +494,12 @@ impl Store {
                 if off < from {
                     continue;
                 }
-                if off > to_inclusive {
-                    return Ok(out);
-                }
-                let e = block.decode(off, bytes).map_err(corrupt(off))?;
-                if keep(&e) {
-                    out.push(e);
-                    if out.len() >= max {
-                        return Ok(out);
-                    }
+                if off > to_inclusive || !visit(&block, off, bytes)? {
+                    return Ok(());
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// First offset of the first group stored at or after `t` (ns).
@@ -560,6 +594,46 @@ impl Store {
     }
 
     pub fn query(&self, q: &QuerySpec) -> Result<Vec<Event>, StoreError> {
+        let (from, to) = self.query_bounds(q)?;
+        self.scan(from, to, q.limit, |e| q.keeps(e))
+    }
+
+    /// What [`Store::query`] returns, as the bytes a `QueryResponse` sends,
+    /// in parts of at most `part` events: stored events are sent as the
+    /// store holds them, and decoded only when the query's filter or time
+    /// range has to look into them.
+    pub fn query_encoded(&self, q: &QuerySpec, part: usize) -> Result<EncodedQuery, StoreError> {
+        let mut out = EncodedQuery::default();
+        if q.limit == 0 {
+            return Ok(out);
+        }
+        let part = part.max(1);
+        let (from, to) = self.query_bounds(q)?;
+        let decode = !q.keeps_all();
+        let mut open = EncodedEvents::default();
+        self.scan_raw(from, to, |block, off, bytes| {
+            if decode && !q.keeps(&block.decode(off, bytes).map_err(corrupt(off))?) {
+                return Ok(true);
+            }
+            if open.count() == part {
+                out.parts.push(std::mem::take(&mut open));
+            }
+            if open.count() == 0 {
+                open = EncodedEvents::with_capacity((part * (bytes.len() + 24)).min(1 << 20));
+            }
+            open.push_stored(bytes, off, block.stored_at);
+            out.count += 1;
+            out.last = Some(off);
+            Ok(out.count < q.limit)
+        })?;
+        if open.count() > 0 {
+            out.parts.push(open);
+        }
+        Ok(out)
+    }
+
+    /// The offsets a query can find events between (the upper inclusive).
+    fn query_bounds(&self, q: &QuerySpec) -> Result<(u64, u64), StoreError> {
         let mut from = q.from_offset;
         if q.from_time > 0 {
             from = from.max(self.offset_at_time(q.from_time.saturating_sub(TIME_QUERY_SLACK_NS))?);
@@ -569,11 +643,7 @@ impl Store {
         } else {
             q.to_offset
         };
-        self.scan(from, to, q.limit, |e| {
-            (q.from_time == 0 || e.observed_at >= q.from_time)
-                && (q.to_time == 0 || e.observed_at <= q.to_time)
-                && q.filter.matches(e)
-        })
+        Ok((from, to))
     }
 
     /// Bytes on disk for stored events: SST files plus memtables (whose
@@ -833,6 +903,74 @@ mod tests {
         assert_eq!(left.last().map(|e| e.offset), Some(10_000), "newest kept");
         assert_eq!(left.first().map(|e| e.offset), Some(s.first_offset()));
         assert_eq!(left.len() as u64, s.event_count());
+    }
+
+    #[test]
+    fn an_encoded_query_sends_what_a_decoded_one_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        write(&s, 700, 1_000, 30); // offsets 1..=700, blocks of 1024 events at most
+        write(&s, 40, 2_000, 30); // 701..=740, another block
+        let decoded = |encoded: EncodedQuery| -> Vec<Event> {
+            let mut out = Vec::new();
+            for part in encoded.parts {
+                let r = amoskys_proto::QueryResponse {
+                    encoded: part,
+                    ..Default::default()
+                };
+                out.extend(
+                    amoskys_proto::QueryResponse::decode(&*r.encode_to_vec())
+                        .unwrap()
+                        .events,
+                );
+            }
+            out
+        };
+        let all = QuerySpec {
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        let specs = [
+            all.clone(),
+            QuerySpec {
+                from_offset: 650,
+                to_offset: 720,
+                ..all.clone()
+            },
+            QuerySpec {
+                from_offset: 5,
+                limit: 300,
+                ..all.clone()
+            },
+            QuerySpec {
+                from_time: 1_500,
+                ..all.clone()
+            },
+            QuerySpec {
+                to_time: 1_000,
+                limit: 90,
+                ..all.clone()
+            },
+            QuerySpec {
+                filter: EventFilter {
+                    text: "no such text".into(),
+                    ..Default::default()
+                },
+                ..all.clone()
+            },
+            QuerySpec {
+                limit: 0,
+                ..all.clone()
+            },
+        ];
+        for spec in specs {
+            let want = s.query(&spec).unwrap();
+            let got = s.query_encoded(&spec, 64).unwrap();
+            assert_eq!(got.count, want.len(), "{spec:?}");
+            assert_eq!(got.last, want.last().map(|e| e.offset), "{spec:?}");
+            assert!(got.parts.iter().all(|p| p.count() <= 64 && p.count() > 0));
+            assert_eq!(decoded(got), want, "{spec:?}");
+        }
     }
 
     #[test]
