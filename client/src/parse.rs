@@ -92,6 +92,37 @@ pub fn bytes(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
+/// Why `s` cannot name a JetStream stream, if it cannot (NATS refuses
+/// these characters in stream names).
+pub fn check_nats_stream(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("required".into());
+    }
+    if s.contains(['.', '*', '>', ' ', '/', '\\']) {
+        return Err(format!(
+            "{s:?} may not contain '.', '*', '>', '/', '\\' or spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Why `s` cannot begin NATS subjects, if it cannot: it must be
+/// dot-separated tokens without wildcards or spaces.
+pub fn check_nats_subject_prefix(s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.split('.')
+            .any(|t| t.is_empty() || t.contains(['*', '>', ' ']))
+    {
+        return Err(format!(
+            "{s:?} is not a subject of dot-separated tokens without wildcards"
+        ));
+    }
+    Ok(())
+}
+
+/// How many publishes an export may have awaiting their acks.
+pub const EXPORT_MAX_IN_FLIGHT: std::ops::RangeInclusive<usize> = 1..=65_536;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,6 +129,108 @@ pub struct BusConfigFile {
     pub dashboard: Option<DashboardFile>,
     /// `backup`: The `backup:` section; no backups when absent.
     pub backup: Option<BackupFile>,
+    /// `export`: The `export:` section; nothing leaves the bus when absent.
+    pub export: Option<ExportFile>,
+}
+
+/// The `export:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExportFile {
+    /// `nats`: export to a NATS JetStream stream.
+    pub nats: Option<NatsExportFile>,
+}
+
+/// The `export.nats:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NatsExportFile {
+    /// `url`: the NATS server (`tls://nats:4222`).
+    pub url: Option<String>,
+    /// `stream`: the JetStream stream, which must exist and take the subjects.
+    pub stream: Option<String>,
+    /// `subjectPrefix`: subjects are `<prefix>.<collector>.<severity>` (`amoskys`).
+    pub subject_prefix: Option<String>,
+    /// `tlsDir`: ca.crt to verify the server, and tls.crt and tls.key when
+    /// the server wants a client certificate.
+    pub tls_dir: Option<PathBuf>,
+    /// `credentialsFile`: a NATS `.creds` file (user JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// `format`: `protobuf` (an encoded `Event`) or `json`.
+    pub format: Option<String>,
+    /// `maxInFlight`: publishes awaiting their PubAck (256).
+    pub max_in_flight: Option<usize>,
+}
+
+/// How events are written into NATS messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The `Event`'s protobuf encoding.
+    Protobuf,
+    /// The `Event` as JSON.
+    Json,
+}
+
+/// Where and how the bus exports its events to NATS JetStream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsExportConfig {
+    /// The NATS server.
+    pub url: String,
+    /// The stream, which must exist.
+    pub stream: String,
+    /// Subjects are `<prefix>.<collector>.<severity>`.
+    pub subject_prefix: String,
+    /// ca.crt, and tls.crt and tls.key when present; None for plain TCP.
+    pub tls_dir: Option<PathBuf>,
+    /// A NATS `.creds` file.
+    pub credentials_file: Option<PathBuf>,
+    /// How each event is written.
+    pub format: ExportFormat,
+    /// Publishes awaiting their PubAck at most.
+    pub max_in_flight: usize,
+}
+
+/// Publishes awaiting their PubAck when `maxInFlight` is not given.
+pub const DEFAULT_EXPORT_IN_FLIGHT: usize = 256;
+
+fn resolve_nats_export(f: NatsExportFile) -> Result<NatsExportConfig, ConfigError> {
+    let url = f
+        .url
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| invalid("export.nats.url", "required"))?;
+    let stream = f.stream.unwrap_or_default();
+    amoskys_client::parse::check_nats_stream(&stream)
+        .map_err(|m| invalid("export.nats.stream", m))?;
+    let subject_prefix = f.subject_prefix.unwrap_or_else(|| "amoskys".into());
+    amoskys_client::parse::check_nats_subject_prefix(&subject_prefix)
+        .map_err(|m| invalid("export.nats.subjectPrefix", m))?;
+    let format = match f.format.as_deref().unwrap_or("protobuf") {
+        "protobuf" => ExportFormat::Protobuf,
+        "json" => ExportFormat::Json,
+        other => {
+            return Err(invalid(
+                "export.nats.format",
+                format!("{other:?} is not protobuf or json"),
+            ));
+        }
+    };
+    let max_in_flight = f.max_in_flight.unwrap_or(DEFAULT_EXPORT_IN_FLIGHT);
+    let range = amoskys_client::parse::EXPORT_MAX_IN_FLIGHT;
+    if !range.contains(&max_in_flight) {
+        return Err(invalid(
+            "export.nats.maxInFlight",
+            format!("{max_in_flight} is outside {range:?}"),
+        ));
+    }
+    Ok(NatsExportConfig {
+        url,
+        stream,
+        subject_prefix,
+        tls_dir: f.tls_dir,
+        credentials_file: f.credentials_file,
+        format,
+        max_in_flight,
+    })
 }
 
 /// The `backup:` section.
@@ -228,6 +330,8 @@ pub struct BusConfig {
     pub dashboard: DashboardConfig,
     /// The `backup:` section; no backups when absent.
     pub backup: Option<BackupConfig>,
+    /// The `export.nats:` section; no export when absent.
+    pub export_nats: Option<NatsExportConfig>,
 }
 
 impl BusConfig {
@@ -258,6 +362,7 @@ impl BusConfig {
                 agent_missed_after: Duration::from_secs(30),
             },
             backup: None,
+            export_nats: None,
         }
     }
 }
@@ -432,6 +537,11 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
         }
     }
     c.backup = resolve_backup(flags.backup_dir, file.backup, &c.data_dir)?;
+    c.export_nats = file
+        .export
+        .and_then(|e| e.nats)
+        .map(resolve_nats_export)
+        .transpose()?;
     if let Some(v) = file.log_format
         && v != "text"
         && v != "json"
@@ -514,6 +624,45 @@ mod tests {
         assert_eq!(c.sync, SyncPolicy::Always);
         assert_eq!(c.retention, Duration::from_secs(3600));
         assert_eq!(c.listen.port(), 1);
+    }
+
+    #[test]
+    fn the_nats_export_section_is_checked_key_by_key() {
+        let parse = |yaml: &str| resolve(serde_saphyr::from_str(yaml).unwrap(), base());
+        let c = parse("export:\n  nats:\n    url: tls://n:4222\n    stream: EVENTS\n")
+            .unwrap()
+            .export_nats
+            .unwrap();
+        assert_eq!(
+            (c.subject_prefix.as_str(), c.format, c.max_in_flight),
+            ("amoskys", ExportFormat::Protobuf, DEFAULT_EXPORT_IN_FLIGHT)
+        );
+        assert!(parse("").unwrap().export_nats.is_none());
+        for (yaml, key) in [
+            ("export:\n  nats:\n    stream: S\n", "export.nats.url:"),
+            ("export:\n  nats:\n    url: n\n", "export.nats.stream:"),
+            (
+                "export:\n  nats:\n    url: n\n    stream: a.b\n",
+                "export.nats.stream:",
+            ),
+            (
+                "export:\n  nats:\n    url: n\n    stream: S\n    subjectPrefix: a.>\n",
+                "export.nats.subjectPrefix:",
+            ),
+            (
+                "export:\n  nats:\n    url: n\n    stream: S\n    format: xml\n",
+                "export.nats.format:",
+            ),
+            (
+                "export:\n  nats:\n    url: n\n    stream: S\n    maxInFlight: 0\n",
+                "export.nats.maxInFlight:",
+            ),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{yaml}: {e}");
+        }
+        let typo = serde_saphyr::from_str::<BusConfigFile>("export:\n  nats:\n    urls: n\n");
+        assert!(typo.unwrap_err().to_string().contains("urls"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod backup;
 pub mod bench;
 pub mod config;
 mod dashboard;
+mod export;
 mod filter;
 pub mod fuzzing;
 mod http;

@@ -72,6 +72,14 @@ pub struct BusMetrics {
     pub backup_seconds: Histogram,
     pub backup_last_success: Gauge,
     pub backup_bytes: Gauge,
+    pub export_published: Counter,
+    pub export_acked: Counter,
+    pub export_duplicates: Counter,
+    pub export_errors: Family<ReasonLabel, Counter>,
+    pub export_skipped: Counter,
+    pub export_lag_events: Gauge,
+    pub export_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub export_ready: Gauge,
 }
 
 impl BusMetrics {
@@ -115,6 +123,14 @@ impl BusMetrics {
             backup_seconds: Histogram::new(exponential_buckets(0.01, 4.0, 10)),
             backup_last_success: Gauge::default(),
             backup_bytes: Gauge::default(),
+            export_published: Counter::default(),
+            export_acked: Counter::default(),
+            export_duplicates: Counter::default(),
+            export_errors: Family::default(),
+            export_skipped: Counter::default(),
+            export_lag_events: Gauge::default(),
+            export_lag_seconds: Gauge::default(),
+            export_ready: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -283,6 +299,46 @@ impl BusMetrics {
             "backup_size_bytes",
             "Bytes the newest backup refers to (shared table files included)",
             m.backup_bytes.clone(),
+        );
+        r.register(
+            "export_published",
+            "Events published to the NATS JetStream export (again after a retry)",
+            m.export_published.clone(),
+        );
+        r.register(
+            "export_acked",
+            "Events the export's stream acknowledged",
+            m.export_acked.clone(),
+        );
+        r.register(
+            "export_duplicates",
+            "Events the stream acknowledged as duplicates of ones it held (sent again after a restart or a retry)",
+            m.export_duplicates.clone(),
+        );
+        r.register(
+            "export_errors",
+            "Export failures by reason (connect, stream_missing, publish, ack, store)",
+            m.export_errors.clone(),
+        );
+        r.register(
+            "export_skipped",
+            "Events the size cap deleted before the export had them acked (lost to the export)",
+            m.export_skipped.clone(),
+        );
+        r.register(
+            "export_lag_events",
+            "Stored events the export has not had acked",
+            m.export_lag_events.clone(),
+        );
+        r.register(
+            "export_lag_seconds",
+            "Age of the oldest stored event the export has not had acked",
+            m.export_lag_seconds.clone(),
+        );
+        r.register(
+            "export_ready",
+            "1 while the export is connected to its stream",
+            m.export_ready.clone(),
         );
         Self { registry, ..m }
     }

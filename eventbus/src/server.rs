@@ -198,6 +198,15 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     dash.spawn_sampler();
     let _ = http_state.dashboard.set(crate::dashboard::router(dash));
 
+    if let Some(export) = state.cfg.export_nats.clone() {
+        // Held before retention first runs, whether or not NATS is up.
+        let from = state
+            .store
+            .export_cursor()?
+            .unwrap_or_else(|| state.store.first_offset());
+        state.store.hold_retention(from);
+        crate::export::spawn(state.clone(), export);
+    }
     spawn_retention(state.clone());
     if let (Some((_, newest)), Some(every)) =
         (&backups, cfg.backup.as_ref().and_then(|b| b.interval))

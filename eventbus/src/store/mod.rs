@@ -41,6 +41,8 @@ const CF_META: &str = "meta";
 const KEY_NEXT: &[u8] = b"next_offset";
 const KEY_FIRST: &[u8] = b"first_offset";
 const KEY_FORMAT: &[u8] = b"format";
+/// The next offset the NATS export has not had acked.
+const KEY_EXPORT_NATS: &[u8] = b"export_cursor.nats";
 /// The layout this build writes: record blocks.
 const FORMAT: u64 = 2;
 
@@ -152,6 +154,9 @@ pub struct Store {
     first_offset: AtomicU64,
     /// What the last committed group's write batch took per event.
     batch_bytes_per_event: AtomicUsize,
+    /// Age retention keeps the block holding this offset and all after it
+    /// (an export's cursor); 0 holds nothing.
+    retention_hold: AtomicU64,
 }
 
 fn db_options(write_buffer_bytes: usize, direct_io: bool) -> Options {
@@ -243,6 +248,7 @@ impl Store {
             next_offset: AtomicU64::new(1),
             first_offset: AtomicU64::new(1),
             batch_bytes_per_event: AtomicUsize::new(256),
+            retention_hold: AtomicU64::new(0),
         };
         s.reopen()?;
         Ok(s)
@@ -687,7 +693,13 @@ impl Store {
     ) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport::default();
         let cutoff = now_ns.saturating_sub(max_age.as_nanos().min(i64::MAX as u128) as i64);
-        let age_cut = self.block_start(self.offset_at_time(cutoff)?)?;
+        let mut age_cut = self.block_start(self.offset_at_time(cutoff)?)?;
+        let hold = self.retention_hold.load(Ordering::SeqCst);
+        if hold > 0 {
+            // What the export has not had acked stays, however old; only the
+            // size cap below may cut into it.
+            age_cut = age_cut.min(self.block_start(hold)?);
+        }
         let first = self.first_offset();
         if age_cut > first {
             self.drop_before(age_cut, cutoff)?;
@@ -741,6 +753,33 @@ impl Store {
     }
 
     /// Flushes memtables to SST files (fast restart, accurate sizes).
+    /// Where the NATS export resumes: the first offset it has not had
+    /// acked. None before its first ack.
+    pub fn export_cursor(&self) -> Result<Option<u64>, StoreError> {
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        Ok(db
+            .get_cf(meta, KEY_EXPORT_NATS)
+            .map_err(|e| self.rocks(e))?
+            .and_then(|v| read_u64(&v)))
+    }
+
+    /// Records the export's cursor and holds age retention there. Not
+    /// synced: a cursor lost in a crash only makes the export send again
+    /// what the stream's duplicate window drops.
+    pub fn set_export_cursor(&self, next: u64) -> Result<(), StoreError> {
+        self.hold_retention(next);
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        db.put_cf(meta, KEY_EXPORT_NATS, be(next))
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Keeps `from` and everything after it from age retention.
+    pub fn hold_retention(&self, from: u64) {
+        self.retention_hold.store(from.max(1), Ordering::SeqCst);
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
         let db = self.db()?;
         db.flush_wal(true).map_err(|e| self.rocks(e))?;
@@ -858,6 +897,36 @@ mod tests {
             11,
             "offsets never reused"
         );
+    }
+
+    #[test]
+    fn age_retention_keeps_what_the_export_holds_and_the_size_cap_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let sec = 1_000_000_000i64;
+        write(&s, 5, 100 * sec, 10); // 1..=5
+        write(&s, 5, 200 * sec, 10); // 6..=10
+        write(&s, 5, 300 * sec, 10); // 11..=15
+        assert_eq!(s.export_cursor().unwrap(), None);
+        s.set_export_cursor(8).unwrap();
+        assert_eq!(s.export_cursor().unwrap(), Some(8));
+        let r = s
+            .enforce_retention(1_000 * sec, std::time::Duration::from_secs(10), 0)
+            .unwrap();
+        // All are past their age; the block holding 8 (6..=10) and after stay.
+        assert_eq!((r.deleted_by_age, s.first_offset()), (5, 6));
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.export_cursor().unwrap(),
+            Some(8),
+            "the cursor survives a restart"
+        );
+        s.hold_retention(8);
+        let r = s
+            .enforce_retention(1_000 * sec, std::time::Duration::from_secs(10), 1)
+            .unwrap();
+        assert_eq!(r.deleted_by_size, 10, "the size cap cuts into what is held");
     }
 
     #[test]
