@@ -57,6 +57,58 @@ pub struct EventBusSpec {
     /// Backups of each pod's store onto a volume of its own; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
+    /// Where the bus hands its events on; nothing leaves it when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportSpec>,
+}
+
+/// Exports of the stored events.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ExportSpec {
+    /// To a NATS JetStream stream, which must exist.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsExportSpec>,
+}
+
+/// Every stored event published to a JetStream stream, in offset order,
+/// with `Nats-Msg-Id: <agent_id>:<incarnation>:<seq>`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NatsExportSpec {
+    /// The NATS server, e.g. tls://nats.messaging:4222.
+    pub url: String,
+    /// The stream; it must take the subjects `<subjectPrefix>.>`.
+    pub stream: String,
+    /// Subjects are `<subjectPrefix>.<collector>.<severity>`.
+    pub subject_prefix: String,
+    /// protobuf (an encoded Event) or json.
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self in ['protobuf', 'json']", "message": "format must be protobuf or json"}]))]
+    pub format: String,
+    /// Publishes awaiting their PubAck at most.
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_in_flight: u32,
+    /// A Secret in the bus's namespace with ca.crt to verify the server, and
+    /// tls.crt and tls.key when it wants a client certificate (the
+    /// cert-manager layout); plain TCP when empty.
+    pub tls_secret_name: String,
+    /// A Secret in the bus's namespace whose key `nats.creds` is a NATS
+    /// credentials file (user JWT and NKey seed); none when empty.
+    pub credentials_secret_name: String,
+}
+
+impl Default for NatsExportSpec {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            stream: String::new(),
+            subject_prefix: "amoskys".into(),
+            format: "protobuf".into(),
+            max_in_flight: 256,
+            tls_secret_name: String::new(),
+            credentials_secret_name: String::new(),
+        }
+    }
 }
 
 fn one() -> i32 {

@@ -433,6 +433,111 @@ async fn snmp_credentials_must_exist_with_the_right_keys() {
     );
 }
 
+#[tokio::test]
+async fn the_nats_export_needs_its_secrets_and_reaches_the_bus_config_and_pods() {
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.export = Some(amoskys_operator::crd::ExportSpec {
+        nats: Some(amoskys_operator::crd::NatsExportSpec {
+            url: "tls://nats.messaging:4222".into(),
+            stream: "AMOSKYS".into(),
+            tls_secret_name: "nats-client".into(),
+            credentials_secret_name: "nats-user".into(),
+            ..Default::default()
+        }),
+    });
+    w.api.insert(&bus);
+    assert_invalid(&w, "EventBus", "amoskys", "spec.export.nats.tlsSecretName").await;
+
+    let secret = |name: &str, key: &str| Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some([(key.to_string(), k8s_openapi::ByteString(b"x".to_vec()))].into()),
+        ..Default::default()
+    };
+    w.api.insert(&secret("nats-client", "ca.crt"));
+    w.api.insert(&secret("nats-user", "password"));
+    w.reconcile_bus("amoskys").await;
+    let (_, reason, message) = condition(
+        &w.bus("amoskys").status.clone().unwrap().conditions,
+        "Ready",
+    );
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.starts_with("spec.export.nats.credentialsSecretName")
+            && message.contains("has no key \"nats.creds\""),
+        "{message}"
+    );
+
+    w.api.patch::<Secret>(
+        Some(NS),
+        "nats-user",
+        json!({"data": {"nats.creds": "eA=="}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    // The bus reads the export section the operator wrote.
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-config").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("bus.yaml"), &cm.data.unwrap()["bus.yaml"]).unwrap();
+    let file = amoskys_eventbus::config::read_config_file(&tmp.path().join("bus.yaml")).unwrap();
+    let n = amoskys_eventbus::config::resolve(file, Default::default())
+        .unwrap()
+        .export_nats
+        .expect("export config");
+    use amoskys_operator::build::eventbus::{NATS_CREDS_DIR, NATS_TLS_DIR};
+    assert_eq!(
+        (
+            n.url.as_str(),
+            n.stream.as_str(),
+            n.subject_prefix.as_str(),
+            n.max_in_flight
+        ),
+        ("tls://nats.messaging:4222", "AMOSKYS", "amoskys", 256)
+    );
+    assert_eq!(
+        n.tls_dir.as_deref(),
+        Some(std::path::Path::new(NATS_TLS_DIR))
+    );
+    assert_eq!(
+        n.credentials_file,
+        Some(std::path::Path::new(NATS_CREDS_DIR).join("nats.creds"))
+    );
+    // The pods mount both Secrets where the config says.
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let pod = sts.spec.template.spec.unwrap();
+    for (vol, secret, dir) in [
+        ("nats-tls", "nats-client", NATS_TLS_DIR),
+        ("nats-creds", "nats-user", NATS_CREDS_DIR),
+    ] {
+        assert!(pod.volumes.as_ref().unwrap().iter().any(|v| v.name == vol
+            && v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret)));
+        assert!(
+            pod.containers[0]
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == vol && m.mount_path == dir && m.read_only == Some(true))
+        );
+    }
+    // A bad field is named without a round trip to the API.
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"export": {"nats": {"stream": "a.b"}}}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let (_, reason, message) = condition(
+        &w.bus("amoskys").status.clone().unwrap().conditions,
+        "Ready",
+    );
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.starts_with("spec.export.nats.stream"), "{message}");
+}
+
 fn wal_claim(name: &str, size: &str) -> PersistentVolumeClaim {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",

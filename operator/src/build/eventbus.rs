@@ -35,6 +35,12 @@ pub const TOKEN_DIR: &str = "/etc/amoskys/dashboard";
 pub const WAL_DIR: &str = "/var/lib/amoskys/wal";
 /// The backup volume's mount.
 pub const BACKUP_DIR: &str = "/var/lib/amoskys/backup";
+/// The NATS export's TLS Secret's mount.
+pub const NATS_TLS_DIR: &str = "/etc/amoskys/nats-tls";
+/// The NATS export's credentials Secret's mount.
+pub const NATS_CREDS_DIR: &str = "/etc/amoskys/nats-creds";
+/// The key of the credentials Secret that holds the `.creds` file.
+pub const NATS_CREDS_KEY: &str = "nats.creds";
 /// The bus drains for up to its shutdown grace (20 s) on SIGTERM; the pod
 /// gets more so it is never killed mid-drain.
 pub const TERMINATION_GRACE_SECONDS: i64 = 40;
@@ -172,6 +178,27 @@ pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
             ));
         }
     }
+    if let Some(n) = s.export.as_ref().and_then(|e| e.nats.as_ref()) {
+        if n.url.trim().is_empty() {
+            return Err(invalid("spec.export.nats.url", "required"));
+        }
+        amoskys_client::parse::check_nats_stream(&n.stream)
+            .map_err(|m| invalid("spec.export.nats.stream", m))?;
+        amoskys_client::parse::check_nats_subject_prefix(&n.subject_prefix)
+            .map_err(|m| invalid("spec.export.nats.subjectPrefix", m))?;
+        if !["protobuf", "json"].contains(&n.format.as_str()) {
+            return Err(invalid(
+                "spec.export.nats.format",
+                format!("{:?} is not protobuf or json", n.format),
+            ));
+        }
+        if !amoskys_client::parse::EXPORT_MAX_IN_FLIGHT.contains(&(n.max_in_flight as usize)) {
+            return Err(invalid(
+                "spec.export.nats.maxInFlight",
+                format!("{} is outside 1..=65536", n.max_in_flight),
+            ));
+        }
+    }
     tls_lifetimes(bus)?;
     if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&s.service.r#type.as_str()) {
         return Err(invalid(
@@ -218,6 +245,27 @@ struct BusFile<'a> {
     log_format: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     backup: Option<BackupFile<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    export: Option<ExportFile<'a>>,
+}
+
+#[derive(Serialize)]
+struct ExportFile<'a> {
+    nats: NatsFile<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NatsFile<'a> {
+    url: &'a str,
+    stream: &'a str,
+    subject_prefix: &'a str,
+    format: &'a str,
+    max_in_flight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_dir: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials_file: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -225,6 +273,29 @@ struct BackupFile<'a> {
     dir: &'a str,
     interval: &'a str,
     keep: u32,
+}
+
+/// The NATS export's Secrets the pods mount: (volume, Secret, mount path).
+pub fn nats_secrets(bus: &EventBus) -> impl Iterator<Item = (&'static str, &str, &'static str)> {
+    let n = nats_export(bus);
+    let tls = n
+        .filter(|n| !n.tls_secret_name.is_empty())
+        .map(|n| ("nats-tls", n.tls_secret_name.as_str(), NATS_TLS_DIR));
+    let creds = n
+        .filter(|n| !n.credentials_secret_name.is_empty())
+        .map(|n| {
+            (
+                "nats-creds",
+                n.credentials_secret_name.as_str(),
+                NATS_CREDS_DIR,
+            )
+        });
+    tls.into_iter().chain(creds)
+}
+
+/// The spec's NATS export, if it has one.
+pub fn nats_export(bus: &EventBus) -> Option<&crate::crd::NatsExportSpec> {
+    bus.spec.export.as_ref().and_then(|e| e.nats.as_ref())
 }
 
 /// The bus's config file (`bus.yaml`) for the spec.
@@ -244,6 +315,18 @@ pub fn bus_config(bus: &EventBus) -> String {
             dir: BACKUP_DIR,
             interval: &b.interval,
             keep: b.keep,
+        }),
+        export: nats_export(bus).map(|n| ExportFile {
+            nats: NatsFile {
+                url: n.url.trim(),
+                stream: &n.stream,
+                subject_prefix: &n.subject_prefix,
+                format: &n.format,
+                max_in_flight: n.max_in_flight,
+                tls_dir: (!n.tls_secret_name.is_empty()).then_some(NATS_TLS_DIR),
+                credentials_file: (!n.credentials_secret_name.is_empty())
+                    .then(|| format!("{NATS_CREDS_DIR}/{NATS_CREDS_KEY}")),
+            },
         }),
     };
     rendered(bus, &f)
@@ -412,6 +495,7 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
             ]
             .into_iter()
             .chain(s.backup.as_ref().map(|_| mount("backup", BACKUP_DIR)))
+            .chain(nats_secrets(bus).map(|(vol, _, dir)| mount(vol, dir)))
             .collect(),
         ),
         ..Default::default()
@@ -445,18 +529,23 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
             }),
             ..Default::default()
         }]),
-        volumes: Some(vec![
-            Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: n.config.clone(),
+        volumes: Some(
+            vec![
+                Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: n.config.clone(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            },
-            secret("tls", &n.server_secret),
-            secret("dashboard", &n.dashboard_secret),
-        ]),
+                },
+                secret("tls", &n.server_secret),
+                secret("dashboard", &n.dashboard_secret),
+            ]
+            .into_iter()
+            .chain(nats_secrets(bus).map(|(vol, name, _)| secret(vol, name)))
+            .collect(),
+        ),
         ..Default::default()
     };
     let mut pod_labels = labels(COMPONENT, &name);

@@ -26,7 +26,8 @@ use super::{
     Context, Error, apply, condition, namespace, observed, report_invalid, secret, write_status,
 };
 use crate::build::eventbus::{
-    COMPONENT, Names, config_map, endpoint, pdb, services, statefulset, validate,
+    COMPONENT, InvalidSpec, NATS_CREDS_KEY, Names, config_map, endpoint, invalid, nats_export, pdb,
+    services, statefulset, validate,
 };
 use crate::crd::{AgentSet, EventBus, EventBusStatus};
 use crate::labels::owned_meta;
@@ -87,7 +88,9 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or_default();
 
     let claims = bus_claims(ctx, &ns, &name).await?;
+    let secrets = check_export_secrets(bus, ctx, &ns).await?;
     let checked = validate(bus)
+        .and(secrets)
         .and_then(|_| check_claim_sizes(bus, &claims))
         .and_then(|_| policy(bus, ctx.propagation));
     let policy = match checked {
@@ -164,6 +167,55 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
         wait = wait.min(Duration::from_secs(15));
     }
     Ok(Action::requeue(wait))
+}
+
+/// The Secrets the NATS export names must exist with the keys the bus
+/// reads, or the pods would start without them.
+async fn check_export_secrets(
+    bus: &EventBus,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<(), InvalidSpec>, Error> {
+    let Some(n) = nats_export(bus) else {
+        return Ok(Ok(()));
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    for (field, name, key) in [
+        (
+            "spec.export.nats.tlsSecretName",
+            &n.tls_secret_name,
+            "ca.crt",
+        ),
+        (
+            "spec.export.nats.credentialsSecretName",
+            &n.credentials_secret_name,
+            NATS_CREDS_KEY,
+        ),
+    ] {
+        if name.is_empty() {
+            continue;
+        }
+        let Some(secret) = api.get_opt(name).await? else {
+            return Ok(Err(invalid(
+                field,
+                format!("Secret {name:?} does not exist in namespace {ns:?}"),
+            )));
+        };
+        let has = |k: &str| {
+            secret.data.as_ref().is_some_and(|d| d.contains_key(k))
+                || secret
+                    .string_data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(k))
+        };
+        if !has(key) {
+            return Ok(Err(invalid(
+                field,
+                format!("Secret {name:?} has no key {key:?}"),
+            )));
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// The dashboard's admin token: generated once, never overwritten.
