@@ -170,6 +170,8 @@ async fn session(state: &Arc<BusState>, cfg: &NatsExportConfig) -> Result<(), Ex
     // In flight, oldest first: (offset, its PubAck).
     let mut pending: VecDeque<(u64, PublishAckFuture)> = VecDeque::new();
     let mut next = cursor;
+    // What the store holds; an idle export polls often and need not write.
+    let mut saved = cursor;
     loop {
         let first = state.store.first_offset();
         if cursor < first && pending.is_empty() {
@@ -183,8 +185,7 @@ async fn session(state: &Arc<BusState>, cfg: &NatsExportConfig) -> Result<(), Ex
             );
             cursor = first;
             next = next.max(first);
-            let store = state.store.clone();
-            blocking(move || store.set_export_cursor(first)).await?;
+            save(state, first, &mut saved).await?;
         }
         let store = state.store.clone();
         let from = next;
@@ -194,7 +195,7 @@ async fn session(state: &Arc<BusState>, cfg: &NatsExportConfig) -> Result<(), Ex
             while let Some(p) = pending.pop_front() {
                 cursor = acked(state, p).await?;
             }
-            save(state, cursor).await?;
+            save(state, cursor, &mut saved).await?;
             report_lag(state, cursor).await;
             tokio::time::sleep(IDLE).await;
             continue;
@@ -220,7 +221,7 @@ async fn session(state: &Arc<BusState>, cfg: &NatsExportConfig) -> Result<(), Ex
                 cursor = acked(state, p).await?;
             }
         }
-        save(state, cursor).await?;
+        save(state, cursor, &mut saved).await?;
         report_lag(state, cursor).await;
     }
 }
@@ -242,9 +243,14 @@ async fn acked(
     Ok(offset + 1)
 }
 
-async fn save(state: &BusState, cursor: u64) -> Result<(), ExportError> {
+async fn save(state: &BusState, cursor: u64, saved: &mut u64) -> Result<(), ExportError> {
+    if cursor == *saved {
+        return Ok(());
+    }
     let store = state.store.clone();
-    blocking(move || store.set_export_cursor(cursor)).await
+    blocking(move || store.set_export_cursor(cursor)).await?;
+    *saved = cursor;
+    Ok(())
 }
 
 /// Sets the lag gauges: stored events from `cursor` on, and the age of the
