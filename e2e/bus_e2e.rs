@@ -330,7 +330,7 @@ fn pki_init_refuses_to_overwrite_without_force() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pki");
     pki(&dir);
-    for d in ["ca", "bus", "agent", "reader", "admin"] {
+    for d in ["ca", "bus", "agent", "reader", "admin", "peer"] {
         for f in ["tls.crt", "tls.key", "ca.crt"] {
             assert!(dir.join(d).join(f).is_file(), "{d}/{f}");
         }

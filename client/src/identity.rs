@@ -16,18 +16,22 @@ pub enum Role {
     Reader,
     /// Everything, and the Admin service.
     Admin,
+    /// Another shard of the same bus: reads, and asks what it holds of an
+    /// agent when the agent moves (never publishes).
+    Peer,
 }
 
 /// The URI SAN prefix that carries the role.
 pub const ROLE_URI_PREFIX: &str = "urn:amoskys:role:";
 
 impl Role {
-    /// `agent`, `reader` or `admin`.
+    /// `agent`, `reader`, `admin` or `peer`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Agent => "agent",
             Role::Reader => "reader",
             Role::Admin => "admin",
+            Role::Peer => "peer",
         }
     }
 
@@ -42,6 +46,7 @@ impl Role {
             "agent" => Some(Role::Agent),
             "reader" => Some(Role::Reader),
             "admin" => Some(Role::Admin),
+            "peer" => Some(Role::Peer),
             _ => None,
         }
     }
@@ -99,7 +104,7 @@ mod tests {
             crate::pki::Validity::from_now(std::time::Duration::from_secs(3600)),
         )
         .unwrap();
-        for role in [Role::Agent, Role::Reader, Role::Admin] {
+        for role in [Role::Agent, Role::Reader, Role::Admin, Role::Peer] {
             let c = ca
                 .issue_client(
                     "who",

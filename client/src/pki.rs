@@ -267,7 +267,7 @@ impl DevPkiOptions {
 }
 
 /// The directories a dev PKI holds, relative to its root.
-pub const DEV_PKI_DIRS: [&str; 5] = ["ca", "bus", "agent", "reader", "admin"];
+pub const DEV_PKI_DIRS: [&str; 6] = ["ca", "bus", "agent", "reader", "admin", "peer"];
 
 /// True when `dir` already holds a complete dev PKI.
 pub fn dev_pki_exists(dir: &Path) -> bool {
@@ -276,15 +276,21 @@ pub fn dev_pki_exists(dir: &Path) -> bool {
         .all(|d| dir.join(d).join("tls.crt").is_file() && dir.join(d).join("tls.key").is_file())
 }
 
-/// Creates a CA and bus/agent/reader/admin leaves under `opts.out`.
+/// Creates a CA and bus/agent/reader/admin/peer leaves under `opts.out`.
 ///
 /// The bus certificate always covers `localhost`, `127.0.0.1` and `::1` so
-/// the local all-in-one works without flags.
+/// the local all-in-one works without flags. A PKI made before the peer
+/// role existed gets its peer leaf from its own CA, and nothing else changes.
 pub fn init_dev_pki(opts: &DevPkiOptions) -> Result<(), PkiError> {
-    let any_present = DEV_PKI_DIRS
+    let present: Vec<&str> = DEV_PKI_DIRS
         .iter()
-        .any(|d| opts.out.join(d).join("tls.crt").exists());
-    if any_present && !opts.force {
+        .copied()
+        .filter(|d| opts.out.join(d).join("tls.crt").exists())
+        .collect();
+    if !present.is_empty() && !opts.force {
+        if present.len() == DEV_PKI_DIRS.len() - 1 && !present.contains(&"peer") {
+            return add_dev_peer(opts);
+        }
         return Err(PkiError::Exists(opts.out.clone()));
     }
     let ca = CertAuthority::generate("amoskys-dev-ca", Validity::from_now(opts.ca_validity))?;
@@ -310,9 +316,53 @@ pub fn init_dev_pki(opts: &DevPkiOptions) -> Result<(), PkiError> {
     )?;
     ca.issue_server("amoskys-bus", &dns, &ips, leaf)?
         .write_dir(&opts.out.join("bus"))?;
-    for role in [Role::Agent, Role::Reader, Role::Admin] {
+    for role in [Role::Agent, Role::Reader, Role::Admin, Role::Peer] {
         ca.issue_client(&format!("amoskys-{}", role.as_str()), role, leaf)?
             .write_dir(&opts.out.join(role.as_str()))?;
     }
     Ok(())
+}
+
+fn add_dev_peer(opts: &DevPkiOptions) -> Result<(), PkiError> {
+    let ca_dir = opts.out.join("ca");
+    let read = |f: &str| {
+        let path = ca_dir.join(f);
+        std::fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })
+    };
+    let ca = CertAuthority::from_pem(&read("tls.crt")?, &read("tls.key")?)?;
+    ca.issue_client(
+        "amoskys-peer",
+        Role::Peer,
+        Validity::from_now(opts.leaf_validity),
+    )?
+    .write_dir(&opts.out.join(Role::Peer.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dev_pki_from_before_the_peer_role_gets_a_peer_leaf_from_its_own_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = DevPkiOptions::new(tmp.path());
+        init_dev_pki(&opts).unwrap();
+        assert!(dev_pki_exists(tmp.path()));
+        let ca_before = std::fs::read(tmp.path().join("ca/tls.crt")).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("peer")).unwrap();
+        assert!(!dev_pki_exists(tmp.path()));
+        init_dev_pki(&opts).unwrap();
+        assert!(dev_pki_exists(tmp.path()));
+        assert_eq!(
+            std::fs::read(tmp.path().join("ca/tls.crt")).unwrap(),
+            ca_before
+        );
+        let der = crate::tls::pem_certs(&std::fs::read(tmp.path().join("peer/tls.crt")).unwrap())
+            .unwrap()
+            .remove(0);
+        let id = crate::identity::PeerIdentity::from_der(&der).unwrap();
+        assert_eq!(id.role, Some(Role::Peer));
+        // A complete PKI is still never overwritten without --force.
+        assert!(matches!(init_dev_pki(&opts), Err(PkiError::Exists(_))));
+    }
 }

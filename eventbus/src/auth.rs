@@ -10,6 +10,8 @@ pub enum Permission {
     Publish,
     Read,
     Admin,
+    /// Bus-to-bus calls between shards.
+    Peer,
 }
 
 impl Permission {
@@ -18,7 +20,8 @@ impl Permission {
             (self, role),
             (_, Role::Admin)
                 | (Permission::Publish, Role::Agent)
-                | (Permission::Read, Role::Reader)
+                | (Permission::Read, Role::Reader | Role::Peer)
+                | (Permission::Peer, Role::Peer)
         )
     }
 }
@@ -33,7 +36,7 @@ pub fn check(peer: &PeerIdentity, needed: Permission, rpc: &str) -> Result<(), S
             role.as_str()
         ))),
         None => Err(Status::permission_denied(format!(
-            "{rpc}: certificate {:?} carries no AMOSKYS role (expected a URI SAN {ROLE_URI_PREFIX}<agent|reader|admin>)",
+            "{rpc}: certificate {:?} carries no AMOSKYS role (expected a URI SAN {ROLE_URI_PREFIX}<agent|reader|admin|peer>)",
             peer.common_name
         ))),
     }
@@ -79,8 +82,11 @@ mod tests {
         assert!(!P::Publish.allowed(Role::Reader));
         assert!(P::Read.allowed(Role::Reader));
         assert!(!P::Admin.allowed(Role::Reader));
+        assert!(!P::Peer.allowed(Role::Reader) && !P::Peer.allowed(Role::Agent));
+        assert!(P::Peer.allowed(Role::Peer) && P::Read.allowed(Role::Peer));
+        assert!(!P::Publish.allowed(Role::Peer) && !P::Admin.allowed(Role::Peer));
         assert!(
-            [P::Publish, P::Read, P::Admin]
+            [P::Publish, P::Read, P::Admin, P::Peer]
                 .iter()
                 .all(|p| p.allowed(Role::Admin))
         );

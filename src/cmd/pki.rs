@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum PkiCmd {
-    /// Create a CA and bus/agent/reader/admin certificates (cert-manager layout).
+    /// Create a CA and bus/agent/reader/admin/peer certificates (cert-manager layout).
     Init {
         #[arg(long)]
         out: PathBuf,
@@ -43,7 +43,7 @@ pub fn run(cmd: PkiCmd) -> Result<()> {
     o.leaf_validity = amoskys_client::parse::parse_duration("--validity", &validity)?;
     pki::init_dev_pki(&o)?;
     println!(
-        "wrote a CA and bus, agent, reader, admin certificates under {}",
+        "wrote a CA and bus, agent, reader, admin, peer certificates under {}",
         o.out.display()
     );
     Ok(())
