@@ -96,6 +96,9 @@ pub struct AgentMetrics {
     pub connected: Gauge,
     /// `amoskys_agent_reconnects_total`: Publish streams opened after the first.
     pub reconnects: Counter,
+    /// `amoskys_agent_redirects_total`: times a bus shard sent the agent to
+    /// its owner shard.
+    pub redirects: Counter,
     /// `amoskys_agent_connect_errors_total`: Failed connections or streams, by reason.
     pub connect_errors: Family<ReasonLabel, Counter>,
     /// `amoskys_agent_tls_reloads_total`: Times changed TLS files were picked up.
@@ -143,6 +146,7 @@ impl AgentMetrics {
             spool_write_errors: Counter::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
+            redirects: Counter::default(),
             connect_errors: Family::default(),
             tls_reloads: Counter::default(),
             process_polling_fallback: Gauge::default(),
@@ -222,6 +226,11 @@ impl AgentMetrics {
             "reconnects",
             "Publish streams opened after the first",
             m.reconnects.clone(),
+        );
+        r.register(
+            "redirects",
+            "Times a bus shard sent the agent to the shard that owns it",
+            m.redirects.clone(),
         );
         r.register(
             "connect_errors",

@@ -60,6 +60,9 @@ enum SessionError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// A redirect that cannot be followed: a loop, no address, a stale epoch.
+    #[error("{0}")]
+    Route(String),
 }
 
 enum SessionEnd {
@@ -69,6 +72,94 @@ enum SessionEnd {
     Stopped,
     /// The TLS files changed: reconnect with the new ones.
     Reconnect,
+    /// A shard sent the agent to its owner: connect there now.
+    Redirected,
+}
+
+/// Redirects followed in a row without a Welcome before it is a loop.
+const MAX_REDIRECT_HOPS: u32 = 4;
+/// Failed connections in a row to a remembered owner before the agent asks
+/// the bootstrap address again (the map may have changed while it was down).
+const OWNER_RETRIES: u32 = 5;
+/// The longest wait after a shard said it is handing the agent over: that
+/// clears within a map reload, so the usual backoff would only delay it.
+const HANDOVER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Which shard the agent publishes to. It starts at the bootstrap address
+/// (the bus's client Service) and, once redirected, stays with its owner:
+/// while the owner is down the agent spools and retries it, and never
+/// publishes to another shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// The owner's address once a shard named it.
+    pub owner: Option<String>,
+    /// The newest shard map epoch the agent was routed under.
+    pub epoch: u64,
+    /// Redirects since the last Welcome.
+    pub hops: u32,
+    /// Failed connections to the owner since the last Welcome.
+    pub failures: u32,
+}
+
+impl Routing {
+    /// Where to connect: the owner, or the bootstrap address.
+    pub fn url<'a>(&'a self, bootstrap: &'a str) -> &'a str {
+        self.owner.as_deref().unwrap_or(bootstrap)
+    }
+
+    /// Follows a redirect, or says why it cannot be followed.
+    pub fn follow(&mut self, r: &amoskys_proto::Redirect) -> Result<(), String> {
+        if r.url.is_empty() {
+            return Err(format!(
+                "shard {} redirected to shard {} without an address",
+                r.from_shard, r.shard
+            ));
+        }
+        if r.shard_epoch < self.epoch {
+            return Err(format!(
+                "shard {} redirected to shard {} under shard map epoch {}, older than epoch {} this agent was routed under",
+                r.from_shard, r.shard, r.shard_epoch, self.epoch
+            ));
+        }
+        self.hops += 1;
+        if self.hops > MAX_REDIRECT_HOPS {
+            let hops = self.hops;
+            self.reset();
+            return Err(format!(
+                "redirect loop: {hops} redirects without a Welcome, the last from shard {} to shard {} at {:?} (epoch {}); asking the bootstrap address again",
+                r.from_shard, r.shard, r.url, r.shard_epoch
+            ));
+        }
+        self.epoch = r.shard_epoch;
+        self.owner = Some(r.url.clone());
+        Ok(())
+    }
+
+    /// A shard welcomed the agent.
+    pub fn welcomed(&mut self, shard_epoch: u64) {
+        self.hops = 0;
+        self.failures = 0;
+        self.epoch = self.epoch.max(shard_epoch);
+    }
+
+    /// The owner could not be reached; after [`OWNER_RETRIES`] in a row the
+    /// bootstrap address routes the agent afresh.
+    pub fn unreachable(&mut self) {
+        if self.owner.is_none() {
+            return;
+        }
+        self.failures += 1;
+        if self.failures >= OWNER_RETRIES {
+            self.reset();
+        }
+    }
+
+    fn reset(&mut self) {
+        // The epoch stays: a shard on an older map must still not take us.
+        self.owner = None;
+        self.hops = 0;
+        self.failures = 0;
+    }
 }
 
 /// Streams the spool to the bus and drops what it acks; one session at a
@@ -103,11 +194,12 @@ impl Sender {
     /// Runs until `stop`, or until `draining` is set and the spool is empty.
     pub async fn run(self, draining: CancellationToken, stop: CancellationToken) {
         let mut attempt = 0u32;
+        let mut routing = Routing::default();
         loop {
             if stop.is_cancelled() {
                 return;
             }
-            match self.session(&draining, &stop).await {
+            match self.session(&mut routing, &draining, &stop).await {
                 Ok(SessionEnd::Drained) => {
                     info!("spool drained: every event is acked by the bus");
                     return;
@@ -117,10 +209,25 @@ impl Sender {
                     attempt = 0;
                     continue;
                 }
+                Ok(SessionEnd::Redirected) => {
+                    self.metrics.redirects.inc();
+                    continue;
+                }
                 Err((e, was_connected)) => {
                     self.metrics.connected.set(0);
+                    let mut max = self.cfg.backoff_max;
                     let why = match &e {
-                        SessionError::Client(ClientError::Connect { .. }) => "connect",
+                        SessionError::Client(ClientError::Connect { .. }) => {
+                            routing.unreachable();
+                            "connect"
+                        }
+                        SessionError::Client(ClientError::Rpc(s))
+                            if s.code() == tonic::Code::Unavailable && !was_connected =>
+                        {
+                            max = max.min(HANDOVER_BACKOFF_MAX);
+                            "unavailable"
+                        }
+                        SessionError::Route(_) => "redirect",
                         // Another agent with this agent id holds the stream.
                         SessionError::Client(ClientError::Rpc(s))
                             if s.code() == tonic::Code::AlreadyExists =>
@@ -139,7 +246,7 @@ impl Sender {
                     if was_connected {
                         attempt = 0;
                     }
-                    let wait = backoff(attempt, self.cfg.backoff_min, self.cfg.backoff_max);
+                    let wait = backoff(attempt, self.cfg.backoff_min, max);
                     attempt = attempt.saturating_add(1);
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "bus connection failed");
                     tokio::select! {
@@ -161,22 +268,39 @@ impl Sender {
 
     async fn session(
         &self,
+        routing: &mut Routing,
         draining: &CancellationToken,
         stop: &CancellationToken,
     ) -> Result<SessionEnd, (SessionError, bool)> {
-        let mut client = BusClient::connect(&self.cfg.client)
+        let url = routing.url(&self.cfg.client.url).to_string();
+        let opts = ClientOptions {
+            url: url.clone(),
+            ..self.cfg.client.clone()
+        };
+        let mut client = BusClient::connect(&opts)
             .await
             .map_err(|e| (e.into(), false))?;
         let spooled = self.spool.stats();
         let hello = Hello {
             incarnation: self.spool.incarnation(),
             acked_seq: spooled.acked_seq,
+            shard_epoch: routing.epoch,
             ..self.cfg.hello.clone()
         };
-        let mut publisher = client
-            .publisher(hello, self.cfg.window + 4)
-            .await
-            .map_err(|e| (e.into(), false))?;
+        let mut publisher = match client.publisher(hello, self.cfg.window + 4).await {
+            Ok(p) => p,
+            Err(ClientError::Redirected(r)) => {
+                return match routing.follow(&r) {
+                    Ok(()) => {
+                        debug!(from_shard = r.from_shard, to_shard = r.shard, url = %r.url, epoch = r.shard_epoch, "redirected to the owner shard");
+                        Ok(SessionEnd::Redirected)
+                    }
+                    Err(m) => Err((SessionError::Route(m), false)),
+                };
+            }
+            Err(e) => return Err((e.into(), false)),
+        };
+        routing.welcomed(publisher.welcome.shard_epoch);
         if publisher.welcome_acked_seq >= spooled.next_seq {
             // Cannot happen while incarnations are unique; if it does, the
             // bus's claim would delete events it never received, so say so.
@@ -200,7 +324,7 @@ impl Sender {
         }
         let tx = publisher.sender();
         let mut cursor = self.spool.stats().first_seq;
-        info!(bus = %self.cfg.client.url, resume_from_seq = cursor, bus_held_seq = publisher.welcome_acked_seq, "connected to the bus");
+        info!(bus = %url, shard = publisher.welcome.shard, shard_epoch = publisher.welcome.shard_epoch, resume_from_seq = cursor, bus_held_seq = publisher.welcome_acked_seq, "connected to the bus");
         // (last seq of the batch) for each batch sent and not yet acked.
         let mut inflight: VecDeque<u64> = VecDeque::new();
         loop {
@@ -237,6 +361,16 @@ impl Sender {
                         }))}).await;
                     }
                     Some(OutMsg::Welcome(_)) => debug!("unexpected second welcome"),
+                    Some(OutMsg::Redirect(r)) => {
+                        // The shard acked every batch it took before this;
+                        // the rest is resent to the new owner.
+                        self.metrics.connected.set(0);
+                        info!(to_shard = r.shard, url = %r.url, epoch = r.shard_epoch, "this agent moved to another shard");
+                        return match routing.follow(&r) {
+                            Ok(()) => Ok(SessionEnd::Redirected),
+                            Err(m) => Err(fail(SessionError::Route(m))),
+                        };
+                    }
                     None => return Err(fail(ClientError::Closed("by the bus".into()).into())),
                 },
                 _ = draining.cancelled(), if !draining.is_cancelled() => {}
@@ -287,6 +421,55 @@ async fn ready(spool: &Spool, cursor: u64, idle: bool, max_events: usize, max_de
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn redirect(from: u32, to: u32, epoch: u64) -> amoskys_proto::Redirect {
+        amoskys_proto::Redirect {
+            shard: to,
+            url: format!("https://s{to}:7443"),
+            shard_epoch: epoch,
+            from_shard: from,
+        }
+    }
+
+    #[test]
+    fn routing_follows_redirects_and_names_loops_and_stale_epochs() {
+        let mut r = Routing::default();
+        assert_eq!(r.url("https://boot:7443"), "https://boot:7443");
+        r.follow(&redirect(0, 2, 3)).unwrap();
+        assert_eq!(r.url("https://boot:7443"), "https://s2:7443");
+        r.welcomed(3);
+        assert_eq!((r.hops, r.epoch), (0, 3));
+
+        let stale = r.follow(&redirect(2, 1, 2)).unwrap_err();
+        assert!(
+            stale.contains("epoch 2") && stale.contains("epoch 3"),
+            "{stale}"
+        );
+        let mut no_url = redirect(2, 1, 3);
+        no_url.url.clear();
+        assert!(
+            r.follow(&no_url)
+                .unwrap_err()
+                .contains("without an address")
+        );
+
+        for i in 0..MAX_REDIRECT_HOPS {
+            r.follow(&redirect(i % 2, (i + 1) % 2, 3)).unwrap();
+        }
+        let looped = r.follow(&redirect(0, 1, 3)).unwrap_err();
+        assert!(looped.contains("redirect loop"), "{looped}");
+        assert_eq!(r.url("https://boot:7443"), "https://boot:7443");
+        assert_eq!(r.epoch, 3, "the epoch survives a reset");
+
+        // An owner that stays down: the bootstrap address routes afresh.
+        r.follow(&redirect(0, 1, 3)).unwrap();
+        for _ in 0..OWNER_RETRIES - 1 {
+            r.unreachable();
+            assert_eq!(r.url("b"), "https://s1:7443");
+        }
+        r.unreachable();
+        assert_eq!(r.url("b"), "b");
+    }
 
     #[test]
     fn backoff_grows_is_jittered_and_capped() {

@@ -9,7 +9,7 @@ use amoskys_proto::event_bus_client::EventBusClient;
 use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{
-    Batch, Event, Hello, PublishRequest, PublishResponse, QueryRequest, TailRequest,
+    Batch, Event, Hello, PublishRequest, PublishResponse, QueryRequest, TailRequest, Welcome,
 };
 use tokio::sync::mpsc;
 use tonic::Streaming;
@@ -50,6 +50,15 @@ pub enum ClientError {
     /// The Publish stream ended; the text says when.
     #[error("the bus closed the Publish stream: {0}")]
     Closed(String),
+    /// The shard reached does not own this agent: publish to the one named.
+    #[error(
+        "shard {} redirected this agent to shard {} at {:?} (shard map epoch {})",
+        .0.from_shard,
+        .0.shard,
+        .0.url,
+        .0.shard_epoch
+    )]
+    Redirected(amoskys_proto::Redirect),
 }
 
 /// How to reach the bus.
@@ -217,7 +226,9 @@ impl BusClient {
         Ok(self.bus.tail(req).await?.into_inner())
     }
 
-    /// Opens a Publish stream: sends the Hello, waits for the Welcome.
+    /// Opens a Publish stream: sends the Hello, waits for the Welcome. A
+    /// shard that does not own the agent answers with
+    /// [`ClientError::Redirected`].
     pub async fn publisher(
         &mut self,
         hello: Hello,
@@ -234,10 +245,13 @@ impl BusClient {
             .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let acked_seq = match inbound.message().await? {
+        let welcome = match inbound.message().await? {
             Some(PublishResponse {
                 msg: Some(OutMsg::Welcome(w)),
-            }) => w.acked_seq,
+            }) => w,
+            Some(PublishResponse {
+                msg: Some(OutMsg::Redirect(r)),
+            }) => return Err(ClientError::Redirected(r)),
             other => {
                 return Err(ClientError::Closed(format!(
                     "expected a Welcome, got {other:?}"
@@ -247,7 +261,8 @@ impl BusClient {
         Ok(Publisher {
             tx,
             inbound,
-            welcome_acked_seq: acked_seq,
+            welcome_acked_seq: welcome.acked_seq,
+            welcome,
         })
     }
 }
@@ -259,6 +274,8 @@ pub struct Publisher {
     pub inbound: Streaming<PublishResponse>,
     /// What the bus already held for this agent when the stream opened.
     pub welcome_acked_seq: u64,
+    /// The whole Welcome: also the owning shard and its map epoch.
+    pub welcome: Welcome,
 }
 
 impl Publisher {

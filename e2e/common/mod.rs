@@ -92,9 +92,14 @@ pub fn start_bus_with(root: &Path, sync: &str, ports: Option<(u16, u16)>, extra:
 }
 
 pub fn wait_ready(bus: &Bus) {
+    wait_http_ready(bus.http)
+}
+
+/// Waits until the bus whose HTTP side is `port` answers /readyz with 200.
+pub fn wait_http_ready(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", bus.http)) {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             use std::io::{Read, Write};
             let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
             let mut out = String::new();

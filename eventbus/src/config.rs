@@ -131,6 +131,155 @@ pub struct BusConfigFile {
     pub backup: Option<BackupFile>,
     /// `export`: The `export:` section; nothing leaves the bus when absent.
     pub export: Option<ExportFile>,
+    /// `sharding`: The `sharding:` section; one unsharded bus when absent.
+    pub sharding: Option<ShardingFile>,
+}
+
+/// The `sharding:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ShardingFile {
+    /// `index`: this bus's shard index (flag `--shard-index`, env
+    /// `AMOSKYS_SHARD_INDEX`, which the StatefulSet sets from the pod index).
+    pub index: Option<u32>,
+    /// `mapFile`: the shard map (epoch, active, peers), re-read when it
+    /// changes (flag `--shard-map`).
+    pub map_file: Option<PathBuf>,
+    /// `map`: the shard map inline, for a bus that never changes it.
+    pub map: Option<amoskys_client::shard::ShardMap>,
+    /// `peerTlsDir`: the peer certificate (role peer) this bus calls other
+    /// shards with: tls.crt, tls.key, ca.crt.
+    pub peer_tls_dir: Option<PathBuf>,
+    /// `peerTimeout`: how long a call to another shard may take (`2s`).
+    pub peer_timeout: Option<String>,
+    /// `mapReloadInterval`: how often `mapFile` is checked (`1s`).
+    pub map_reload_interval: Option<String>,
+}
+
+/// Which shard this bus is and how it finds the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardingConfig {
+    /// This bus's index in the map.
+    pub index: u32,
+    /// Re-read for new maps; None when the map is fixed.
+    pub map_file: Option<PathBuf>,
+    /// The map inline, or a single shard; a map file replaces it at start.
+    pub map: amoskys_client::shard::ShardMap,
+    /// The peer certificate's directory; required when there are peers.
+    pub peer_tls_dir: Option<PathBuf>,
+    /// Deadline of one call to another shard.
+    pub peer_timeout: Duration,
+    /// How often the map file is checked.
+    pub map_reload_interval: Duration,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        Self {
+            index: 0,
+            map_file: None,
+            map: amoskys_client::shard::ShardMap::single(),
+            peer_tls_dir: None,
+            peer_timeout: Duration::from_secs(2),
+            map_reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reads and checks a shard map file; the error names the file.
+pub fn read_shard_map(path: &Path) -> Result<amoskys_client::shard::ShardMap, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    amoskys_client::shard::ShardMap::parse(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The map a bus starts with: its map file's when it has one, else the
+/// inline (or single-shard) map; the index must have a place in it.
+pub fn load_shard_map(c: &ShardingConfig) -> Result<amoskys_client::shard::ShardMap, ConfigError> {
+    let map = match &c.map_file {
+        Some(path) => read_shard_map(path)?,
+        None => c.map.clone(),
+    };
+    check_shard_index(c.index, &map)?;
+    Ok(map)
+}
+
+/// A shard index the map has no place for is refused.
+pub fn check_shard_index(
+    index: u32,
+    map: &amoskys_client::shard::ShardMap,
+) -> Result<(), ConfigError> {
+    if index >= map.shards() {
+        return Err(invalid(
+            "sharding.index",
+            format!(
+                "{index} is not a shard of the map (epoch {}: {} shards)",
+                map.epoch,
+                map.shards()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_sharding(
+    file: Option<ShardingFile>,
+    flag_index: Option<u32>,
+    flag_map: Option<PathBuf>,
+) -> Result<ShardingConfig, ConfigError> {
+    let f = file.unwrap_or_default();
+    let mut c = ShardingConfig {
+        index: flag_index.or(f.index).unwrap_or(0),
+        map_file: flag_map.or(f.map_file),
+        peer_tls_dir: f.peer_tls_dir,
+        ..ShardingConfig::default()
+    };
+    // A map file is read when the bus starts (`load_shard_map`), so a config
+    // can be checked where the file is not (the operator's tests).
+    match (&c.map_file, f.map) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "sharding.map",
+                "give either sharding.map or sharding.mapFile, not both",
+            ));
+        }
+        (None, Some(map)) => {
+            map.validate()
+                .map_err(|e| invalid("sharding.map", e.to_string()))?;
+            c.map = map;
+        }
+        _ => {}
+    }
+    if c.map_file.is_none() {
+        check_shard_index(c.index, &c.map)?;
+    }
+    if let Some(v) = f.peer_timeout {
+        c.peer_timeout = parse_duration("sharding.peerTimeout", &v)?;
+        if c.peer_timeout.is_zero() {
+            return Err(invalid("sharding.peerTimeout", "must be greater than zero"));
+        }
+    }
+    if let Some(v) = f.map_reload_interval {
+        c.map_reload_interval = parse_duration("sharding.mapReloadInterval", &v)?;
+        if c.map_reload_interval < Duration::from_millis(50) {
+            return Err(invalid(
+                "sharding.mapReloadInterval",
+                "must be at least 50ms",
+            ));
+        }
+    }
+    if c.peer_tls_dir.is_none() && (c.map.shards() > 1 || c.map_file.is_some()) {
+        return Err(invalid(
+            "sharding.peerTlsDir",
+            "required with more than one shard or a map file (the certificate with role peer that shards call each other with)",
+        ));
+    }
+    Ok(c)
 }
 
 /// The `export:` section.
@@ -332,6 +481,8 @@ pub struct BusConfig {
     pub backup: Option<BackupConfig>,
     /// The `export.nats:` section; no export when absent.
     pub export_nats: Option<NatsExportConfig>,
+    /// The `sharding:` section: one unsharded bus by default.
+    pub sharding: ShardingConfig,
 }
 
 impl BusConfig {
@@ -363,6 +514,7 @@ impl BusConfig {
             },
             backup: None,
             export_nats: None,
+            sharding: ShardingConfig::default(),
         }
     }
 }
@@ -413,6 +565,12 @@ pub struct BusOverrides {
     /// config file's backup.interval says otherwise).
     #[arg(long)]
     pub backup_dir: Option<PathBuf>,
+    /// This bus's shard index (a StatefulSet sets it from the pod index).
+    #[arg(long, env = "AMOSKYS_SHARD_INDEX")]
+    pub shard_index: Option<u32>,
+    /// The shard map file (epoch, active, peers), re-read when it changes.
+    #[arg(long)]
+    pub shard_map: Option<PathBuf>,
 }
 
 /// Reads and parses the config file at `path`; the error names the file.
@@ -542,6 +700,7 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
         .and_then(|e| e.nats)
         .map(resolve_nats_export)
         .transpose()?;
+    c.sharding = resolve_sharding(file.sharding, flags.shard_index, flags.shard_map)?;
     if let Some(v) = file.log_format
         && v != "text"
         && v != "json"
@@ -738,6 +897,65 @@ mod tests {
             ),
         ] {
             let e = resolve(file(yaml), base()).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{yaml:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_sharding_section_takes_a_map_inline_or_from_a_file_and_checks_the_index() {
+        let file = |y: &str| serde_saphyr::from_str::<BusConfigFile>(y).unwrap();
+        let c = resolve(BusConfigFile::default(), base()).unwrap().sharding;
+        assert_eq!(c, ShardingConfig::default());
+        let three = "sharding:\n  index: 2\n  peerTlsDir: /p\n  map:\n    epoch: 4\n    active: 3\n    peers: [\"https://a:1\", \"https://b:1\", \"https://c:1\"]\n";
+        let c = resolve(file(three), base()).unwrap().sharding;
+        assert_eq!((c.index, c.map.epoch, c.map.active), (2, 4, 3));
+        let mut flags = base();
+        flags.shard_index = Some(1);
+        assert_eq!(resolve(file(three), flags).unwrap().sharding.index, 1);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let map = tmp.path().join("map.yaml");
+        std::fs::write(
+            &map,
+            "epoch: 9\nactive: 2\npeers: [\"https://a:1\", \"https://b:1\"]\n",
+        )
+        .unwrap();
+        let mut flags = base();
+        flags.shard_map = Some(map.clone());
+        flags.shard_index = Some(1);
+        let c = resolve(file("sharding:\n  peerTlsDir: /p\n"), flags)
+            .unwrap()
+            .sharding;
+        assert_eq!(c.map_file.as_deref(), Some(map.as_path()));
+        assert_eq!(load_shard_map(&c).unwrap().epoch, 9);
+        let c3 = ShardingConfig {
+            index: 2,
+            ..c.clone()
+        };
+        let e = load_shard_map(&c3).unwrap_err().to_string();
+        assert!(e.starts_with("sharding.index: 2"), "{e}");
+        std::fs::write(&map, "epoch: 9\nactive: 0\n").unwrap();
+        let e = load_shard_map(&c).unwrap_err().to_string();
+        assert!(e.contains("map.yaml") && e.contains("active: 0"), "{e}");
+
+        for (yaml, key) in [
+            (three.replace("index: 2", "index: 3"), "sharding.index:"),
+            (
+                three.replace("  peerTlsDir: /p\n", ""),
+                "sharding.peerTlsDir:",
+            ),
+            (three.replace("active: 3", "active: 4"), "sharding.map:"),
+            (
+                format!("{three}  peerTimeout: 0s\n"),
+                "sharding.peerTimeout:",
+            ),
+            (
+                format!("{three}  mapReloadInterval: 1ms\n"),
+                "sharding.mapReloadInterval:",
+            ),
+            (format!("{three}  mapFile: /m\n"), "sharding.map:"),
+        ] {
+            let e = resolve(file(&yaml), base()).unwrap_err().to_string();
             assert!(e.starts_with(key), "{yaml:?}: {e}");
         }
     }

@@ -24,6 +24,7 @@ mod metrics;
 mod registry;
 mod server;
 mod service;
+mod shard;
 mod store;
 mod tls;
 mod writer;

@@ -80,6 +80,15 @@ pub struct BusMetrics {
     pub export_lag_events: Gauge,
     pub export_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub export_ready: Gauge,
+    pub shard_index: Gauge,
+    pub shard_epoch: Gauge,
+    pub shard_active: Gauge,
+    pub shard_retiring: Gauge,
+    pub shard_map_errors: Counter,
+    pub shard_redirects: Counter,
+    pub shard_moved_out: Counter,
+    pub shard_move_unverified: Counter,
+    pub shard_peer_errors: Family<ReasonLabel, Counter>,
 }
 
 impl BusMetrics {
@@ -131,6 +140,15 @@ impl BusMetrics {
             export_lag_events: Gauge::default(),
             export_lag_seconds: Gauge::default(),
             export_ready: Gauge::default(),
+            shard_index: Gauge::default(),
+            shard_epoch: Gauge::default(),
+            shard_active: Gauge::default(),
+            shard_retiring: Gauge::default(),
+            shard_map_errors: Counter::default(),
+            shard_redirects: Counter::default(),
+            shard_moved_out: Counter::default(),
+            shard_move_unverified: Counter::default(),
+            shard_peer_errors: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -339,6 +357,51 @@ impl BusMetrics {
             "export_ready",
             "1 while the export is connected to its stream",
             m.export_ready.clone(),
+        );
+        r.register(
+            "shard_index",
+            "This bus's shard index",
+            m.shard_index.clone(),
+        );
+        r.register(
+            "shard_map_epoch",
+            "Epoch of the shard map this bus routes by",
+            m.shard_epoch.clone(),
+        );
+        r.register(
+            "shard_active",
+            "Shards that own agents under the current map",
+            m.shard_active.clone(),
+        );
+        r.register(
+            "shard_retiring",
+            "1 while this shard is retiring (takes no new events, still serves reads)",
+            m.shard_retiring.clone(),
+        );
+        r.register(
+            "shard_map_errors",
+            "Shard map files that could not be read or were invalid (the previous map stays)",
+            m.shard_map_errors.clone(),
+        );
+        r.register(
+            "shard_redirects",
+            "Publish streams sent to the agent's owner shard instead of being taken here",
+            m.shard_redirects.clone(),
+        );
+        r.register(
+            "shard_moved_out",
+            "Publish streams handed to a new owner after a map change (their batches acked first)",
+            m.shard_moved_out.clone(),
+        );
+        r.register(
+            "shard_move_unverified",
+            "Agents taken over while a peer shard could not say what it stored of them (resends there may be duplicates)",
+            m.shard_move_unverified.clone(),
+        );
+        r.register(
+            "shard_peer_errors",
+            "Calls to peer shards that failed, by reason (connect, rpc, timeout)",
+            m.shard_peer_errors.clone(),
         );
         Self { registry, ..m }
     }

@@ -190,6 +190,14 @@ impl Registry {
             .map(|l| l.control.clone())
     }
 
+    /// True while the agent has a live Publish stream here.
+    pub fn is_connected(&self, agent_id: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(agent_id)
+    }
+
     pub fn connected_count(&self) -> usize {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -21,6 +21,7 @@ use crate::http::{self, Health};
 use crate::metrics::{BusMetrics, reason};
 use crate::registry::Registry;
 use crate::service::{AdminService, BusState, EventBusService};
+use crate::shard::Shards;
 use crate::store::{Store, StoreError};
 use crate::tls::ReloadingTls;
 use crate::writer::{self, Writer, WriterMsg, now_ns};
@@ -179,6 +180,23 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
     )
     .map_err(|e| BusError::Other(format!("starting the WAL writer: {e}")))?;
 
+    let shard_map = match crate::config::load_shard_map(&cfg.sharding) {
+        Ok(m) => m,
+        Err(e) => {
+            stop.cancel();
+            let _ = http_task.await;
+            return Err(BusError::Other(e.to_string()));
+        }
+    };
+    let shards = Arc::new(Shards::new(
+        &cfg.sharding,
+        shard_map,
+        cfg.max_message_bytes,
+        metrics.clone(),
+    ));
+    if let Some(path) = &cfg.sharding.map_file {
+        shards.spawn_file_watch(path.clone(), cfg.sharding.map_reload_interval, stop.clone());
+    }
     let state = Arc::new(BusState {
         cfg: cfg.clone(),
         store: store.clone(),
@@ -192,6 +210,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         alerts,
         tls: tls.clone(),
         backups: backups.as_ref().map(|(b, _)| b.clone()),
+        shards: shards.clone(),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());

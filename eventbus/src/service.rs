@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use amoskys_client::shard::ShardMap;
 use amoskys_proto::admin_server::Admin;
 use amoskys_proto::event_bus_server::EventBus;
 use amoskys_proto::publish_request::Msg as InMsg;
@@ -12,8 +13,8 @@ use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{
     Ack, BackupRequest, BackupResponse, Batch, ControlRequest, ControlResponse, EncodedEvents,
     Event, Hello, ListAgentsRequest, ListAgentsResponse, PublishRequest, PublishResponse,
-    QueryRequest, QueryResponse, Severity, StatsRequest, StatsResponse, TailRequest, Welcome,
-    control,
+    QueryRequest, QueryResponse, Redirect, Severity, ShardAgentRequest, ShardAgentResponse,
+    StatsRequest, StatsResponse, TailRequest, Welcome, control,
 };
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -28,8 +29,11 @@ use crate::filter::EventFilter;
 use crate::metrics::{BusMetrics, reason};
 use crate::registry::Registry;
 use crate::registry::incarnation_hex;
+use crate::shard::Shards;
 use crate::store::{QuerySpec, Store, StoreError};
-use crate::writer::{SessionRequest, TailSender, WriteOutcome, WriteRequest, WriterMsg, now_ns};
+use crate::writer::{
+    HeldElsewhere, SessionRequest, TailSender, WriteOutcome, WriteRequest, WriterMsg, now_ns,
+};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Batches one Publish stream may have waiting for acks before the bus stops
@@ -56,6 +60,33 @@ pub struct BusState {
     pub tls: Arc<crate::tls::ReloadingTls>,
     /// Set when a backup directory is configured; one backup at a time.
     pub backups: Option<Arc<tokio::sync::Mutex<crate::backup::Backups>>>,
+    /// The shard map this bus routes by and its peers.
+    pub shards: Arc<Shards>,
+}
+
+/// Where a Publish stream goes.
+enum Route {
+    /// This shard owns the agent; what other shards hold of it.
+    Here(HeldElsewhere),
+    /// Another shard owns it.
+    Elsewhere(Redirect),
+}
+
+/// The redirect to `owner`, or FAILED_PRECONDITION when the map has no
+/// address for it (a map written by hand without peers).
+fn redirect(from: u32, map: &ShardMap, owner: u32) -> Result<Redirect, Status> {
+    let url = map.url(owner).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "Publish: shard {owner} owns this agent, but the shard map (epoch {}) has no address for it",
+            map.epoch
+        ))
+    })?;
+    Ok(Redirect {
+        shard: owner,
+        url: url.to_string(),
+        shard_epoch: map.epoch,
+        from_shard: from,
+    })
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -207,20 +238,66 @@ impl BusState {
         }
     }
 
+    /// Decides whether this shard takes the agent's stream. A shard on an
+    /// older map than the agent was routed under, or an owner whose agent
+    /// still streams to its previous owner, answers UNAVAILABLE (the agent
+    /// retries the same owner): routing on stale data could store events on
+    /// two shards.
+    async fn route(&self, hello: &Hello) -> Result<Route, Status> {
+        let shards = &self.shards;
+        let map = shards.map();
+        if hello.shard_epoch > map.epoch {
+            return Err(Status::unavailable(format!(
+                "Publish: shard {} routes by shard map epoch {}, older than epoch {} that agent {:?} was sent here under; retry once this shard has the newer map",
+                shards.index, map.epoch, hello.shard_epoch, hello.agent_id
+            )));
+        }
+        let owner = map.owner(&hello.agent_id);
+        if owner != shards.index {
+            return redirect(shards.index, &map, owner).map(Route::Elsewhere);
+        }
+        if map.shards() <= 1 {
+            return Ok(Route::Here(HeldElsewhere::default()));
+        }
+        let e = shards
+            .elsewhere(&map, &hello.agent_id, hello.incarnation)
+            .await;
+        if let Some(s) = e.connected_on {
+            return Err(Status::unavailable(format!(
+                "Publish: agent {:?} still streams to shard {s}, which hands it over once it has shard map epoch {}; retry",
+                hello.agent_id, map.epoch
+            )));
+        }
+        if !e.unreachable.is_empty() {
+            warn!(agent = %hello.agent_id, unreachable = ?e.unreachable, "taking an agent while peer shards cannot say what they hold of it");
+        }
+        Ok(Route::Here(HeldElsewhere {
+            last_seq: e.last_seq,
+            complete: e.unreachable.is_empty(),
+        }))
+    }
+
     /// Serves one Publish stream after its Hello until the agent closes it,
-    /// it sends something invalid, or the bus stops.
+    /// it sends something invalid, the agent moves to another shard, or the
+    /// bus stops. Returns the stream's last message (an error, or the
+    /// redirect of an agent that moved), sent once the stream no longer
+    /// counts as live here.
     async fn publish_session(
         self: Arc<Self>,
         hello: Hello,
         mut inbound: Streaming<PublishRequest>,
-        out: mpsc::Sender<Result<PublishResponse, Status>>,
+        out: &mpsc::Sender<Result<PublishResponse, Status>>,
         mut control_rx: mpsc::Receiver<amoskys_proto::Control>,
         replaced: CancellationToken,
-    ) {
+    ) -> Option<Result<PublishResponse, Status>> {
         let metrics = &self.metrics;
         let mut pending: FuturesOrdered<_> = FuturesOrdered::new();
         let mut ending: Option<Status> = None;
+        let mut moved: Option<Redirect> = None;
         let mut reading = true;
+        let mut map_rx = self.shards.subscribe();
+        map_rx.mark_unchanged();
+        let mut map_open = true;
         loop {
             if !reading && pending.is_empty() {
                 break;
@@ -242,6 +319,25 @@ impl BusState {
                 }
                 _ = self.stop.cancelled(), if reading => {
                     reading = false;
+                }
+                changed = map_rx.changed(), if reading && map_open => {
+                    if changed.is_err() {
+                        map_open = false;
+                        continue;
+                    }
+                    let map = map_rx.borrow_and_update().clone();
+                    let owner = map.owner(&hello.agent_id);
+                    if owner != self.shards.index {
+                        // Take nothing more, ack what was taken, then send
+                        // the agent to its new owner.
+                        reading = false;
+                        metrics.shard_moved_out.inc();
+                        info!(agent = %hello.agent_id, to_shard = owner, epoch = map.epoch, "agent moves to another shard");
+                        match redirect(self.shards.index, &map, owner) {
+                            Ok(r) => moved = Some(r),
+                            Err(status) => ending = Some(status),
+                        }
+                    }
                 }
                 _ = replaced.cancelled(), if reading => {
                     // A restarted agent connected again before this stream
@@ -317,8 +413,13 @@ impl BusState {
             }
         }
         if let Some(status) = ending {
-            let _ = out.send(Err(status)).await;
+            return Some(Err(status));
         }
+        moved.map(|r| {
+            Ok(PublishResponse {
+                msg: Some(OutMsg::Redirect(r)),
+            })
+        })
     }
 
     fn query_spec(&self, q: &QueryRequest) -> Result<QuerySpec, Status> {
@@ -394,6 +495,17 @@ impl EventBus for EventBusService {
         };
         validate_hello(&hello)?;
         let state = self.0.clone();
+        let elsewhere = match state.route(&hello).await? {
+            Route::Here(e) => e,
+            Route::Elsewhere(r) => {
+                state.metrics.shard_redirects.inc();
+                debug!(agent = %hello.agent_id, to_shard = r.shard, url = %r.url, "redirecting an agent to its owner shard");
+                let msg = PublishResponse {
+                    msg: Some(OutMsg::Redirect(r)),
+                };
+                return Ok(Response::new(Box::pin(tokio_stream::once(Ok(msg)))));
+            }
+        };
         let (out_tx, out_rx) = mpsc::channel(MAX_PENDING_BATCHES + 8);
         let (control_tx, control_rx) = mpsc::channel(16);
         let conn = match state.registry.connect(&hello, &from, control_tx, now_ns()) {
@@ -413,6 +525,7 @@ impl EventBus for EventBusService {
         let (tx, rx) = oneshot::channel();
         let session = WriterMsg::Session(SessionRequest {
             hello: hello.clone(),
+            elsewhere,
             reply: tx,
         });
         let shutting_down = || Status::unavailable("Publish: the bus is shutting down");
@@ -433,6 +546,8 @@ impl EventBus for EventBusService {
             msg: Some(OutMsg::Welcome(Welcome {
                 acked_seq: session.acked_seq,
                 bus_version: VERSION.into(),
+                shard: state.shards.index,
+                shard_epoch: state.shards.map().epoch,
             })),
         };
         let _ = out_tx.send(Ok(welcome)).await;
@@ -440,15 +555,20 @@ impl EventBus for EventBusService {
         tokio::spawn(async move {
             let agent = hello.agent_id.clone();
             let replaced = conn.replaced.clone();
-            state
+            let last = state
                 .clone()
-                .publish_session(hello, inbound, out_tx, control_rx, replaced)
+                .publish_session(hello, inbound, &out_tx, control_rx, replaced)
                 .await;
+            // No longer live here before the agent hears where to go, so
+            // its new owner finds it gone from this shard.
             drop(conn);
             state
                 .metrics
                 .connected_agents
                 .set(state.registry.connected_count() as i64);
+            if let Some(last) = last {
+                let _ = out_tx.send(last).await;
+            }
             info!(%agent, "agent stream closed");
         });
         Ok(Response::new(Box::pin(
@@ -742,6 +862,25 @@ impl Admin for AdminService {
             .backup(&format!("cert:{}", peer.common_name))
             .await
             .map(Response::new)
+    }
+
+    async fn shard_agent(
+        &self,
+        req: Request<ShardAgentRequest>,
+    ) -> Result<Response<ShardAgentResponse>, Status> {
+        authorize(&req, Permission::Peer, "Admin.ShardAgent")?;
+        let r = req.into_inner();
+        let s = &self.0;
+        let last_seq = s
+            .registry
+            .record(&r.agent_id)
+            .map_or(0, |rec| crate::writer::last_seq_of(&rec, r.incarnation));
+        Ok(Response::new(ShardAgentResponse {
+            last_seq,
+            connected: s.registry.is_connected(&r.agent_id),
+            shard: s.shards.index,
+            shard_epoch: s.shards.map().epoch,
+        }))
     }
 }
 

@@ -38,7 +38,29 @@ pub struct WriteRequest {
 /// and what the bus holds of it, durably, before the stream gets its Welcome.
 pub struct SessionRequest {
     pub hello: Hello,
+    /// What the other shards store of this incarnation (an agent that moved
+    /// here); the default for a single bus.
+    pub elsewhere: HeldElsewhere,
     pub reply: oneshot::Sender<SessionOutcome>,
+}
+
+/// What other shards hold of an agent's incarnation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldElsewhere {
+    /// The highest seq stored on any other shard.
+    pub last_seq: u64,
+    /// Every other shard answered; when one did not, a seq the agent saw
+    /// acked above what is known is trusted, not reported as lost.
+    pub complete: bool,
+}
+
+impl Default for HeldElsewhere {
+    fn default() -> Self {
+        Self {
+            last_seq: 0,
+            complete: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,6 +72,9 @@ pub struct SessionOutcome {
     /// Seqs the agent saw acked that the bus no longer holds (a gap event
     /// names them).
     pub lost: Option<(u64, u64)>,
+    /// The agent saw seqs acked that no shard that answered holds, and a
+    /// shard did not answer: resumed after them unverified.
+    pub unverified: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +163,9 @@ fn prepare_items(
         .iter_mut()
         .map(|item| match item {
             Item::Write(r) => Outcome::Write(prepare_write(registry, &mut group, r)),
-            Item::Session(s) => Outcome::Session(prepare_session(registry, &mut group, &s.hello)),
+            Item::Session(s) => {
+                Outcome::Session(prepare_session(registry, &mut group, &s.hello, s.elsewhere))
+            }
         })
         .collect();
     (group, outcomes)
@@ -162,7 +189,7 @@ fn record_in<'g>(
 
 /// The last stored seq of `incarnation` in `rec`: the current one's, or a
 /// past one's (two clones taking turns).
-fn last_seq_of(rec: &AgentRecord, incarnation: u64) -> u64 {
+pub(crate) fn last_seq_of(rec: &AgentRecord, incarnation: u64) -> u64 {
     if rec.incarnation == incarnation {
         return rec.last_seq;
     }
@@ -264,6 +291,7 @@ fn prepare_session(
     registry: &Registry,
     group: &mut PreparedGroup,
     hello: &Hello,
+    elsewhere: HeldElsewhere,
 ) -> SessionOutcome {
     let at = group.stored_at;
     let rec = record_in(registry, group, &hello.agent_id);
@@ -326,7 +354,16 @@ fn prepare_session(
         }
     }
     rec.incarnations = rec.incarnations.max(1);
-    if hello.acked_seq > rec.last_seq {
+    // An agent that moved here resumes after what its previous owner
+    // stored, so nothing stored there is stored again here.
+    rec.last_seq = rec.last_seq.max(elsewhere.last_seq);
+    if hello.acked_seq > rec.last_seq && !elsewhere.complete {
+        // Most likely held by the shard that did not answer (its old owner,
+        // down): trusting the agent can store an in-flight batch twice
+        // (counted), while a gap event would report a loss that is not one.
+        rec.last_seq = hello.acked_seq;
+        out.unverified = true;
+    } else if hello.acked_seq > rec.last_seq {
         let (first, last) = (rec.last_seq + 1, hello.acked_seq);
         let n = last - first + 1;
         rec.bus_lost += n;
@@ -490,6 +527,9 @@ impl Writer {
                     }
                     if let Some((first, last)) = o.lost {
                         self.metrics.bus_lost.inc_by(last - first + 1);
+                    }
+                    if o.unverified {
+                        self.metrics.shard_move_unverified.inc();
                     }
                     let _ = r.reply.send(o);
                 }
@@ -667,9 +707,19 @@ mod tests {
         hello: &Hello,
         next_offset: u64,
     ) -> (PreparedGroup, SessionOutcome) {
+        session_with(registry, hello, HeldElsewhere::default(), next_offset)
+    }
+
+    fn session_with(
+        registry: &Registry,
+        hello: &Hello,
+        elsewhere: HeldElsewhere,
+        next_offset: u64,
+    ) -> (PreparedGroup, SessionOutcome) {
         let (tx, _rx) = oneshot::channel();
         let item = Item::Session(SessionRequest {
             hello: hello.clone(),
+            elsewhere,
             reply: tx,
         });
         let (g, mut outs) = prepare_items(registry, &mut [item], next_offset, 77);
@@ -815,5 +865,41 @@ mod tests {
         let (g, o) = session(&reg, &hello(0xa, 9), 21);
         assert_eq!((o.acked_seq, o.lost), (9, None));
         assert!(g.batch_events.is_empty());
+    }
+
+    #[test]
+    fn an_agent_that_moved_here_resumes_after_what_its_old_shard_stored() {
+        let reg = Registry::default();
+        // Seqs 1..=40 went to the old owner; this shard never saw the agent.
+        let held = HeldElsewhere {
+            last_seq: 40,
+            complete: true,
+        };
+        let (g, o) = session_with(&reg, &hello(0xa, 40), held, 1);
+        assert_eq!((o.acked_seq, o.lost, o.unverified), (40, None, false));
+        assert!(g.batch_events.is_empty(), "no gap event for a move");
+        reg.apply(g.agents);
+        let (_, w) = write(&reg, "a", 0xa, &[39, 40, 41]);
+        assert_eq!((w.stored, w.duplicates, w.acked_seq), (1, 2, 41));
+
+        // The old owner is down: the agent's word is taken, no loss recorded.
+        let reg = Registry::default();
+        let down = HeldElsewhere {
+            last_seq: 0,
+            complete: false,
+        };
+        let (g, o) = session_with(&reg, &hello(0xa, 40), down, 1);
+        assert_eq!((o.acked_seq, o.lost, o.unverified), (40, None, true));
+        assert!(g.batch_events.is_empty());
+        assert_eq!(g.agents["a"].bus_lost, 0);
+
+        // Every shard answered and none holds 30..=40: that is a loss.
+        let reg = Registry::default();
+        let short = HeldElsewhere {
+            last_seq: 29,
+            complete: true,
+        };
+        let (_, o) = session_with(&reg, &hello(0xa, 40), short, 1);
+        assert_eq!((o.acked_seq, o.lost), (40, Some((30, 40))));
     }
 }
