@@ -878,7 +878,12 @@ async fn cert_manager_issues_when_an_issuer_is_named() {
     let names: Vec<String> = certs.iter().map(|c| c.name_any()).collect();
     assert_eq!(
         names,
-        ["amoskys-admin-tls", "amoskys-server-tls", "nodes-agent-tls"]
+        [
+            "amoskys-admin-tls",
+            "amoskys-peer-tls",
+            "amoskys-server-tls",
+            "nodes-agent-tls"
+        ]
     );
     let server = certs
         .iter()
@@ -903,4 +908,109 @@ async fn cert_manager_issues_when_an_issuer_is_named() {
     );
     let st = w.bus("amoskys").status.clone().unwrap();
     assert_eq!(condition(&st.conditions, "CertificatesReady").0, "False");
+}
+
+#[tokio::test]
+async fn the_shard_map_reaches_the_pods_and_its_epoch_moves_only_when_replicas_change() {
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.replicas = 3;
+    w.api.insert(&bus);
+    w.api.insert(&sample_set());
+    w.reconcile_bus("amoskys").await;
+
+    let map_of = |w: &World| {
+        let cm: ConfigMap = w.api.get(Some(NS), "amoskys-shards").expect("shard map");
+        let text = cm.data.unwrap()["map.yaml"].clone();
+        amoskys_client::shard::ShardMap::parse(&text).unwrap()
+    };
+    let m = map_of(&w);
+    assert_eq!((m.epoch, m.active), (1, 3));
+    assert_eq!(
+        m.peers[2],
+        format!("https://amoskys-2.amoskys-headless.{NS}.svc:7443")
+    );
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(map_of(&w).epoch, 1, "an unchanged map keeps its epoch");
+
+    // What the pods need to act as shards: their index, the map, the peer
+    // certificate, and a config that points at them.
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let pod = sts.spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    let env = &c.env.as_ref().unwrap()[0];
+    assert_eq!(env.name, "AMOSKYS_SHARD_INDEX");
+    assert_eq!(
+        env.value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    );
+    let mounts: Vec<(&str, &str)> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert!(
+        mounts.contains(&("shards", "/etc/amoskys/shards")),
+        "{mounts:?}"
+    );
+    assert!(
+        mounts.contains(&("peer", "/etc/amoskys/peer")),
+        "{mounts:?}"
+    );
+    let vols = pod.volumes.as_ref().unwrap();
+    let peer_vol = vols.iter().find(|v| v.name == "peer").unwrap();
+    assert_eq!(
+        peer_vol.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("amoskys-peer-tls")
+    );
+    let shards_vol = vols.iter().find(|v| v.name == "shards").unwrap();
+    assert_eq!(
+        shards_vol.config_map.as_ref().unwrap().name,
+        "amoskys-shards"
+    );
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-config").unwrap();
+    let file: amoskys_eventbus::config::BusConfigFile =
+        serde_saphyr::from_str(&cm.data.unwrap()["bus.yaml"]).unwrap();
+    let cfg = amoskys_eventbus::config::resolve(file, Default::default()).unwrap();
+    assert_eq!(
+        cfg.sharding.map_file.as_deref(),
+        Some(std::path::Path::new("/etc/amoskys/shards/map.yaml"))
+    );
+    let peer: Secret = w
+        .api
+        .get(Some(NS), "amoskys-peer-tls")
+        .expect("peer Secret");
+    let id = amoskys_client::identity::PeerIdentity::from_der(&der(&secret_text(&peer, "tls.crt")))
+        .unwrap();
+    assert_eq!(id.role, Some(amoskys_client::identity::Role::Peer));
+    let before = sts
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone();
+
+    // Scaling: a new map with the next epoch; the pod template, config hash
+    // included, does not change, so no pod restarts for it.
+    let mut bus = (*w.bus("amoskys")).clone();
+    bus.spec.replicas = 5;
+    w.api.insert(&bus);
+    w.reconcile_bus("amoskys").await;
+    let m = map_of(&w);
+    assert_eq!((m.epoch, m.active, m.peers.len()), (2, 5, 5));
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    assert_eq!(sts.spec.replicas, Some(5));
+    assert_eq!(sts.spec.template.metadata.unwrap().annotations, before);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(map_of(&w).epoch, 2);
 }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec as K8sServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec as K8sServiceSpec, TopologySpreadConstraint,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -19,6 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde::Serialize;
+
+use amoskys_client::shard::{MAX_SHARDS, ShardMap};
 
 use crate::crd::EventBus;
 use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
@@ -35,6 +37,13 @@ pub const TOKEN_DIR: &str = "/etc/amoskys/dashboard";
 pub const WAL_DIR: &str = "/var/lib/amoskys/wal";
 /// The backup volume's mount.
 pub const BACKUP_DIR: &str = "/var/lib/amoskys/backup";
+/// Where the peer certificate (role peer) shards call each other with is mounted.
+pub const PEER_TLS_DIR: &str = "/etc/amoskys/peer";
+/// Where the shard map ConfigMap is mounted; kubelet refreshes the file in
+/// place, and the bus re-reads it without restarting.
+pub const SHARDS_DIR: &str = "/etc/amoskys/shards";
+/// The pod label the StatefulSet controller sets to the pod's ordinal.
+pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// The NATS export's TLS Secret's mount.
 pub const NATS_TLS_DIR: &str = "/etc/amoskys/nats-tls";
 /// The NATS export's credentials Secret's mount.
@@ -83,6 +92,10 @@ pub struct Names {
     pub admin_secret: String,
     /// The dashboard's admin token Secret.
     pub dashboard_secret: String,
+    /// The peer certificate Secret (shard to shard).
+    pub peer_secret: String,
+    /// The ConfigMap with the shard map.
+    pub shards: String,
 }
 
 impl Names {
@@ -98,6 +111,8 @@ impl Names {
             server_secret: format!("{bus}-server-tls"),
             admin_secret: format!("{bus}-admin-tls"),
             dashboard_secret: format!("{bus}-dashboard"),
+            peer_secret: format!("{bus}-peer-tls"),
+            shards: format!("{bus}-shards"),
         }
     }
 }
@@ -247,6 +262,14 @@ struct BusFile<'a> {
     backup: Option<BackupFile<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     export: Option<ExportFile<'a>>,
+    sharding: ShardingFile,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShardingFile {
+    map_file: String,
+    peer_tls_dir: &'static str,
 }
 
 #[derive(Serialize)]
@@ -328,6 +351,13 @@ pub fn bus_config(bus: &EventBus) -> String {
                     .then(|| format!("{NATS_CREDS_DIR}/{NATS_CREDS_KEY}")),
             },
         }),
+        // The index comes from the pod (AMOSKYS_SHARD_INDEX), the map from
+        // its own ConfigMap: neither is in this file, so scaling changes
+        // neither the config hash nor any pod that stays.
+        sharding: ShardingFile {
+            map_file: format!("{SHARDS_DIR}/map.yaml"),
+            peer_tls_dir: PEER_TLS_DIR,
+        },
     };
     rendered(bus, &f)
 }
@@ -340,6 +370,54 @@ fn meta(bus: &EventBus, name: &str) -> ObjectMeta {
 pub fn config_map(bus: &EventBus) -> ConfigMap {
     let name = Names::of(&bus.name_any()).config;
     crate::labels::config_map(bus, COMPONENT, &name, "bus.yaml", bus_config(bus))
+}
+
+/// Every pod's stable address, by ordinal: the headless Service names the
+/// server certificate carries.
+pub fn shard_urls(bus: &EventBus, shards: i32) -> Vec<String> {
+    let n = Names::of(&bus.name_any());
+    let ns = bus.namespace().unwrap_or_default();
+    (0..shards.max(1))
+        .map(|i| {
+            format!(
+                "https://{}-{i}.{}.{ns}.svc:{}",
+                n.statefulset, n.headless, bus.spec.service.grpc_port
+            )
+        })
+        .collect()
+}
+
+/// The shard map for the spec's replicas. The epoch stays while the map is
+/// the same as `previous` (what the ConfigMap holds) and goes up by one
+/// when it changes, so the pods install each new map exactly once.
+pub fn shard_map(bus: &EventBus, previous: Option<&ShardMap>) -> ShardMap {
+    let active = bus.spec.replicas.clamp(1, MAX_SHARDS as i32);
+    let mut map = ShardMap {
+        epoch: 1,
+        active: active as u32,
+        peers: shard_urls(bus, active),
+    };
+    if let Some(p) = previous {
+        map.epoch = if p.active == map.active && p.peers == map.peers {
+            p.epoch
+        } else {
+            p.epoch + 1
+        };
+    }
+    map
+}
+
+/// The ConfigMap with the shard map (`map.yaml`), mounted by every pod.
+pub fn shard_map_config(bus: &EventBus, map: &ShardMap) -> ConfigMap {
+    let name = Names::of(&bus.name_any()).shards;
+    crate::labels::config_map(bus, COMPONENT, &name, "map.yaml", rendered(bus, map))
+}
+
+/// The shard map a ConfigMap made by [`shard_map_config`] holds, if it
+/// parses.
+pub fn shard_map_of(cm: &ConfigMap) -> Option<ShardMap> {
+    let text = cm.data.as_ref()?.get("map.yaml")?;
+    ShardMap::parse(text).ok()
 }
 
 fn port(name: &str, p: i32) -> ServicePort {
@@ -482,6 +560,17 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                 ..Default::default()
             },
         ]),
+        env: Some(vec![EnvVar {
+            name: "AMOSKYS_SHARD_INDEX".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.labels['{POD_INDEX_LABEL}']"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: s.resources.clone(),
@@ -492,6 +581,8 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                 mount("config", CONFIG_DIR),
                 mount("tls", TLS_DIR),
                 mount("dashboard", TOKEN_DIR),
+                mount("peer", PEER_TLS_DIR),
+                mount("shards", SHARDS_DIR),
             ]
             .into_iter()
             .chain(s.backup.as_ref().map(|_| mount("backup", BACKUP_DIR)))
@@ -539,8 +630,17 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                     }),
                     ..Default::default()
                 },
+                Volume {
+                    name: "shards".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: n.shards.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
                 secret("tls", &n.server_secret),
                 secret("dashboard", &n.dashboard_secret),
+                secret("peer", &n.peer_secret),
             ]
             .into_iter()
             .chain(nats_secrets(bus).map(|(vol, name, _)| secret(vol, name)))

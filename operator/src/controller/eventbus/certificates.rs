@@ -23,7 +23,8 @@ use crate::rotation::{self, Change, LeafKind, LeafSpec, Phase, Policy};
 use super::{ADMIN_CN, ROTATE_HANDLED_ANNOTATION};
 
 /// The certificates an EventBus's CA signs: the server, the operator's
-/// admin client, and one agent client per AgentSet sending to it.
+/// admin client, the shards' peer client, and one agent client per AgentSet
+/// sending to it.
 pub fn leaf_specs(bus: &EventBus, sets: &[AgentSet]) -> Vec<LeafSpec> {
     let n = Names::of(&bus.name_any());
     let mut specs = vec![
@@ -36,6 +37,13 @@ pub fn leaf_specs(bus: &EventBus, sets: &[AgentSet]) -> Vec<LeafSpec> {
             secret: n.admin_secret,
             common_name: ADMIN_CN.into(),
             kind: LeafKind::Client(Role::Admin),
+        },
+        // What the bus's shards call each other with; issued whatever the
+        // replica count, so scaling up needs no new certificate.
+        LeafSpec {
+            secret: n.peer_secret,
+            common_name: format!("{}-peer", bus.name_any()),
+            kind: LeafKind::Client(Role::Peer),
         },
     ];
     for set in sets {

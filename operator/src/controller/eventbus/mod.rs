@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, PropagationPolicy};
 use kube::runtime::controller::Action;
@@ -27,7 +27,7 @@ use super::{
 };
 use crate::build::eventbus::{
     COMPONENT, InvalidSpec, NATS_CREDS_KEY, Names, config_map, endpoint, invalid, nats_export, pdb,
-    services, statefulset, validate,
+    services, shard_map, shard_map_config, shard_map_of, statefulset, validate,
 };
 use crate::crd::{AgentSet, EventBus, EventBusStatus};
 use crate::labels::owned_meta;
@@ -111,6 +111,17 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
 
     let image = ctx.image.as_deref();
     apply(&ctx.client, &ns, &config_map(bus)).await?;
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let held_map = maps
+        .get_opt(&Names::of(&name).shards)
+        .await?
+        .as_ref()
+        .and_then(shard_map_of);
+    let map = shard_map(bus, held_map.as_ref());
+    if held_map.as_ref().is_some_and(|p| p.epoch != map.epoch) {
+        tracing::info!(bus = %name, epoch = map.epoch, active = map.active, "shard map changed");
+    }
+    apply(&ctx.client, &ns, &shard_map_config(bus, &map)).await?;
     let (client_svc, headless) = services(bus);
     apply(&ctx.client, &ns, &headless).await?;
     apply(&ctx.client, &ns, &client_svc).await?;
