@@ -417,6 +417,7 @@ impl Spool {
             offset: 0,
             stored_at: 0,
             incarnation: self.incarnation,
+            shard: 0,
             payload: Some(d.payload),
         }
     }

@@ -204,17 +204,44 @@ impl BusClient {
         Ok(self.bus.query(req).await?.into_inner())
     }
 
+    /// Runs one query and collects its page: the events, and on a sharded
+    /// bus the cursor of the next page and the shards left out of a partial
+    /// answer.
+    pub async fn query_page(&mut self, req: QueryRequest) -> Result<QueryPage, ClientError> {
+        let mut stream = self.query_stream(req).await?;
+        let mut page = QueryPage::default();
+        while let Some(chunk) = stream.message().await? {
+            page.events.extend(chunk.events);
+            if !chunk.cursor.is_empty() {
+                page.cursor = chunk.cursor;
+            }
+            page.missing_shards.extend(chunk.missing_shards);
+        }
+        Ok(page)
+    }
+
     /// Runs a query page by page (each up to `req.limit`, capped by the
-    /// server) until the range is exhausted, and collects every event.
+    /// server) until the range is exhausted, and collects every event. On a
+    /// sharded bus each page resumes from the previous page's cursor, and an
+    /// event a move stored on two shards is kept once, whichever pages its
+    /// copies fell on.
     pub async fn query_all(&mut self, mut req: QueryRequest) -> Result<Vec<Event>, ClientError> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         loop {
-            let page = self.query(req.clone()).await?;
-            let Some(last) = page.last().map(|e| e.offset) else {
+            let page = self.query_page(req.clone()).await?;
+            let Some(last) = page.events.last().map(|e| e.offset) else {
                 return Ok(out);
             };
-            req.from_offset = last + 1;
-            out.extend(page);
+            if page.cursor.is_empty() {
+                req.from_offset = last + 1;
+                out.extend(page.events);
+            } else {
+                req.cursor = page.cursor;
+                out.extend(page.events.into_iter().filter(|e| {
+                    e.seq == 0 || seen.insert((e.agent_id.clone(), e.incarnation, e.seq))
+                }));
+            }
         }
     }
 
@@ -265,6 +292,17 @@ impl BusClient {
             welcome,
         })
     }
+}
+
+/// One page of a query.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueryPage {
+    /// The events, in the bus's order.
+    pub events: Vec<Event>,
+    /// A sharded bus: where the next page starts (`QueryRequest.cursor`).
+    pub cursor: String,
+    /// Shards that did not answer a query that allowed partial results.
+    pub missing_shards: Vec<u32>,
 }
 
 /// One open Publish stream.

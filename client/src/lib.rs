@@ -19,5 +19,6 @@ pub mod tls;
 pub mod token;
 
 pub use bus::{
-    BusClient, ClientError, ClientOptions, Pems, Publisher, connect_channel, connect_channel_pem,
+    BusClient, ClientError, ClientOptions, Pems, Publisher, QueryPage, connect_channel,
+    connect_channel_pem,
 };

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod config;
 mod dashboard;
 mod export;
+mod fanout;
 mod filter;
 pub mod fuzzing;
 mod http;

@@ -40,7 +40,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// reading from it (and HTTP/2 flow control pushes back on the agent).
 const MAX_PENDING_BATCHES: usize = 64;
 const DEFAULT_QUERY_LIMIT: u32 = 1000;
-const QUERY_CHUNK: usize = 512;
+pub(crate) const QUERY_CHUNK: usize = 512;
 /// Events a query reads from the store at a time.
 const QUERY_READ: usize = 8 * QUERY_CHUNK;
 const TAIL_CHUNK: usize = 1024;
@@ -159,6 +159,7 @@ pub fn validate_batch(hello: &Hello, batch: &mut Batch, max_events: usize) -> Re
         }
         e.offset = 0;
         e.stored_at = 0;
+        e.shard = 0;
     }
     Ok(())
 }
@@ -582,6 +583,18 @@ impl EventBus for EventBusService {
     ) -> Result<Response<Self::QueryStream>, Status> {
         authorize(&req, Permission::Read, "Query")?;
         let mut spec = self.0.query_spec(req.get_ref())?;
+        let q = req.into_inner();
+        if !q.local && self.0.shards.map().shards() > 1 {
+            let page = self.0.fan_out_query(q, spec).await?;
+            return Ok(Response::new(Box::pin(tokio_stream::iter(
+                page.into_iter().map(Ok),
+            ))));
+        }
+        if !q.cursor.is_empty() {
+            return Err(Status::invalid_argument(
+                "cursor: this bus has one shard; page with from_offset",
+            ));
+        }
         let store = self.0.store.clone();
         // The first read answers for the query (a store error fails the
         // call); the rest are read on a blocking thread while earlier

@@ -150,7 +150,7 @@ impl Shards {
         });
     }
 
-    async fn peer(&self, url: &str) -> Result<BusClient, &'static str> {
+    pub(crate) async fn peer(&self, url: &str) -> Result<BusClient, &'static str> {
         if let Some(c) = self.peers.lock().await.get(url) {
             return Ok(c.clone());
         }

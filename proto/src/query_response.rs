@@ -18,6 +18,10 @@ const STORED_AT_KEY: u8 = 9 << 3;
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct QueryResponse {
     pub events: Vec<Event>,
+    /// On the last response of a sharded query: the next page's cursor.
+    pub cursor: String,
+    /// On the last response of a partial sharded query: the shards left out.
+    pub missing_shards: Vec<u32>,
     /// More events, already encoded as entries of `events`; sent after
     /// those in `events`. Empty on a decoded response.
     #[serde(skip)]
@@ -92,6 +96,10 @@ impl Message for QueryResponse {
             message::encode(1, e, buf);
         }
         buf.put_slice(&self.encoded.bytes);
+        if !self.cursor.is_empty() {
+            prost::encoding::string::encode(2, &self.cursor, buf);
+        }
+        prost::encoding::uint32::encode_packed(3, &self.missing_shards, buf);
     }
 
     fn merge_field(
@@ -106,17 +114,39 @@ impl Message for QueryResponse {
                 e.push("QueryResponse", "events");
                 e
             })
+        } else if tag == 2 {
+            prost::encoding::string::merge(wire_type, &mut self.cursor, buf, ctx).map_err(
+                |mut e| {
+                    e.push("QueryResponse", "cursor");
+                    e
+                },
+            )
+        } else if tag == 3 {
+            prost::encoding::uint32::merge_repeated(wire_type, &mut self.missing_shards, buf, ctx)
+                .map_err(|mut e| {
+                    e.push("QueryResponse", "missing_shards");
+                    e
+                })
         } else {
             prost::encoding::skip_field(wire_type, tag, buf, ctx)
         }
     }
 
     fn encoded_len(&self) -> usize {
-        message::encoded_len_repeated(1, &self.events) + self.encoded.bytes.len()
+        message::encoded_len_repeated(1, &self.events)
+            + self.encoded.bytes.len()
+            + if self.cursor.is_empty() {
+                0
+            } else {
+                prost::encoding::string::encoded_len(2, &self.cursor)
+            }
+            + prost::encoding::uint32::encoded_len_packed(3, &self.missing_shards)
     }
 
     fn clear(&mut self) {
         self.events.clear();
+        self.cursor.clear();
+        self.missing_shards.clear();
         self.encoded = EncodedEvents::default();
     }
 }
@@ -155,6 +185,8 @@ mod tests {
         let r = QueryResponse {
             events: vec![first.clone()],
             encoded,
+            cursor: "c1.0-4.2-9".into(),
+            missing_shards: vec![1, 3],
         };
         assert_eq!(r.len(), 3);
         let bytes = r.encode_to_vec();
@@ -167,6 +199,10 @@ mod tests {
             ..event(n)
         }));
         assert_eq!(back.events, want);
+        assert_eq!(
+            (back.cursor.as_str(), back.missing_shards.as_slice()),
+            ("c1.0-4.2-9", &[1, 3][..])
+        );
         assert!(back.encoded.bytes.is_empty());
     }
 

@@ -57,6 +57,14 @@ pub enum EventsCmd {
         since: Option<String>,
         #[arg(long)]
         until: Option<String>,
+        /// A sharded bus: resume where a previous page stopped (printed
+        /// after a full page).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// A sharded bus: fail instead of printing the other shards' events
+        /// when a shard does not answer.
+        #[arg(long)]
+        all_shards: bool,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -95,6 +103,8 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
             to_offset,
             since,
             until,
+            cursor,
+            all_shards,
             limit,
         } => {
             let req = QueryRequest {
@@ -112,12 +122,24 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
                     .unwrap_or(0),
                 filter: Some(filter.filter()?),
                 limit,
+                cursor: cursor.unwrap_or_default(),
+                allow_partial: !all_shards,
+                local: false,
             };
             let mut client = BusClient::connect(&conn.options()).await?;
-            let events = client.query(req).await?;
+            let page = client.query_page(req).await?;
             let mut out = output::Printer::new(filter.output);
-            for e in &events {
+            for e in &page.events {
                 out.print(e)?;
+            }
+            if !page.missing_shards.is_empty() {
+                eprintln!(
+                    "warning: partial result: shards {:?} did not answer; their events are missing",
+                    page.missing_shards
+                );
+            }
+            if !page.cursor.is_empty() && limit > 0 && page.events.len() >= limit as usize {
+                eprintln!("more events: --cursor {}", page.cursor);
             }
         }
         EventsCmd::Tail {
