@@ -96,7 +96,6 @@ impl BusState {
             parse_cursor(&q.cursor).map_err(Status::invalid_argument)?
         };
         let limit = spec.limit;
-        let deadline = self.cfg.sharding.peer_timeout;
         let asks = (0..map.shards()).map(|shard| {
             let from = cursor.get(&shard).copied().unwrap_or(q.from_offset);
             let spec = QuerySpec {
@@ -118,19 +117,10 @@ impl BusState {
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()))
                 } else {
-                    let url = map.url(shard).unwrap_or_default().to_string();
-                    let call = async {
-                        let mut c = self
-                            .shards
-                            .peer(&url)
-                            .await
-                            .map_err(|why| why.to_string())?;
-                        c.query(req).await.map_err(|e| e.to_string())
-                    };
-                    match tokio::time::timeout(deadline, call).await {
-                        Ok(r) => r,
-                        Err(_) => Err(format!("no answer within {deadline:?}")),
-                    }
+                    self.shards
+                        .call(map.url(shard), |mut c| async move { c.query(req).await })
+                        .await
+                        .map_err(str::to_string)
                 };
                 (shard, got)
             }

@@ -150,22 +150,59 @@ impl Shards {
         });
     }
 
-    pub(crate) async fn peer(&self, url: &str) -> Result<BusClient, &'static str> {
+    async fn peer(&self, url: &str) -> Result<BusClient, &'static str> {
         if let Some(c) = self.peers.lock().await.get(url) {
             return Ok(c.clone());
         }
         let dir = self.peer_tls_dir.as_ref().ok_or("connect")?;
         let mut opts = ClientOptions::new(url, dir);
         opts.max_message_bytes = self.max_message_bytes;
-        let c = tokio::time::timeout(self.peer_timeout, BusClient::connect(&opts))
-            .await
-            .map_err(|_| "timeout")?
-            .map_err(|e| {
-                warn!(peer = url, error = %e, "cannot reach a peer shard");
-                "connect"
-            })?;
+        let c = BusClient::connect(&opts).await.map_err(|e| {
+            warn!(peer = url, error = %e, "cannot reach a peer shard");
+            "connect"
+        })?;
         self.peers.lock().await.insert(url.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// One call to the shard at `url` (None: the map has no address for
+    /// it), connecting included, within the peer deadline. A failure is
+    /// counted by reason (`connect`, `rpc`, `timeout`), which it returns.
+    pub(crate) async fn call<T, Fut>(
+        &self,
+        url: Option<&str>,
+        f: impl FnOnce(BusClient) -> Fut,
+    ) -> Result<T, &'static str>
+    where
+        Fut: std::future::Future<Output = Result<T, amoskys_client::ClientError>>,
+    {
+        let r = match url {
+            None => Err("connect"),
+            Some(url) => {
+                let attempt = async {
+                    let c = self.peer(url).await?;
+                    match f(c).await {
+                        Ok(v) => Ok(v),
+                        Err(e) => {
+                            warn!(peer = url, error = %e, "a peer shard refused a call");
+                            // A broken channel is rebuilt on the next call.
+                            self.peers.lock().await.remove(url);
+                            Err("rpc")
+                        }
+                    }
+                };
+                tokio::time::timeout(self.peer_timeout, attempt)
+                    .await
+                    .unwrap_or(Err("timeout"))
+            }
+        };
+        if let Err(why) = r {
+            self.metrics
+                .shard_peer_errors
+                .get_or_create(&reason(why))
+                .inc();
+        }
+        r
     }
 
     /// Asks every other shard of `map`, in parallel and each within the
@@ -174,27 +211,16 @@ impl Shards {
         let asks = (0..map.shards())
             .filter(|&s| s != self.index)
             .map(|s| async move {
-                let Some(url) = map.url(s) else {
-                    return (s, Err("connect"));
+                let req = ShardAgentRequest {
+                    agent_id: agent_id.to_string(),
+                    incarnation,
                 };
-                let call = async {
-                    let mut c = self.peer(url).await?;
-                    let req = ShardAgentRequest {
-                        agent_id: agent_id.to_string(),
-                        incarnation,
-                    };
-                    match tokio::time::timeout(self.peer_timeout, c.admin.shard_agent(req)).await {
-                        Err(_) => Err("timeout"),
-                        Ok(Err(status)) => {
-                            warn!(peer = url, %status, "peer shard refused ShardAgent");
-                            // A broken channel is rebuilt on the next call.
-                            self.peers.lock().await.remove(url);
-                            Err("rpc")
-                        }
-                        Ok(Ok(r)) => Ok(r.into_inner()),
-                    }
-                };
-                (s, call.await)
+                let r = self
+                    .call(map.url(s), |mut c| async move {
+                        Ok(c.admin.shard_agent(req).await?.into_inner())
+                    })
+                    .await;
+                (s, r)
             });
         let mut out = Elsewhere::default();
         for (shard, r) in join_all(asks).await {
@@ -205,11 +231,7 @@ impl Shards {
                         out.connected_on = Some(shard);
                     }
                 }
-                Err(why) => {
-                    self.metrics
-                        .shard_peer_errors
-                        .get_or_create(&reason(why))
-                        .inc();
+                Err(_) => {
                     out.unreachable.push(shard);
                 }
             }
