@@ -175,6 +175,17 @@ fn bus_with_export(root: &Path, url: &str, stream: &str, ports: Option<(u16, u16
     start_bus_with(root, "batch", ports, &["--config", cfg.to_str().unwrap()])
 }
 
+async fn export_status(bus: &Bus, root: &Path) -> amoskys_proto::ExportStatus {
+    let mut c = BusClient::connect(&opts(bus, root, "admin")).await.unwrap();
+    let s = c
+        .admin
+        .stats(amoskys_proto::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    s.export.expect("a bus with an export reports it")
+}
+
 fn event(agent: &str, seq: u64) -> Event {
     Event {
         agent_id: agent.into(),
@@ -380,6 +391,16 @@ async fn a_missing_stream_is_an_error_and_the_cursor_stays() {
     .await;
     assert_eq!(metric(bus.http, "amoskys_bus_export_ready"), 0.0);
     assert_eq!(metric(bus.http, "amoskys_bus_export_acked_total"), 0.0);
+    // Admin.Stats says why (what the operator's ExportReady condition reads).
+    let export = export_status(&bus, root).await;
+    assert!(!export.ready);
+    assert_eq!(export.last_error_reason, "stream_missing");
+    assert!(
+        export.last_error.contains("NOT_THERE"),
+        "{}",
+        export.last_error
+    );
+    assert_eq!(export.lag_events, 3_000);
     // Once the stream exists, the export starts from the first event.
     nats.create_stream(root, "NOT_THERE").await;
     wait_metric(
@@ -390,4 +411,9 @@ async fn a_missing_stream_is_an_error_and_the_cursor_stays() {
     )
     .await;
     assert_eq!(nats.read_all(root, "NOT_THERE").await.len(), 3_000);
+    let export = export_status(&bus, root).await;
+    assert!(
+        export.ready && export.last_error_reason.is_empty(),
+        "{export:?}"
+    );
 }

@@ -143,7 +143,7 @@ async fn agent_record(bus: &Bus, root: &Path, id: &str) -> AgentRecord {
         .await
         .unwrap()
         .admin
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 
 use amoskys_client::shard::owner_of;
 use amoskys_client::{BusClient, ClientOptions};
-use amoskys_proto::{ListAgentsRequest, QueryRequest};
+use amoskys_proto::{
+    Control, ControlRequest, ListAgentsRequest, QueryRequest, StatsRequest, TailRequest, control,
+};
 use common::{BIN, http_get, metric, pki, wait_http_ready};
 
 const AGENTS: usize = 30;
+const TOKEN: &str = "shard-e2e-dashboard-token-0123456789";
 
 struct Shard {
     child: Child,
@@ -36,9 +39,12 @@ impl Drop for Shard {
 /// agents' own connections (which take ephemeral ports) never occupy a port
 /// a shard started later is to listen on.
 fn listen_ports(n: usize) -> Vec<u16> {
+    // Tests in this binary run at once: each call takes its own stretch.
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut out: Vec<u16> = Vec::new();
     let mut held = Vec::new();
-    let mut p = 20_000 + (std::process::id() % 4_000) as u16 * 3;
+    let mut p = 20_000 + (std::process::id() % 3_000) as u16 * 3 + call * 100;
     while out.len() < n {
         p = if p >= 32_000 { 20_000 } else { p + 1 };
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", p)) {
@@ -72,7 +78,8 @@ fn start_shard(root: &Path, index: usize, grpc: u16, http: u16, map: &str) -> Sh
     std::fs::write(
         &cfg,
         format!(
-            "sharding:\n  peerTlsDir: {}\n  mapReloadInterval: 100ms\n  peerTimeout: 1s\n",
+            "adminTokenFile: {}\nsharding:\n  peerTlsDir: {}\n  mapReloadInterval: 100ms\n  peerTimeout: 1s\n",
+            root.join("admin-token").display(),
             root.join("pki/peer").display()
         ),
     )
@@ -168,7 +175,10 @@ async fn connected(root: &Path, shards: &[Shard]) -> Vec<BTreeSet<String>> {
             .unwrap();
         let agents = c
             .admin
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest {
+                local: true,
+                allow_partial: false,
+            })
             .await
             .unwrap()
             .into_inner()
@@ -212,11 +222,197 @@ fn moved_out(shards: &[Shard]) -> f64 {
         .sum()
 }
 
+/// Whichever shard they reach, the registry, stats, controls and the
+/// dashboard cover every shard.
+async fn one_bus_to_readers(root: &Path, shards: &[Shard]) {
+    for s in shards {
+        let (status, body) = http_get(s.http, "/api/agents", Some(TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rows = v["agents"].as_array().unwrap();
+        assert_eq!(
+            rows.len(),
+            AGENTS,
+            "the dashboard on shard port {} shows every agent",
+            s.http
+        );
+        for r in rows {
+            let id = r["agent_id"].as_str().unwrap();
+            assert_eq!(
+                r["shard"].as_u64().unwrap(),
+                u64::from(owner_of(id, 3)),
+                "{id}"
+            );
+            assert_eq!(r["connected"], true, "{id}");
+        }
+        assert_eq!(v["missing_shards"].as_array().unwrap().len(), 0);
+        let (status, body) = http_get(s.http, "/api/overview", Some(TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let o: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(o["agents_total"].as_u64().unwrap(), AGENTS as u64);
+        assert_eq!(o["shards"].as_u64().unwrap(), 3);
+    }
+    // The events page, newest first across shards, paged by cursor; an
+    // event on another shard opens from its address.
+    let mut seen: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut before = String::new();
+    let mut shards_seen = BTreeSet::new();
+    let mut last_stored = u64::MAX;
+    for _ in 0..3 {
+        let path = if before.is_empty() {
+            "/api/events?limit=40".to_string()
+        } else {
+            format!("/api/events?limit=40&before={before}")
+        };
+        let (status, body) = http_get(shards[2].http, &path, Some(TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let events = v["events"].as_array().unwrap();
+        assert_eq!(events.len(), 40, "{body}");
+        for e in events {
+            let shard = e["shard"].as_u64().unwrap();
+            let stored = humantime::parse_rfc3339(e["stored_at"].as_str().unwrap())
+                .unwrap()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64;
+            assert!(
+                stored <= last_stored,
+                "newest first across shards and pages"
+            );
+            last_stored = stored;
+            assert!(
+                seen.insert((shard, e["offset"].as_u64().unwrap())),
+                "an event on two pages"
+            );
+            shards_seen.insert(shard);
+        }
+        before = v["next_before"].as_str().unwrap().to_string();
+    }
+    assert_eq!(shards_seen.len(), 3, "the page holds every shard's events");
+    let &(shard, offset) = seen.iter().find(|(s, _)| *s == 1).unwrap();
+    let (status, body) = http_get(
+        shards[0].http,
+        &format!("/api/event?offset={offset}&shard={shard}"),
+        Some(TOKEN),
+    );
+    assert_eq!(status, 200, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (e["shard"].as_u64(), e["offset"].as_u64()),
+        (Some(1), Some(offset))
+    );
+
+    let mut admin = BusClient::connect(&client_opts(root, shards[2].grpc, "admin"))
+        .await
+        .unwrap();
+    let list = admin
+        .admin
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.agents.len(), AGENTS);
+    let mut stored = 0;
+    for s in shards {
+        let mut c = BusClient::connect(&client_opts(root, s.grpc, "admin"))
+            .await
+            .unwrap();
+        let own = c
+            .admin
+            .stats(StatsRequest {
+                local: true,
+                allow_partial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(own.shards.is_empty());
+        stored += own.events_stored;
+    }
+    let all = admin
+        .admin
+        .stats(StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.shards.len(), 3);
+    assert_eq!(
+        all.shards.iter().map(|s| s.shard).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert!(
+        all.events_stored >= stored,
+        "summed over shards: {} >= {stored}",
+        all.events_stored
+    );
+    assert_eq!(all.connected_agents as usize, AGENTS);
+
+    // A control sent to a shard that does not own the agent reaches it
+    // through its owner.
+    let target = (0..AGENTS)
+        .map(agent_id)
+        .find(|id| owner_of(id, 3) == 1)
+        .unwrap();
+    let r = admin
+        .admin
+        .control(ControlRequest {
+            agent_id: target.clone(),
+            control: Some(Control {
+                collector: "synthetic".into(),
+                action: control::Action::SetInterval as i32,
+                interval_ms: 900,
+                control_id: 0,
+            }),
+            requested_by: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.delivered, "{}", r.message);
+    assert_eq!(r.shard, 1);
+    let t0 = Instant::now();
+    loop {
+        let list = admin
+            .admin
+            .list_agents(ListAgentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let rec = list.agents.iter().find(|a| a.agent_id == target).unwrap();
+        if let Some(c) = &rec.last_control
+            && c.control_id == r.control_id
+        {
+            assert!(c.ok, "{}", c.message);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no ControlResult from {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A reader may not read a shard's registry as a peer would.
+    let mut reader = BusClient::connect(&client_opts(root, shards[0].grpc, "reader"))
+        .await
+        .unwrap();
+    let e = reader
+        .admin
+        .list_agents(ListAgentsRequest {
+            local: true,
+            allow_partial: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("may not call it"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_settle_on_their_owner_shards_and_survive_3_to_5_to_3_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     pki(&root.join("pki"));
+    std::fs::write(root.join("admin-token"), format!("{TOKEN}\n")).unwrap();
     let ports: Vec<(u16, u16)> = listen_ports(10).chunks(2).map(|c| (c[0], c[1])).collect();
     let grpc: Vec<u16> = ports.iter().map(|p| p.0).collect();
 
@@ -231,6 +427,7 @@ async fn agents_settle_on_their_owner_shards_and_survive_3_to_5_to_3_exactly_onc
         metric(shards[0].http, "amoskys_bus_shard_redirects_total") >= 1.0,
         "shard 0 redirected the agents it does not own"
     );
+    one_bus_to_readers(root, &shards).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // 3 -> 5: the new shards start on the new map, then the old ones get it.
@@ -347,7 +544,7 @@ async fn agents_settle_on_their_owner_shards_and_survive_3_to_5_to_3_exactly_onc
     dead.child.wait().unwrap();
     let err = reader
         .query_page(QueryRequest {
-            limit: 10_000,
+            limit: 100_000,
             ..Default::default()
         })
         .await
@@ -356,7 +553,7 @@ async fn agents_settle_on_their_owner_shards_and_survive_3_to_5_to_3_exactly_onc
     assert!(err.contains("shard 4"), "{err}");
     let page = reader
         .query_page(QueryRequest {
-            limit: 10_000,
+            limit: 100_000,
             allow_partial: true,
             ..Default::default()
         })
@@ -365,4 +562,217 @@ async fn agents_settle_on_their_owner_shards_and_survive_3_to_5_to_3_exactly_onc
     assert_eq!(page.missing_shards, [4]);
     assert_eq!(page.events.len(), total - per_shard[4]);
     drop(dead);
+}
+
+/// Follows a Tail through `port` from the first offset, collecting what it
+/// sends and the missing shards it reported.
+#[derive(Default)]
+struct Tailed {
+    events: Vec<amoskys_proto::Event>,
+    missing_seen: BTreeSet<u32>,
+}
+
+fn follow_tail(
+    root: &Path,
+    port: u16,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Tailed>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Tailed::default()));
+    let opts = client_opts(root, port, "reader");
+    let out = got.clone();
+    let task = tokio::spawn(async move {
+        let mut c = BusClient::connect(&opts).await.unwrap();
+        let mut stream = c
+            .tail(TailRequest {
+                allow_partial: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        while let Some(r) = stream.message().await.unwrap() {
+            let mut t = out.lock().unwrap();
+            t.missing_seen.extend(r.missing_shards.iter().copied());
+            t.events.extend(r.events);
+        }
+    });
+    (got, task)
+}
+
+fn stored_on(s: &Shard) -> f64 {
+    metric(s.http, "amoskys_bus_events_stored_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_killed_under_load_loses_nothing_and_the_tail_skips_nothing() {
+    const N: usize = 12;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    std::fs::write(root.join("admin-token"), format!("{TOKEN}\n")).unwrap();
+    let ports: Vec<(u16, u16)> = listen_ports(6).chunks(2).map(|c| (c[0], c[1])).collect();
+    let grpc: Vec<u16> = ports.iter().map(|p| p.0).collect();
+    let map = map_yaml(1, 3, &grpc);
+    let mut shards: Vec<Shard> = (0..3)
+        .map(|i| start_shard(root, i, ports[i].0, ports[i].1, &map))
+        .collect();
+    let (tailed, tail_task) = follow_tail(root, grpc[0]);
+    let agents: Vec<AgentProc> = (0..N).map(|i| start_agent(root, i, grpc[1])).collect();
+    let owned_by_2: Vec<String> = (0..N)
+        .map(agent_id)
+        .filter(|id| owner_of(id, 3) == 2)
+        .collect();
+    assert!(
+        !owned_by_2.is_empty(),
+        "the golden hash gives shard 2 some of {N} agents"
+    );
+    let t0 = Instant::now();
+    loop {
+        let got = connected(root, &shards).await;
+        if got.iter().map(BTreeSet::len).sum::<usize>() == N {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "agents did not connect: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // SIGKILL shard 2 under load.
+    let victim = shards.pop().unwrap();
+    let dir_ports = (victim.grpc, victim.http);
+    drop(victim);
+    let before: Vec<f64> = shards.iter().map(stored_on).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (s, b) in shards.iter().zip(&before) {
+        let now = stored_on(s);
+        assert!(
+            now > *b,
+            "the live shards' agents keep publishing ({b} -> {now})"
+        );
+    }
+    let mut reader = BusClient::connect(&client_opts(root, grpc[0], "reader"))
+        .await
+        .unwrap();
+    let err = reader
+        .query_page(QueryRequest::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shard 2"),
+        "a query names the dead shard: {err}"
+    );
+    let page = reader
+        .query_page(QueryRequest {
+            allow_partial: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.missing_shards, [2]);
+    let t0 = Instant::now();
+    while !tailed.lock().unwrap().missing_seen.contains(&2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the tail did not report shard 2 missing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Through the live shards, the dead shard's agents are known but not
+    // connected: they spool.
+    let (status, body) = http_get(shards[1].http, "/api/agents", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["missing_shards"],
+        serde_json::json!([2]),
+        "the dashboard names the missing shard"
+    );
+
+    // Shard 2 comes back on its data: its agents return to it.
+    shards.push(start_shard(root, 2, dir_ports.0, dir_ports.1, &map));
+    let t0 = Instant::now();
+    loop {
+        let got = connected(root, &shards).await;
+        let want: BTreeSet<String> = owned_by_2.iter().cloned().collect();
+        if got[2] == want {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "shard 2's agents did not return: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for a in &agents {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(a.0.id() as i32, libc::SIGTERM) };
+    }
+    for mut a in agents {
+        let st = a.0.wait().unwrap();
+        assert!(st.success(), "agent exited with {st}");
+    }
+
+    // Nothing lost: per (agent, incarnation) seqs 1..=n, once.
+    let all = reader
+        .query_all(QueryRequest {
+            limit: 5_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut seqs: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
+    for e in all.iter().filter(|e| e.seq > 0) {
+        seqs.entry((e.agent_id.clone(), e.incarnation))
+            .or_default()
+            .push(e.seq);
+    }
+    assert_eq!(seqs.len(), N);
+    for ((agent, _), v) in &seqs {
+        let n = v.len() as u64;
+        assert_eq!(
+            (v.iter().min(), v.iter().max()),
+            (Some(&1), Some(&n)),
+            "{agent}: a gap or a repeat"
+        );
+        let unique: BTreeSet<_> = v.iter().collect();
+        assert_eq!(unique.len() as u64, n, "{agent}: a seq stored twice");
+    }
+    let want: BTreeSet<(u32, u64)> = all.iter().map(|e| (e.shard, e.offset)).collect();
+
+    // The tail through shard 0 skipped nothing of shard 2: what it stored
+    // before the kill, and what it took after, all arrived, once.
+    let t0 = Instant::now();
+    loop {
+        let got: Vec<(u32, u64)> = tailed
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| (e.shard, e.offset))
+            .collect();
+        let set: BTreeSet<(u32, u64)> = got.iter().copied().collect();
+        assert_eq!(set.len(), got.len(), "the tail sent an event twice");
+        if set == want {
+            break;
+        }
+        let lacking = want.difference(&set).count();
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the tail lacks {lacking} of {} stored events",
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "shard 2 killed under load: {} events, {} agents, tail complete",
+        want.len(),
+        N
+    );
+    tail_task.abort();
 }

@@ -184,6 +184,7 @@ async fn control_from_the_bus_pauses_and_resumes_a_collector() {
     .expect("events flow");
     let mut admin = env.admin(addr).await;
     let send = |action: control::Action, ms: u64| ControlRequest {
+        requested_by: String::new(),
         agent_id: "test-agent".into(),
         control: Some(amoskys_proto::Control {
             control_id: 0,
@@ -226,6 +227,7 @@ async fn control_from_the_bus_pauses_and_resumes_a_collector() {
     let r = admin
         .admin
         .control(ControlRequest {
+            requested_by: String::new(),
             agent_id: "test-agent".into(),
             control: Some(amoskys_proto::Control {
                 control_id: 0,

@@ -98,6 +98,7 @@ fn payload_json(e: &Event) -> Value {
 pub fn event_line(e: &Event) -> Value {
     json!({
         "offset": e.offset,
+        "shard": e.shard,
         "agent_id": e.agent_id,
         "seq": e.seq,
         "incarnation": format!("{:016x}", e.incarnation),

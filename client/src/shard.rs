@@ -136,6 +136,38 @@ impl ShardMap {
     }
 }
 
+const CURSOR_PREFIX: &str = "c1";
+
+/// A position in a sharded bus's reads: per shard, the first offset the
+/// next page (or a resumed tail) reads from.
+pub type Cursor = std::collections::BTreeMap<u32, u64>;
+
+/// `c1.<shard>-<offset>...`; opaque to clients.
+pub fn format_cursor(c: &Cursor) -> String {
+    let mut s = CURSOR_PREFIX.to_string();
+    for (shard, off) in c {
+        s.push_str(&format!(".{shard}-{off}"));
+    }
+    s
+}
+
+/// Reads a cursor made by [`format_cursor`]; the error says what is wrong.
+pub fn parse_cursor(s: &str) -> Result<Cursor, String> {
+    let bad = || format!("cursor: {s:?} is not a cursor this bus returned");
+    let mut parts = s.split('.');
+    if parts.next() != Some(CURSOR_PREFIX) {
+        return Err(bad());
+    }
+    let mut c = Cursor::new();
+    for p in parts {
+        let (shard, off) = p.split_once('-').ok_or_else(bad)?;
+        let shard: u32 = shard.parse().map_err(|_| bad())?;
+        let off: u64 = off.parse().map_err(|_| bad())?;
+        c.insert(shard, off);
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

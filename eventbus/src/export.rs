@@ -78,6 +78,8 @@ pub fn spawn(state: Arc<BusState>, cfg: NatsExportConfig) -> tokio::task::JoinHa
                 .export_errors
                 .get_or_create(&reason(e.reason()))
                 .inc();
+            *state.export_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((e.reason().to_string(), e.to_string()));
             warn!(error = %e, retry_in = ?backoff, "NATS export stopped; retrying");
             // The lag keeps growing while the export is down: keep saying so.
             let retry_at = tokio::time::Instant::now() + backoff;
@@ -165,6 +167,7 @@ async fn session(state: &Arc<BusState>, cfg: &NatsExportConfig) -> Result<(), Ex
     let mut cursor = stored_cursor(state).await?;
     report_lag(state, cursor).await;
     state.metrics.export_ready.set(1);
+    *state.export_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!(url = %cfg.url, stream = %cfg.stream, from = cursor, "NATS export connected");
 
     // In flight, oldest first: (offset, its PubAck).

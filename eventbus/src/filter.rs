@@ -42,6 +42,16 @@ impl EventFilter {
         })
     }
 
+    /// The wire form, for asking another shard the same.
+    pub fn to_wire(&self) -> Filter {
+        Filter {
+            collectors: self.collectors.clone(),
+            agent_ids: self.agent_ids.clone(),
+            min_severity: self.min_severity,
+            text: self.text.clone(),
+        }
+    }
+
     /// Whether it matches every event the bus stores: the bus refuses
     /// events of an unknown severity, so every stored one is at least 0.
     pub fn matches_all(&self) -> bool {

@@ -211,6 +211,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         tls: tls.clone(),
         backups: backups.as_ref().map(|(b, _)| b.clone()),
         shards: shards.clone(),
+        export_error: std::sync::Mutex::new(None),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());

@@ -12,9 +12,9 @@ use amoskys_proto::publish_request::Msg as InMsg;
 use amoskys_proto::publish_response::Msg as OutMsg;
 use amoskys_proto::{
     Ack, BackupRequest, BackupResponse, Batch, ControlRequest, ControlResponse, EncodedEvents,
-    Event, Hello, ListAgentsRequest, ListAgentsResponse, PublishRequest, PublishResponse,
-    QueryRequest, QueryResponse, Redirect, Severity, ShardAgentRequest, ShardAgentResponse,
-    StatsRequest, StatsResponse, TailRequest, Welcome, control,
+    Event, ExportStatus, Hello, ListAgentsRequest, ListAgentsResponse, PublishRequest,
+    PublishResponse, QueryRequest, QueryResponse, Redirect, Severity, ShardAgentRequest,
+    ShardAgentResponse, StatsRequest, StatsResponse, TailRequest, Welcome, control,
 };
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -62,6 +62,9 @@ pub struct BusState {
     pub backups: Option<Arc<tokio::sync::Mutex<crate::backup::Backups>>>,
     /// The shard map this bus routes by and its peers.
     pub shards: Arc<Shards>,
+    /// Why the export's last session ended (reason, message); None while it
+    /// runs or when there is no export.
+    pub export_error: std::sync::Mutex<Option<(String, String)>>,
 }
 
 /// Where a Publish stream goes.
@@ -584,6 +587,12 @@ impl EventBus for EventBusService {
         authorize(&req, Permission::Read, "Query")?;
         let mut spec = self.0.query_spec(req.get_ref())?;
         let q = req.into_inner();
+        if q.newest_first {
+            let out = self.0.newest_first_responses(&q, spec).await?;
+            return Ok(Response::new(Box::pin(tokio_stream::iter(
+                out.into_iter().map(Ok),
+            ))));
+        }
         if !q.local && self.0.shards.map().shards() > 1 {
             let page = self.0.fan_out_query(q, spec).await?;
             return Ok(Response::new(Box::pin(tokio_stream::iter(
@@ -641,24 +650,44 @@ impl EventBus for EventBusService {
         authorize(&req, Permission::Read, "Tail")?;
         let t = req.into_inner();
         let filter = EventFilter::from_wire(t.filter.as_ref()).map_err(Status::invalid_argument)?;
-        let state = self.0.clone();
-        // Subscribe before reading history so nothing falls in between.
-        let live = state.tail.subscribe();
-        let start = if t.from_now {
-            state.store.next_offset()
-        } else {
-            t.from_offset.max(state.store.first_offset())
-        };
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            state.metrics.tail_subscribers.inc();
-            tail_loop(&state, live, start, &filter, &tx).await;
-            state.metrics.tail_subscribers.dec();
-        });
+        if !t.local && self.0.sharded() {
+            let rx = self.0.fan_out_tail(t, filter).await?;
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
+        if !t.cursor.is_empty() {
+            return Err(Status::invalid_argument(
+                "cursor: this bus has one shard; resume with from_offset",
+            ));
+        }
+        let start = (!t.from_now).then_some(t.from_offset);
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(spawn_tail(self.0.clone(), start, filter)),
         )))
     }
+}
+
+/// Follows this shard's store from `from` (None: from now): history first,
+/// then live groups, until the receiver is dropped or the bus stops.
+pub(crate) fn spawn_tail(
+    state: Arc<BusState>,
+    from: Option<u64>,
+    filter: EventFilter,
+) -> mpsc::Receiver<Result<QueryResponse, Status>> {
+    // Subscribe before reading history so nothing falls in between.
+    let live = state.tail.subscribe();
+    let start = match from {
+        None => state.store.next_offset(),
+        Some(o) => o.max(state.store.first_offset()),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        state.metrics.tail_subscribers.inc();
+        tail_loop(&state, live, start, &filter, &tx).await;
+        state.metrics.tail_subscribers.dec();
+    });
+    rx
 }
 
 /// Reads the next part of a query: up to [`QUERY_READ`] of the `left`
@@ -810,60 +839,39 @@ impl Admin for AdminService {
         &self,
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        authorize(&req, Permission::Admin, "Admin.ListAgents")?;
-        Ok(Response::new(ListAgentsResponse {
-            agents: self.0.registry.list(),
-        }))
+        authorize(
+            &req,
+            read_permission(req.get_ref().local),
+            "Admin.ListAgents",
+        )?;
+        self.0.agents(req.into_inner()).await.map(Response::new)
     }
 
     async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        authorize(&req, Permission::Admin, "Admin.Stats")?;
-        let s = &self.0;
-        let store = s.store.clone();
-        let (wal_bytes, oldest) =
-            tokio::task::spawn_blocking(move || (store.wal_bytes(), store.oldest_stored_at()))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-        let rejected: u64 = [
-            "invalid_batch",
-            "too_large",
-            "malformed",
-            "no_hello",
-            "stream_error",
-        ]
-        .iter()
-        .map(|r| s.metrics.rejected.get_or_create(&reason(r)).get())
-        .sum();
-        Ok(Response::new(StatsResponse {
-            events_stored: s.store.event_count(),
-            first_offset: s.store.first_offset(),
-            next_offset: s.store.next_offset(),
-            wal_bytes,
-            connected_agents: s.registry.connected_count() as u32,
-            events_received: s.metrics.events_received.get(),
-            duplicates: s.metrics.duplicates.get(),
-            rejected,
-            writable: s.writable.load(Ordering::SeqCst),
-            sync_policy: s.cfg.sync.as_str().into(),
-            oldest_stored_at: oldest.unwrap_or(0),
-            version: VERSION.into(),
-            server_cert_serial: s.tls.serial(),
-            server_cert_not_after: s.tls.not_after(),
-        }))
+        authorize(&req, read_permission(req.get_ref().local), "Admin.Stats")?;
+        self.0.all_stats(req.into_inner()).await.map(Response::new)
     }
 
     async fn control(
         &self,
         req: Request<ControlRequest>,
     ) -> Result<Response<ControlResponse>, Status> {
-        let peer = authorize(&req, Permission::Admin, "Admin.Control")?;
+        // A shard forwards a control to the agent's owner as a peer; the
+        // admin who asked was authorized where the request arrived.
+        let forwarded = !req.get_ref().requested_by.is_empty();
+        let needed = if forwarded {
+            Permission::Peer
+        } else {
+            Permission::Admin
+        };
+        let peer = authorize(&req, needed, "Admin.Control")?;
         let r = req.into_inner();
-        let who = format!("cert:{}", peer.common_name);
-        self.0
-            .control(&r.agent_id, r.control, &who)
-            .await
-            .map(Response::new)
-            .map_err(Status::invalid_argument)
+        let who = if forwarded {
+            format!("{} via shard cert:{}", r.requested_by, peer.common_name)
+        } else {
+            format!("cert:{}", peer.common_name)
+        };
+        self.0.route_control(r, &who).await.map(Response::new)
     }
 
     async fn backup(
@@ -897,7 +905,79 @@ impl Admin for AdminService {
     }
 }
 
+/// What an admin read needs: a shard asking another for its own part
+/// (`local`) may be a peer; a read of the whole bus takes an admin.
+fn read_permission(local: bool) -> Permission {
+    if local {
+        Permission::Peer
+    } else {
+        Permission::Admin
+    }
+}
+
 impl BusState {
+    /// This shard's own figures.
+    pub(crate) async fn local_stats(&self) -> Result<StatsResponse, Status> {
+        let store = self.store.clone();
+        let (wal_bytes, oldest, newest) = tokio::task::spawn_blocking(move || {
+            (
+                store.wal_bytes(),
+                store.oldest_stored_at(),
+                store.newest_stored_at(),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let rejected: u64 = [
+            "invalid_batch",
+            "too_large",
+            "malformed",
+            "no_hello",
+            "stream_error",
+        ]
+        .iter()
+        .map(|r| self.metrics.rejected.get_or_create(&reason(r)).get())
+        .sum();
+        let map = self.shards.map();
+        Ok(StatsResponse {
+            events_stored: self.store.event_count(),
+            first_offset: self.store.first_offset(),
+            next_offset: self.store.next_offset(),
+            wal_bytes,
+            connected_agents: self.registry.connected_count() as u32,
+            events_received: self.metrics.events_received.get(),
+            duplicates: self.metrics.duplicates.get(),
+            rejected,
+            writable: self.writable.load(Ordering::SeqCst),
+            sync_policy: self.cfg.sync.as_str().into(),
+            oldest_stored_at: oldest.unwrap_or(0),
+            version: VERSION.into(),
+            server_cert_serial: self.tls.serial(),
+            server_cert_not_after: self.tls.not_after(),
+            shard: self.shards.index,
+            shard_epoch: map.epoch,
+            retiring: map.is_retiring(self.shards.index),
+            newest_stored_at: newest.unwrap_or(0),
+            shards: Vec::new(),
+            missing_shards: Vec::new(),
+            export: self.cfg.export_nats.as_ref().map(|_| {
+                let (last_error_reason, last_error) = self
+                    .export_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_default();
+                ExportStatus {
+                    ready: self.metrics.export_ready.get() == 1,
+                    lag_events: self.metrics.export_lag_events.get().max(0) as u64,
+                    lag_seconds: self.metrics.export_lag_seconds.get(),
+                    last_error_reason,
+                    last_error,
+                }
+            }),
+        })
+    }
+
     /// Checks a control request, numbers it and hands it to the agent's
     /// stream; the agent's ControlResult later lands in the registry. `who`
     /// is logged with the request. An invalid request is an error naming the
@@ -938,6 +1018,7 @@ impl BusState {
             None => false,
         };
         Ok(ControlResponse {
+            shard: self.shards.index,
             delivered,
             control_id: id,
             message: if delivered {

@@ -122,7 +122,7 @@ async fn publish_query_tail_and_registry() {
     let mut admin = client(&bus, &env.pki("admin")).await;
     let agents = admin
         .admin
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -131,7 +131,7 @@ async fn publish_query_tail_and_registry() {
     assert_eq!((a.events, a.last_seq, a.connected), (1000, 1000, true));
     let stats = admin
         .admin
-        .stats(StatsRequest {})
+        .stats(StatsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -196,15 +196,19 @@ async fn roles_are_enforced_per_rpc() {
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = agent
         .admin
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = agent.admin.stats(StatsRequest {}).await.unwrap_err();
+    let e = agent
+        .admin
+        .stats(StatsRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = reader
         .admin
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -215,6 +219,57 @@ async fn roles_are_enforced_per_rpc() {
         Err(other) => panic!("expected PERMISSION_DENIED, got {other}"),
         Ok(_) => panic!("a reader may not publish"),
     }
+    // A peer shard may read one shard's own registry and stats and forward
+    // a control, and nothing of the whole bus's admin.
+    use amoskys_proto::{Control, ControlRequest, control};
+    let mut peer = client(&bus, &env.pki("peer")).await;
+    let e = peer
+        .admin
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = peer.admin.stats(StatsRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let local = ListAgentsRequest {
+        local: true,
+        allow_partial: false,
+    };
+    peer.admin.list_agents(local).await.unwrap();
+    let own = peer
+        .admin
+        .stats(StatsRequest {
+            local: true,
+            allow_partial: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((own.shard, own.retiring), (0, false));
+    let control = |requested_by: &str| ControlRequest {
+        requested_by: requested_by.into(),
+        agent_id: "nobody".into(),
+        control: Some(Control {
+            collector: "synthetic".into(),
+            action: control::Action::Pause as i32,
+            ..Default::default()
+        }),
+    };
+    let e = peer.admin.control(control("")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let r = peer
+        .admin
+        .control(control("cert:ops"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !r.delivered && r.message.contains("not connected"),
+        "{}",
+        r.message
+    );
+    let e = reader.admin.control(control("cert:ops")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
     // And what they may do works.
     reader.query(QueryRequest::default()).await.unwrap();
     agent.publisher(hello("a"), 1).await.unwrap();
@@ -430,6 +485,7 @@ async fn control_reaches_the_agent_stream() {
     let resp = admin
         .admin
         .control(ControlRequest {
+            requested_by: String::new(),
             agent_id: "a".into(),
             control: Some(Control {
                 collector: "synthetic".into(),
@@ -464,7 +520,7 @@ async fn control_reaches_the_agent_stream() {
         async move {
             let agents = admin
                 .admin
-                .list_agents(ListAgentsRequest {})
+                .list_agents(ListAgentsRequest::default())
                 .await
                 .ok()?
                 .into_inner()
@@ -479,6 +535,7 @@ async fn control_reaches_the_agent_stream() {
     let missing = admin
         .admin
         .control(ControlRequest {
+            requested_by: String::new(),
             agent_id: "nobody".into(),
             control: Some(Control {
                 collector: "synthetic".into(),
@@ -493,6 +550,7 @@ async fn control_reaches_the_agent_stream() {
     let bad = admin
         .admin
         .control(ControlRequest {
+            requested_by: String::new(),
             agent_id: "a".into(),
             control: Some(Control {
                 collector: "synthetic".into(),

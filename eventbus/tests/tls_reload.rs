@@ -108,7 +108,7 @@ async fn rotated_files_serve_new_connections_and_streams_in_flight_continue() {
     let stats = client(&bus, &admin_dir)
         .await
         .admin
-        .stats(amoskys_proto::StatsRequest {})
+        .stats(amoskys_proto::StatsRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -1,6 +1,7 @@
 //! `amoskys events query|tail`: read events from a bus.
 
 use amoskys_client::BusClient;
+use amoskys_client::shard::{Cursor, format_cursor, parse_cursor};
 use amoskys_proto::{Filter, QueryRequest, Severity, TailRequest};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -65,6 +66,10 @@ pub enum EventsCmd {
         /// when a shard does not answer.
         #[arg(long)]
         all_shards: bool,
+        /// Newest first, back from --to-offset (or the newest event); the
+        /// cursor printed after a page continues further back.
+        #[arg(long)]
+        newest_first: bool,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -74,9 +79,18 @@ pub enum EventsCmd {
         conn: Conn,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Start at this offset instead of now.
+        /// Start at this offset instead of now (on a sharded bus, on
+        /// every shard).
         #[arg(long)]
         from_offset: Option<u64>,
+        /// A sharded bus: resume exactly where an earlier tail stopped (it
+        /// prints its cursor when it ends).
+        #[arg(long, conflicts_with = "from_offset")]
+        cursor: Option<String>,
+        /// A sharded bus: fail instead of following the other shards when a
+        /// shard does not answer.
+        #[arg(long)]
+        all_shards: bool,
         /// Stop after this many events (0 = never).
         #[arg(long, default_value_t = 0)]
         limit: u64,
@@ -105,9 +119,11 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
             until,
             cursor,
             all_shards,
+            newest_first,
             limit,
         } => {
             let req = QueryRequest {
+                newest_first,
                 from_offset,
                 to_offset,
                 from_time: since
@@ -138,7 +154,10 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
                     page.missing_shards
                 );
             }
-            if !page.cursor.is_empty() && limit > 0 && page.events.len() >= limit as usize {
+            // Newest first, a page may stop short at the scan budget with
+            // more behind it; its cursor is empty only once the range is done.
+            let full = limit > 0 && page.events.len() >= limit as usize;
+            if !page.cursor.is_empty() && (newest_first || full) {
                 eprintln!("more events: --cursor {}", page.cursor);
             }
         }
@@ -146,25 +165,59 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
             conn,
             filter,
             from_offset,
+            cursor,
+            all_shards,
             limit,
         } => {
             let req = TailRequest {
                 from_offset: from_offset.unwrap_or(0),
-                from_now: from_offset.is_none(),
+                from_now: from_offset.is_none() && cursor.is_none(),
                 filter: Some(filter.filter()?),
+                cursor: cursor.unwrap_or_default(),
+                allow_partial: !all_shards,
+                local: false,
             };
             let mut client = BusClient::connect(&conn.options()).await?;
             let mut stream = client.tail(req).await?;
             let mut out = output::Printer::new(filter.output);
             let mut seen = 0u64;
-            while let Some(chunk) = stream.message().await? {
-                for e in &chunk.events {
-                    out.print(e)?;
-                    seen += 1;
-                    if limit > 0 && seen >= limit {
-                        return Ok(());
+            let mut missing: Vec<u32> = Vec::new();
+            // Where the events printed so far end, per shard (a sharded bus
+            // names each event's shard); printed on exit to resume from.
+            let mut at: Option<Cursor> = None;
+            'stream: while let Some(chunk) = stream.message().await? {
+                if chunk.missing_shards != missing {
+                    missing = chunk.missing_shards.clone();
+                    if missing.is_empty() {
+                        eprintln!("every shard answers again; the tail is complete");
+                    } else {
+                        eprintln!(
+                            "warning: shards {missing:?} do not answer; their events follow when they are back"
+                        );
                     }
                 }
+                if at.is_none() && !chunk.cursor.is_empty() {
+                    // The cursor is the one after this response; start each
+                    // shard at its first event here, then move it per event.
+                    let mut c = parse_cursor(&chunk.cursor).map_err(anyhow::Error::msg)?;
+                    for e in chunk.events.iter().rev() {
+                        c.insert(e.shard, e.offset);
+                    }
+                    at = Some(c);
+                }
+                for e in &chunk.events {
+                    out.print(e)?;
+                    if let Some(c) = at.as_mut() {
+                        c.insert(e.shard, e.offset + 1);
+                    }
+                    seen += 1;
+                    if limit > 0 && seen >= limit {
+                        break 'stream;
+                    }
+                }
+            }
+            if let Some(c) = at {
+                eprintln!("resume with: --cursor {}", format_cursor(&c));
             }
         }
     }

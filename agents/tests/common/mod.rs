@@ -80,7 +80,7 @@ impl Env {
         let mut a = self.admin(bus).await;
         let list = a
             .admin
-            .list_agents(amoskys_proto::ListAgentsRequest {})
+            .list_agents(amoskys_proto::ListAgentsRequest::default())
             .await
             .ok()?
             .into_inner();

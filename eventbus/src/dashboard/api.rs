@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use amoskys_proto::{AgentRecord, Control, control};
+use amoskys_proto::{
+    AgentRecord, Control, ControlRequest, ListAgentsRequest, QueryRequest, StatsRequest, control,
+};
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -12,10 +14,11 @@ use serde_json::{Value, json};
 
 use super::auth::require_admin;
 use super::{ApiError, Authed, Dashboard, bad_request, params};
-use crate::store::{PageRequest, StoreError};
+use crate::store::{PageRequest, QuerySpec, StoreError};
 use crate::writer::now_ns;
 use amoskys_client::phase::Phase;
 use amoskys_client::render::{event_json, event_line, timestamp};
+use amoskys_client::shard::format_cursor;
 
 /// Events one search request may decode before it returns a cursor.
 const MAX_SCAN: usize = 5_000;
@@ -54,6 +57,7 @@ fn agent_row(d: &Dashboard, a: &AgentRecord) -> Value {
     json!({
         "agent_id": a.agent_id,
         "node": a.node,
+        "shard": a.shard,
         "phase": phase.as_str(),
         "phase_reason": reason,
         "connected": a.connected,
@@ -93,12 +97,30 @@ fn agent_row(d: &Dashboard, a: &AgentRecord) -> Value {
     })
 }
 
+/// Every shard's agents (a shard that does not answer is left out and named).
+async fn all_agents(d: &Dashboard) -> Result<(Vec<AgentRecord>, Vec<u32>), ApiError> {
+    let r = d
+        .bus
+        .agents(ListAgentsRequest {
+            local: false,
+            allow_partial: true,
+        })
+        .await?;
+    Ok((r.agents, r.missing_shards))
+}
+
 pub async fn overview(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> ApiResult {
     let bus = &d.bus;
-    let store = bus.store.clone();
-    let (wal_bytes, oldest) =
-        blocking(move || Ok((store.wal_bytes(), store.oldest_stored_at()))).await?;
-    let agents = bus.registry.list();
+    let stats = bus
+        .all_stats(StatsRequest {
+            local: false,
+            allow_partial: true,
+        })
+        .await?;
+    let (agents, mut missing) = all_agents(&d).await?;
+    missing.extend(&stats.missing_shards);
+    missing.sort_unstable();
+    missing.dedup();
     let mut by_phase: BTreeMap<&str, usize> = Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
     for a in &agents {
         *by_phase.entry(d.phase_of(a).0.as_str()).or_default() += 1;
@@ -139,12 +161,15 @@ pub async fn overview(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> Api
         "version": crate::service::VERSION,
         "now": ms(now_ns()),
         "sample_interval_ms": d.cfg.sample_interval.as_millis() as u64,
-        "events_stored": bus.store.event_count(),
-        "first_offset": bus.store.first_offset(),
-        "next_offset": bus.store.next_offset(),
-        "oldest_stored_at": oldest.map(ms),
-        "wal_bytes": wal_bytes,
-        "writable": bus.writable.load(std::sync::atomic::Ordering::SeqCst),
+        "events_stored": stats.events_stored,
+        "first_offset": stats.first_offset,
+        "next_offset": stats.next_offset,
+        "oldest_stored_at": (stats.oldest_stored_at > 0).then(|| ms(stats.oldest_stored_at)),
+        "wal_bytes": stats.wal_bytes,
+        "writable": stats.writable,
+        "shard": stats.shard,
+        "shards": bus.shards.map().shards(),
+        "missing_shards": missing,
         "sync_policy": bus.cfg.sync.as_str(),
         "agents_total": agents.len(),
         "agents_by_phase": by_phase,
@@ -162,14 +187,9 @@ pub async fn overview(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> Api
 }
 
 pub async fn agents(State(d): State<Arc<Dashboard>>, Authed(_): Authed) -> ApiResult {
-    let rows: Vec<Value> = d
-        .bus
-        .registry
-        .list()
-        .iter()
-        .map(|a| agent_row(&d, a))
-        .collect();
-    Ok(Json(json!({ "agents": rows })))
+    let (agents, missing) = all_agents(&d).await?;
+    let rows: Vec<Value> = agents.iter().map(|a| agent_row(&d, a)).collect();
+    Ok(Json(json!({ "agents": rows, "missing_shards": missing })))
 }
 
 pub async fn agent(
@@ -182,13 +202,18 @@ pub async fn agent(
         .get("id")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad_request("id: missing (the agent id)".into()))?;
-    let rec = d
-        .bus
-        .registry
-        .list()
+    let (agents, missing) = all_agents(&d).await?;
+    let rec = agents
         .into_iter()
         .find(|a| &a.agent_id == id)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no agent {id:?}")))?;
+        .ok_or_else(|| {
+            let hint = if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" (shards {missing:?} did not answer)")
+            };
+            ApiError(StatusCode::NOT_FOUND, format!("no agent {id:?}{hint}"))
+        })?;
     let mut row = agent_row(&d, &rec);
     row["series"] = json!(d.history().agent_series(id));
     Ok(Json(row))
@@ -231,14 +256,16 @@ pub async fn control(
         action: action as i32,
         interval_ms: b.interval_ms,
     };
-    let r = d
-        .bus
-        .control(&b.agent_id, Some(c), &caller.who)
-        .await
-        .map_err(bad_request)?;
+    let req = ControlRequest {
+        agent_id: b.agent_id,
+        control: Some(c),
+        requested_by: String::new(),
+    };
+    let r = d.bus.route_control(req, &caller.who).await?;
     Ok(Json(json!({
         "delivered": r.delivered,
         "control_id": r.control_id,
+        "shard": r.shard,
         "message": r.message,
     })))
 }
@@ -249,6 +276,32 @@ pub async fn events(
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     let s = params::search(q.as_deref()).map_err(bad_request)?;
+    if d.bus.sharded() {
+        let q = QueryRequest {
+            from_time: s.from,
+            to_time: s.to,
+            filter: Some(s.filter.to_wire()),
+            limit: s.limit as u32,
+            cursor: s.cursor.clone().unwrap_or_default(),
+            allow_partial: true,
+            newest_first: true,
+            ..Default::default()
+        };
+        let spec = QuerySpec {
+            filter: s.filter,
+            limit: s.limit,
+            ..Default::default()
+        };
+        let page = d.bus.newest_first(&q, spec).await?;
+        return Ok(Json(json!({
+            "events": page.events.iter().map(event_line).collect::<Vec<_>>(),
+            "next_before": page.next.as_ref().map(format_cursor),
+            "scanned": page.scanned,
+            "missing_shards": page.missing_shards,
+            "from": (s.from > 0).then(|| timestamp(s.from)),
+            "to": (s.to > 0).then(|| timestamp(s.to)),
+        })));
+    }
     let req = PageRequest {
         before: s.before,
         from_time: s.from,
@@ -273,16 +326,20 @@ pub async fn event(
     Authed(_): Authed,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
-    let p = params::parse(q.as_deref(), &["offset"]).map_err(bad_request)?;
+    let p = params::parse(q.as_deref(), &["offset", "shard"]).map_err(bad_request)?;
     let offset = params::number::<u64>("offset", p.get("offset"))
         .map_err(bad_request)?
         .ok_or_else(|| bad_request("offset: missing".into()))?;
-    let store = d.bus.store.clone();
-    match blocking(move || store.get(offset)).await? {
+    let shard = params::number::<u32>("shard", p.get("shard"))
+        .map_err(bad_request)?
+        .unwrap_or(d.bus.shards.index);
+    match d.bus.event_at(shard, offset).await? {
         Some(e) => Ok(Json(event_json(&e))),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("no event at offset {offset} (never stored, or removed by retention)"),
+            format!(
+                "no event at offset {offset} of shard {shard} (never stored, or removed by retention)"
+            ),
         )),
     }
 }

@@ -127,6 +127,20 @@ impl From<Denied> for ApiError {
     }
 }
 
+impl From<tonic::Status> for ApiError {
+    /// A read across shards failed: a shard that does not answer is 503,
+    /// a bad argument 400.
+    fn from(s: tonic::Status) -> Self {
+        let code = match s.code() {
+            tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, s.message().to_string())
+    }
+}
+
 pub fn bad_request(m: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, m)
 }

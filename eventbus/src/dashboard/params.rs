@@ -111,6 +111,8 @@ pub struct Search {
     pub from: i64,
     pub to: i64,
     pub before: u64,
+    /// On a sharded bus, `before` is the cursor a previous page returned.
+    pub cursor: Option<String>,
     pub limit: usize,
 }
 
@@ -140,7 +142,11 @@ pub fn search(raw: Option<&str>) -> Result<Search, String> {
         filter: filter(&p)?,
         from,
         to,
-        before: number::<u64>("before", p.get("before"))?.unwrap_or(u64::MAX),
+        before: match p.get("before") {
+            Some(c) if c.starts_with("c1") => u64::MAX,
+            b => number::<u64>("before", b)?.unwrap_or(u64::MAX),
+        },
+        cursor: p.get("before").filter(|c| c.starts_with("c1")).cloned(),
         limit,
     })
 }

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use amoskys_proto::{Event, QueryResponse, TailRequest};
 use axum::extract::{RawQuery, State};
 use axum::response::sse::{Event as Sse, KeepAlive};
 use futures::Stream;
@@ -31,6 +32,8 @@ struct Counts {
     capped: u64,
     slow: u64,
     lagged_groups: u64,
+    /// Shards a sharded bus's tail lacks now.
+    missing_shards: Vec<u32>,
 }
 
 impl Counts {
@@ -41,6 +44,7 @@ impl Counts {
             "skipped_slow_viewer": self.slow,
             "lagged_groups": self.lagged_groups,
             "max_events_per_second": max_rate,
+            "missing_shards": self.missing_shards,
         })
     }
 }
@@ -51,7 +55,16 @@ pub async fn tail(
     RawQuery(q): RawQuery,
 ) -> Result<axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>>, ApiError> {
     let filter = params::tail(q.as_deref()).map_err(bad_request)?;
-    let live = d.bus.tail.subscribe();
+    let live = if d.bus.sharded() {
+        let t = TailRequest {
+            from_now: true,
+            allow_partial: true,
+            ..Default::default()
+        };
+        Live::Shards(d.bus.fan_out_tail(t, filter.clone()).await?)
+    } else {
+        Live::Here(d.bus.tail.subscribe())
+    };
     let (tx, rx) = mpsc::channel(VIEWER_QUEUE);
     tracing::debug!(who = %caller.who, "dashboard tail opened");
     tokio::spawn(async move {
@@ -63,9 +76,41 @@ pub async fn tail(
     Ok(axum::response::Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// Where a viewer's events come from: this bus's writer, or on a sharded
+/// bus the merged tail of every shard.
+enum Live {
+    Here(broadcast::Receiver<Arc<Vec<Event>>>),
+    Shards(mpsc::Receiver<Result<QueryResponse, tonic::Status>>),
+}
+
+enum Next {
+    Group(Arc<Vec<Event>>),
+    /// The shards the merged tail now lacks.
+    Missing(Vec<u32>),
+    Lagged(u64),
+    Closed,
+}
+
+impl Live {
+    async fn next(&mut self) -> Next {
+        match self {
+            Live::Here(rx) => match rx.recv().await {
+                Ok(g) => Next::Group(g),
+                Err(broadcast::error::RecvError::Lagged(n)) => Next::Lagged(n),
+                Err(broadcast::error::RecvError::Closed) => Next::Closed,
+            },
+            Live::Shards(rx) => match rx.recv().await {
+                Some(Ok(r)) if r.events.is_empty() => Next::Missing(r.missing_shards),
+                Some(Ok(r)) => Next::Group(Arc::new(r.events)),
+                Some(Err(_)) | None => Next::Closed,
+            },
+        }
+    }
+}
+
 async fn feed(
     d: &Dashboard,
-    mut live: broadcast::Receiver<Arc<Vec<amoskys_proto::Event>>>,
+    mut live: Live,
     filter: &EventFilter,
     tx: &mpsc::Sender<Result<Sse, Infallible>>,
 ) {
@@ -112,8 +157,11 @@ async fn feed(
                     return;
                 }
             }
-            r = live.recv() => match r {
-                Ok(group) => {
+            r = live.next() => match r {
+                Next::Missing(m) => {
+                    counts.missing_shards = m;
+                }
+                Next::Group(group) => {
                     if window_start.elapsed() >= Duration::from_secs(1) {
                         window_start = Instant::now();
                         in_window = 0;
@@ -128,8 +176,8 @@ async fn feed(
                         }
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => counts.lagged_groups += n,
-                Err(broadcast::error::RecvError::Closed) => return,
+                Next::Lagged(n) => counts.lagged_groups += n,
+                Next::Closed => return,
             }
         }
     }

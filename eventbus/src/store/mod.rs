@@ -680,6 +680,15 @@ impl Store {
             .map(|e| e.stored_at)
     }
 
+    /// stored_at of the newest event held, if any.
+    pub fn newest_stored_at(&self) -> Option<i64> {
+        let next = self.next_offset();
+        if next <= self.first_offset() {
+            return None;
+        }
+        self.get(next - 1).ok()?.map(|e| e.stored_at)
+    }
+
     /// Drops events stored before `now - max_age`, then, while the store is
     /// over `max_bytes` (0 = no cap), the oldest ones. Deletes whole blocks
     /// with range tombstones and compacts them away, so the cost does not

@@ -133,10 +133,21 @@ impl RegistryReader {
         pems: &Pems,
     ) -> Result<(String, Vec<AgentRecord>), ClientError> {
         let mut c = self.client(replica, pems).await?;
-        let stats = c.admin.stats(StatsRequest {}).await?.into_inner();
+        // Each replica's own part: the operator reads every replica itself.
+        let stats = c
+            .admin
+            .stats(StatsRequest {
+                local: true,
+                allow_partial: false,
+            })
+            .await?
+            .into_inner();
         let list = c
             .admin
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest {
+                local: true,
+                allow_partial: false,
+            })
             .await?
             .into_inner();
         Ok((stats.server_cert_serial, list.agents))

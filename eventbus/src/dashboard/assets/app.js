@@ -25,7 +25,17 @@ async function api(path, opts) {
   if (r.status === 401) { location.href = "/login"; throw new Error("signed out"); }
   const body = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error(body.error || r.statusText);
+  if (Array.isArray(body.missing_shards)) partial(body.missing_shards);
   return body;
+}
+
+// A sharded bus answers with what the shards that answered hold; the banner
+// says which did not, so a short list is not mistaken for the whole fleet.
+function partial(missing) {
+  const b = document.getElementById("partial");
+  if (!b) return;
+  b.hidden = missing.length === 0;
+  b.textContent = missing.length ? `Partial results: shard${missing.length > 1 ? "s" : ""} ${missing.join(", ")} did not answer; what ${missing.length > 1 ? "they hold" : "it holds"} is missing.` : "";
 }
 
 function every(ms, f) { f(); timers.push(setInterval(f, ms)); }
@@ -112,7 +122,7 @@ function overview() {
     const series = [{ name: "total", values: o.series.total }].concat(
       Object.entries(o.series.by_collector).map(([name, values]) => ({ name, values })));
     charts.replaceChildren(chart(o.series.t, series, "events/s"));
-    alerts.tBodies[0].replaceChildren(...(o.recent_alerts.length ? o.recent_alerts.map(e => eventRow(e, () => showEvent(e.offset))) :
+    alerts.tBodies[0].replaceChildren(...(o.recent_alerts.length ? o.recent_alerts.map(e => eventRow(e, () => showEvent(e.offset, e.shard))) :
       [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No alerts."))]));
   });
 }
@@ -132,17 +142,17 @@ function collectorsText(cs) {
 
 function agents() {
   const table = el("table", { id: "agents" }, el("thead", {}, el("tr", {},
-    ["Agent", "Node", "Phase", "Events/s", "Spool", "Dropped", "Last seen", "Collectors (mode)", "Version"].map(h => el("th", {}, h)))), el("tbody"));
+    ["Agent", "Node", "Shard", "Phase", "Events/s", "Spool", "Dropped", "Last seen", "Collectors (mode)", "Version"].map(h => el("th", {}, h)))), el("tbody"));
   app.replaceChildren(el("h1", {}, "Agents"), table);
   every(2000, async () => {
     const { agents } = await api("/api/agents");
     table.tBodies[0].replaceChildren(...(agents.length ? agents.map(a => el("tr", { "data-agent": a.agent_id },
       el("td", {}, el("a", { href: "/agent?id=" + encodeURIComponent(a.agent_id) }, a.agent_id)),
-      el("td", {}, a.node), el("td", { class: "phase-cell" }, phaseBadge(a.phase, a.phase_reason)),
+      el("td", {}, a.node), el("td", { class: "num" }, String(a.shard)), el("td", { class: "phase-cell" }, phaseBadge(a.phase, a.phase_reason)),
       el("td", { class: "num" }, fmt.rate(a.eps)), el("td", { class: "num" }, fmt.bytes(a.spool_bytes)),
       el("td", { class: "num" + (a.dropped ? " bad" : "") }, fmt.n(a.dropped)), el("td", {}, fmt.ago(a.last_seen)),
       el("td", {}, collectorsText(a.collectors)), el("td", {}, a.version))) :
-      [el("tr", {}, el("td", { colspan: 9, class: "muted" }, "No agent has published yet."))]));
+      [el("tr", {}, el("td", { colspan: 10, class: "muted" }, "No agent has published yet."))]));
   });
 }
 
@@ -223,9 +233,9 @@ function agentPage() {
 
 // ---- Events: live tail and search ------------------------------------------
 
-async function showEvent(offset) {
+async function showEvent(offset, shard) {
   const pre = document.getElementById("event-detail");
-  const e = await api("/api/event?offset=" + offset);
+  const e = await api("/api/event?offset=" + offset + (shard ? "&shard=" + shard : ""));
   if (pre) pre.textContent = JSON.stringify(e, null, 2);
   else alert(JSON.stringify(e, null, 2));
 }
@@ -279,12 +289,13 @@ function events() {
       const batch = JSON.parse(m.data);
       if (paused) { held += batch.length; status.textContent = `view paused · ${held} new events not shown`; return; }
       const body = tail.tBodies[0];
-      for (const e of batch) body.prepend(eventRow(e, () => showEvent(e.offset)));
+      for (const e of batch) body.prepend(eventRow(e, () => showEvent(e.offset, e.shard)));
       while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
     });
     source.addEventListener("status", m => {
-      if (paused) return;
       const s = JSON.parse(m.data);
+      partial(s.missing_shards || []);
+      if (paused) return;
       const skipped = s.skipped_rate_cap + s.skipped_slow_viewer;
       status.textContent = `live · ${fmt.n(s.sent)} shown` + (skipped || s.lagged_groups ?
         ` · sampling: ${fmt.n(skipped)} not shown (cap ${s.max_events_per_second}/s per viewer${s.skipped_slow_viewer ? ", slow connection" : ""})` : "");
@@ -307,7 +318,7 @@ function events() {
     q.set("limit", "50");
     try {
       const r = await api("/api/events?" + q.toString());
-      results.tBodies[0].replaceChildren(...r.events.map(e => eventRow(e, () => showEvent(e.offset))));
+      results.tBodies[0].replaceChildren(...r.events.map(e => eventRow(e, () => showEvent(e.offset, e.shard))));
       cursor = r.next_before;
       older.disabled = cursor === null;
       searchInfo.className = "muted";
