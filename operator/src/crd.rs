@@ -28,17 +28,27 @@ pub const VERSION: &str = "v1alpha1";
     shortname = "ebus",
     category = "amoskys",
     status = "EventBusStatus",
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.activeShards","labelSelectorPath":".status.selector"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeShards"}"#,
+    printcolumn = r#"{"name":"Retiring","type":"integer","jsonPath":".status.retiringShards"}"#,
     printcolumn = r#"{"name":"Cert Expires","type":"date","jsonPath":".status.certificates.serverNotAfter"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventBusSpec {
-    /// Bus pods. Each owns its WAL volume.
+    /// Shards that take events: one bus pod each, with its own WAL volume.
+    /// Lowering it retires the shards above: they take no new events and
+    /// keep answering reads until their newest event is older than the
+    /// retention, and only then are their pods removed.
     #[serde(default = "one")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("replicas must be between 1 and 16"))]
     pub replicas: i32,
+    /// Remove retiring shards at once, with the events they hold (a Warning
+    /// event says so), instead of keeping them until their data ages out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discard_retiring_shards: bool,
     /// The amoskys image; the operator's own image when empty.
     #[serde(default)]
     pub image: String,
@@ -264,6 +274,40 @@ pub struct EventBusStatus {
     /// The spec generation this status describes.
     #[serde(default)]
     pub observed_generation: Option<i64>,
+    /// Shards taking events (spec.replicas once applied); pods run for
+    /// these and the retiring ones.
+    #[serde(default)]
+    pub active_shards: i32,
+    /// Shards kept for their history, taking no new events.
+    #[serde(default)]
+    pub retiring_shards: i32,
+    /// Each shard's state, as last read from its pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    /// The pods' label selector (for the scale subresource and autoscalers).
+    #[serde(default)]
+    pub selector: String,
+}
+
+/// One shard of an EventBus.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// The pod index.
+    pub index: i32,
+    /// `active` (takes events) or `retiring` (serves reads until its data
+    /// ages out).
+    pub state: String,
+    /// RFC 3339 stored time of its newest event; none when it holds none or
+    /// its pod has not answered yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_event_time: Option<String>,
+    /// Events the shard holds.
+    #[serde(default)]
+    pub events_stored: u64,
+    /// When a retiring shard's pod goes: its newest event plus the retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removable_after: Option<String>,
 }
 
 /// Expiry of the certificates the operator issued.

@@ -148,6 +148,10 @@ async fn agent_resources_follow_the_bus_registry() {
         reg.loaded_serials
     );
     assert_eq!(reg.loaded_serials.len(), 2);
+    // Each replica's own stats, which retiring shards are removed by.
+    let own = &reg.shards[&0];
+    assert!(own.events_stored > 0 && own.newest_stored_at > 0, "{own:?}");
+    assert!(!own.retiring && own.shards.is_empty());
 
     let history = History::default();
     sync(&w, Some(&reg), &history).await;

@@ -1014,3 +1014,195 @@ async fn the_shard_map_reaches_the_pods_and_its_epoch_moves_only_when_replicas_c
     w.reconcile_bus("amoskys").await;
     assert_eq!(map_of(&w).epoch, 2);
 }
+
+/// What the agent sync would have read from each pod's Admin.Stats.
+fn report_shards(w: &World, shards: &[(u32, bool, i64, u64)]) {
+    let mut seen = w.ctx.shards_seen.lock().unwrap();
+    let held = seen.entry(format!("{NS}/amoskys")).or_default();
+    for &(i, retiring, newest, lag) in shards {
+        held.insert(
+            i,
+            amoskys_proto::StatsResponse {
+                shard: i,
+                retiring,
+                newest_stored_at: newest,
+                events_stored: 100,
+                export: (lag > 0).then(|| amoskys_proto::ExportStatus {
+                    ready: true,
+                    lag_events: lag,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+    }
+}
+
+fn shard_counts(w: &World) -> (i32, usize, i32, i32) {
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-shards").unwrap();
+    let map = amoskys_client::shard::ShardMap::parse(&cm.data.unwrap()["map.yaml"]).unwrap();
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(map.active as i32, st.active_shards);
+    assert_eq!(st.shards.len(), map.peers.len());
+    (
+        sts.spec.replicas.unwrap(),
+        map.peers.len(),
+        st.active_shards,
+        st.retiring_shards,
+    )
+}
+
+#[tokio::test]
+async fn retiring_shards_keep_their_pods_until_their_data_ages_out() {
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.replicas = 5;
+    bus.spec.wal.retention = "7d".into();
+    w.api.insert(&bus);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w), (5, 5, 5, 0));
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(
+        st.selector,
+        "app.kubernetes.io/component=bus,app.kubernetes.io/instance=amoskys"
+    );
+
+    // 5 -> 3 (as `kubectl scale ebus amoskys --replicas 3` would write it):
+    // shards 3 and 4 retire but keep their pods, and are still peers.
+    let mut bus = (*w.bus("amoskys")).clone();
+    bus.spec.replicas = 3;
+    w.api.insert(&bus);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w), (5, 5, 3, 2));
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("RetiringShards"))
+    );
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert_eq!(
+        st.shards
+            .iter()
+            .map(|s| s.state.as_str())
+            .collect::<Vec<_>>(),
+        ["active", "active", "active", "retiring", "retiring"]
+    );
+    // The server certificate still names the retiring pods.
+    let tls: Secret = w.api.get(Some(NS), "amoskys-server-tls").unwrap();
+    let der = der(&secret_text(&tls, "tls.crt"));
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let sans = format!(
+        "{:?}",
+        cert.subject_alternative_name().unwrap().unwrap().value
+    );
+    assert!(sans.contains("amoskys-4.amoskys-headless"), "{sans}");
+
+    // Until the pods report, nothing goes. Then: shard 4's newest event is
+    // 8 days old, shard 3's an hour: only pod 4 goes (the StatefulSet
+    // removes the highest first).
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w).0, 5);
+    let now = w.clock.now().unix_timestamp_nanos() as i64;
+    let day = 86_400 * 1_000_000_000i64;
+    report_shards(
+        &w,
+        &[(3, true, now - day / 24, 0), (4, true, now - 8 * day, 0)],
+    );
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w), (4, 4, 3, 1));
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("RetiredShards"))
+    );
+    let st = w.bus("amoskys").status.clone().unwrap();
+    assert!(st.shards[3].removable_after.is_some(), "{:?}", st.shards[3]);
+    assert!(st.shards[3].newest_event_time.is_some());
+
+    // Shard 3 ages out, but its export still has events to send: it stays.
+    report_shards(&w, &[(3, true, now - 8 * day, 12)]);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w), (4, 4, 3, 1));
+    report_shards(&w, &[(3, true, now - 8 * day, 0)]);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w), (3, 3, 3, 0));
+}
+
+#[tokio::test]
+async fn discarding_retiring_shards_is_an_opt_in_with_a_warning() {
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.replicas = 4;
+    w.api.insert(&bus);
+    w.reconcile_bus("amoskys").await;
+    let mut bus = (*w.bus("amoskys")).clone();
+    bus.spec.replicas = 2;
+    bus.spec.discard_retiring_shards = true;
+    w.api.insert(&bus);
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(shard_counts(&w), (2, 2, 2, 0));
+    let warned = events(&w)
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some("DiscardingShards"))
+        .expect("a Warning event");
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    assert!(warned.note.unwrap().contains("[2, 3]"));
+}
+
+#[tokio::test]
+async fn export_ready_follows_what_every_shard_reports() {
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.replicas = 2;
+    bus.spec.export = Some(amoskys_operator::crd::ExportSpec {
+        nats: Some(amoskys_operator::crd::NatsExportSpec {
+            url: "nats://nats.messaging:4222".into(),
+            stream: "AMOSKYS".into(),
+            ..Default::default()
+        }),
+    });
+    w.api.insert(&bus);
+    w.reconcile_bus("amoskys").await;
+    let conds = |w: &World| w.bus("amoskys").status.clone().unwrap().conditions;
+    let (status, reason, _) = condition(&conds(&w), "ExportReady");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotReported"));
+
+    let stats = |ready: bool, why: &str| amoskys_proto::StatsResponse {
+        export: Some(amoskys_proto::ExportStatus {
+            ready,
+            lag_events: 5,
+            last_error_reason: why.into(),
+            last_error: if why.is_empty() {
+                String::new()
+            } else {
+                "stream \"AMOSKYS\" not found".into()
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    w.ctx.shards_seen.lock().unwrap().insert(
+        format!("{NS}/amoskys"),
+        [(0, stats(true, "")), (1, stats(false, "stream_missing"))].into(),
+    );
+    w.reconcile_bus("amoskys").await;
+    let (status, reason, message) = condition(&conds(&w), "ExportReady");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "StreamMissing")
+    );
+    assert!(
+        message.starts_with("shard 1:") && message.contains("AMOSKYS"),
+        "{message}"
+    );
+
+    w.ctx.shards_seen.lock().unwrap().insert(
+        format!("{NS}/amoskys"),
+        [(0, stats(true, "")), (1, stats(true, ""))].into(),
+    );
+    w.reconcile_bus("amoskys").await;
+    let (status, reason, message) = condition(&conds(&w), "ExportReady");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Exporting"));
+    assert!(message.contains("10 events behind"), "{message}");
+}

@@ -21,6 +21,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use amoskys_client::shard::{MAX_SHARDS, ShardMap};
+use amoskys_proto::StatsResponse;
 
 use crate::crd::EventBus;
 use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
@@ -387,15 +388,16 @@ pub fn shard_urls(bus: &EventBus, shards: i32) -> Vec<String> {
         .collect()
 }
 
-/// The shard map for the spec's replicas. The epoch stays while the map is
-/// the same as `previous` (what the ConfigMap holds) and goes up by one
+/// The shard map for the spec's replicas, with `pods` shards in all (the
+/// ones above the active count are retiring). The epoch stays while the map
+/// is the same as `previous` (what the ConfigMap holds) and goes up by one
 /// when it changes, so the pods install each new map exactly once.
-pub fn shard_map(bus: &EventBus, previous: Option<&ShardMap>) -> ShardMap {
+pub fn shard_map(bus: &EventBus, previous: Option<&ShardMap>, pods: i32) -> ShardMap {
     let active = bus.spec.replicas.clamp(1, MAX_SHARDS as i32);
     let mut map = ShardMap {
         epoch: 1,
         active: active as u32,
-        peers: shard_urls(bus, active),
+        peers: shard_urls(bus, pods.max(active)),
     };
     if let Some(p) = previous {
         map.epoch = if p.active == map.active && p.peers == map.peers {
@@ -405,6 +407,64 @@ pub fn shard_map(bus: &EventBus, previous: Option<&ShardMap>) -> ShardMap {
         };
     }
     map
+}
+
+/// Pods a bus runs now: its active shards and the retiring ones it still
+/// keeps (as its status last said), whichever is more.
+pub fn pods_kept(bus: &EventBus) -> i32 {
+    let kept = bus
+        .status
+        .as_ref()
+        .map_or(0, |s| s.active_shards + s.retiring_shards);
+    bus.spec.replicas.max(kept)
+}
+
+/// How many pods to keep: the active shards, and above them every
+/// retiring shard up to the highest that may still be needed (a
+/// StatefulSet removes its highest pods first). A retiring shard may go
+/// once it has reported itself retiring (so it takes nothing new), its
+/// newest event is older than the retention, and its export (if any) has
+/// nothing left to send; one that has not reported is kept. With
+/// `discardRetiringShards`, retiring shards go at once.
+pub fn retained_pods(
+    bus: &EventBus,
+    previous: Option<&ShardMap>,
+    seen: &BTreeMap<u32, StatsResponse>,
+    now_ns: i64,
+) -> i32 {
+    let active = bus.spec.replicas.clamp(1, MAX_SHARDS as i32);
+    let had = previous.map_or(active, |p| p.shards() as i32);
+    if had <= active || bus.spec.discard_retiring_shards {
+        return active;
+    }
+    let Some(keep_for) = retention(bus) else {
+        return had;
+    };
+    let mut pods = had;
+    while pods > active {
+        let Some(s) = seen.get(&((pods - 1) as u32)) else {
+            break;
+        };
+        let aged_out = removable_after(s, keep_for).is_none_or(|t| t <= now_ns);
+        let exported = s.export.as_ref().is_none_or(|e| e.lag_events == 0);
+        if !(s.retiring && aged_out && exported) {
+            break;
+        }
+        pods -= 1;
+    }
+    pods
+}
+
+/// When a shard's data has aged out: its newest event's stored time plus
+/// the retention (unix ns); None when it holds no event.
+pub fn removable_after(s: &StatsResponse, keep_for: Duration) -> Option<i64> {
+    let keep = i64::try_from(keep_for.as_nanos()).unwrap_or(i64::MAX);
+    (s.newest_stored_at > 0).then(|| s.newest_stored_at.saturating_add(keep))
+}
+
+/// The retention (checked by [`validate`]).
+pub fn retention(bus: &EventBus) -> Option<Duration> {
+    duration("spec.wal.retention", &bus.spec.wal.retention).ok()
 }
 
 /// The ConfigMap with the shard map (`map.yaml`), mounted by every pod.
@@ -478,7 +538,8 @@ pub fn server_dns_names(bus: &EventBus) -> Vec<String> {
         names.push(format!("{svc}.{ns}.svc"));
         names.push(format!("{svc}.{ns}.svc.cluster.local"));
     }
-    for i in 0..bus.spec.replicas {
+    // Retiring pods too: their peers still verify them.
+    for i in 0..pods_kept(bus) {
         let pod = format!("{}-{i}", n.statefulset);
         names.push(format!("{pod}.{}.{ns}.svc", n.headless));
         names.push(format!("{pod}.{}.{ns}.svc.cluster.local", n.headless));

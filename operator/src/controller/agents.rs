@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use amoskys_client::phase::{GROWING_SAMPLES, SpoolSample, phase};
 use amoskys_client::{BusClient, ClientError, Pems, connect_channel_pem};
-use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest};
+use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest, StatsResponse};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{DeleteParams, ListParams};
@@ -40,6 +40,8 @@ pub struct Registry {
     /// Replicas that did not answer, with why; the records they hold are
     /// missing from `agents`.
     pub unreachable: Vec<(String, String)>,
+    /// Each replica's own Stats, by pod index, of those that answered.
+    pub shards: BTreeMap<u32, StatsResponse>,
 }
 
 impl Registry {
@@ -131,7 +133,7 @@ impl RegistryReader {
         &self,
         replica: &ReplicaUrl,
         pems: &Pems,
-    ) -> Result<(String, Vec<AgentRecord>), ClientError> {
+    ) -> Result<(StatsResponse, Vec<AgentRecord>), ClientError> {
         let mut c = self.client(replica, pems).await?;
         // Each replica's own part: the operator reads every replica itself.
         let stats = c
@@ -150,7 +152,7 @@ impl RegistryReader {
             })
             .await?
             .into_inner();
-        Ok((stats.server_cert_serial, list.agents))
+        Ok((stats, list.agents))
     }
 
     /// Reads every replica at `urls` at once, as the admin client `pems`.
@@ -164,12 +166,13 @@ impl RegistryReader {
         });
         let results = futures::future::join_all(reads).await;
         let mut reg = Registry::default();
-        for (replica, result) in urls.iter().zip(results) {
+        for (index, (replica, result)) in urls.iter().zip(results).enumerate() {
             match result {
-                Ok((serial, agents)) => {
-                    if !serial.is_empty() {
-                        reg.loaded_serials.push(serial);
+                Ok((stats, agents)) => {
+                    if !stats.server_cert_serial.is_empty() {
+                        reg.loaded_serials.push(stats.server_cert_serial.clone());
                     }
+                    reg.shards.insert(index as u32, stats);
                     reg.add(agents);
                 }
                 Err(why) => {
@@ -190,11 +193,12 @@ impl RegistryReader {
     }
 }
 
-/// Where the operator reaches each replica of `bus` in the cluster.
+/// Where the operator reaches each replica of `bus` in the cluster: the
+/// active shards and the retiring ones it still keeps.
 pub fn replica_urls(bus: &EventBus) -> Vec<ReplicaUrl> {
     let n = Names::of(&bus.name_any());
     let ns = bus.namespace().unwrap_or_else(|| "default".into());
-    (0..bus.spec.replicas)
+    (0..crate::build::eventbus::pods_kept(bus))
         .map(|i| {
             let host = format!("{}-{i}.{}.{ns}.svc", n.statefulset, n.headless);
             (
@@ -478,10 +482,19 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
                 (urls.is_empty() || r.unreachable.len() < urls.len()).then_some(r)
             }
         };
+        let key = format!("{ns}/{}", bus.name_any());
         if let Some(serials) = registry.as_ref().and_then(Registry::loaded_for_rotation)
             && let Ok(mut loaded) = ctx.loaded.lock()
         {
-            loaded.insert(format!("{ns}/{}", bus.name_any()), serials.to_vec());
+            loaded.insert(key.clone(), serials.to_vec());
+        }
+        if let Some(r) = &registry
+            && let Ok(mut seen) = ctx.shards_seen.lock()
+        {
+            // A shard that did not answer keeps what it said last.
+            let held = seen.entry(key).or_default();
+            held.retain(|i, _| (*i as usize) < urls.len());
+            held.extend(r.shards.iter().map(|(i, s)| (*i, s.clone())));
         }
         for set in all_sets.iter().filter(|s| {
             s.namespace().as_deref() == Some(ns.as_str()) && s.spec.bus_ref.name == bus.name_any()

@@ -12,6 +12,7 @@ pub mod agentset;
 pub mod eventbus;
 pub mod metrics;
 
+use amoskys_proto::StatsResponse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,6 +123,10 @@ pub struct Context {
     pub loaded: Mutex<HashMap<String, Vec<String>>>,
     /// The agent sync's connections to bus replicas.
     pub registry_reader: agents::RegistryReader,
+    /// Each shard's own Stats by `namespace/bus` and pod index, as last
+    /// read by the agent sync: retiring shards are removed by what they
+    /// report, and ExportReady comes from it.
+    pub shards_seen: Mutex<HashMap<String, BTreeMap<u32, StatsResponse>>>,
 }
 
 impl Context {
@@ -147,7 +152,17 @@ impl Context {
             propagation: Duration::from_secs(120),
             loaded: Mutex::new(HashMap::new()),
             registry_reader,
+            shards_seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What each shard of bus `key` (`namespace/bus`) last reported.
+    pub fn shards_seen(&self, key: &str) -> BTreeMap<u32, StatsResponse> {
+        self.shards_seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).cloned())
+            .unwrap_or_default()
     }
 
     /// The clock's time now.

@@ -23,15 +23,18 @@ use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::{
-    Context, Error, apply, condition, namespace, observed, report_invalid, secret, write_status,
+    Context, Error, apply, condition, namespace, observed, report_invalid, rfc3339, secret,
+    write_status,
 };
 use crate::build::eventbus::{
     COMPONENT, InvalidSpec, NATS_CREDS_KEY, Names, config_map, endpoint, invalid, nats_export, pdb,
-    services, shard_map, shard_map_config, shard_map_of, statefulset, validate,
+    removable_after, retained_pods, services, shard_map, shard_map_config, shard_map_of,
+    statefulset, validate,
 };
-use crate::crd::{AgentSet, EventBus, EventBusStatus};
-use crate::labels::owned_meta;
+use crate::crd::{AgentSet, EventBus, EventBusStatus, ShardStatus};
+use crate::labels::{owned_meta, selector, selector_query};
 use crate::rotation::{self};
+use amoskys_client::shard::ShardMap;
 
 /// Common name of the operator's own (admin) certificate.
 pub const ADMIN_CN: &str = "amoskys-operator";
@@ -39,6 +42,8 @@ pub const ADMIN_CN: &str = "amoskys-operator";
 pub const ROTATE_HANDLED_ANNOTATION: &str = "amoskys.io/rotate-ca-handled";
 /// How often a healthy bus is looked at again without any change.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How often a bus with retiring shards or an export is looked at again.
+const SHARD_RESYNC: Duration = Duration::from_secs(30);
 
 /// Brings an EventBus's certificates, config, Services, StatefulSet, PDB
 /// and volume claims to its spec and writes its status.
@@ -117,9 +122,13 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
         .await?
         .as_ref()
         .and_then(shard_map_of);
-    let map = shard_map(bus, held_map.as_ref());
+    let seen = ctx.shards_seen(&format!("{ns}/{name}"));
+    let now_ns = (now.unix_timestamp_nanos()).clamp(0, i64::MAX as i128) as i64;
+    let pods = retained_pods(bus, held_map.as_ref(), &seen, now_ns);
+    let map = shard_map(bus, held_map.as_ref(), pods);
     if held_map.as_ref().is_some_and(|p| p.epoch != map.epoch) {
-        tracing::info!(bus = %name, epoch = map.epoch, active = map.active, "shard map changed");
+        tracing::info!(bus = %name, epoch = map.epoch, active = map.active, shards = map.shards(), "shard map changed");
+        report_shard_changes(bus, ctx, held_map.as_ref(), &map, &seen).await;
     }
     apply(&ctx.client, &ns, &shard_map_config(bus, &map)).await?;
     let (client_svc, headless) = services(bus);
@@ -161,12 +170,33 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
         // A grown size reaches the claims below instead.
         desired.spec.volume_claim_templates = existing.spec.volume_claim_templates.clone();
     }
+    desired.spec.replicas = Some(pods);
     let sts = apply(&ctx.client, &ns, &desired).await?;
     apply(&ctx.client, &ns, &pdb(bus)).await?;
 
     let expanding = expand_claims(bus, &claims, ctx, &ns).await?;
 
-    let status = bus_status(bus, &sts, &certs, expanding.as_deref(), &previous, now);
+    let shards = shard_statuses(bus, &map, &seen);
+    let mut status = bus_status(bus, &sts, &certs, expanding.as_deref(), &previous, now);
+    status.active_shards = map.active as i32;
+    status.retiring_shards = map.shards() as i32 - map.active as i32;
+    status.shards = shards;
+    status.selector = selector_query(&selector(COMPONENT, &name));
+    if bus
+        .spec
+        .export
+        .as_ref()
+        .and_then(|e| e.nats.as_ref())
+        .is_some()
+    {
+        status.conditions.push(export_ready(
+            &previous,
+            &map,
+            &seen,
+            bus.metadata.generation,
+            now,
+        ));
+    }
     write_status(&ctx.client, bus, bus.status.as_ref(), &status).await?;
 
     let mut wait = RESYNC;
@@ -176,6 +206,11 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
     }
     if expanding.is_some() {
         wait = wait.min(Duration::from_secs(15));
+    }
+    // Retiring shards age out and exports fail or recover without any
+    // change to the resource: look again soon.
+    if map.shards() > map.active || bus.spec.export.as_ref().is_some_and(|e| e.nats.is_some()) {
+        wait = wait.min(SHARD_RESYNC);
     }
     Ok(Action::requeue(wait))
 }
@@ -255,6 +290,152 @@ async fn ensure_dashboard_token(bus: &EventBus, ctx: &Context, ns: &str) -> Resu
     )
     .await;
     Ok(())
+}
+
+/// Events for shards a map change retires, brings back, releases or
+/// discards.
+async fn report_shard_changes(
+    bus: &EventBus,
+    ctx: &Context,
+    old: Option<&ShardMap>,
+    new: &ShardMap,
+    seen: &BTreeMap<u32, amoskys_proto::StatsResponse>,
+) {
+    let Some(old) = old else { return };
+    let (old_n, new_n) = (old.shards(), new.shards());
+    if new.active < old.active {
+        ctx.event(
+            bus,
+            false,
+            "RetiringShards",
+            "Scale",
+            format!(
+                "shards {}..{} retire: they take no new events and serve reads until their data ages out",
+                new.active,
+                old.active - 1
+            ),
+        )
+        .await;
+    }
+    if new_n < old_n {
+        let gone: Vec<u32> = (new_n..old_n).collect();
+        let events: u64 = gone
+            .iter()
+            .filter_map(|i| seen.get(i))
+            .map(|s| s.events_stored)
+            .sum();
+        if bus.spec.discard_retiring_shards {
+            ctx.event(
+                bus,
+                true,
+                "DiscardingShards",
+                "Scale",
+                format!(
+                    "discardRetiringShards: removing shards {gone:?} with the {events} events they hold"
+                ),
+            )
+            .await;
+        } else {
+            ctx.event(
+                bus,
+                false,
+                "RetiredShards",
+                "Scale",
+                format!(
+                    "shards {gone:?} hold nothing younger than the retention; removing their pods"
+                ),
+            )
+            .await;
+        }
+    }
+}
+
+/// Each shard's entry in the status.
+fn shard_statuses(
+    bus: &EventBus,
+    map: &ShardMap,
+    seen: &BTreeMap<u32, amoskys_proto::StatsResponse>,
+) -> Vec<ShardStatus> {
+    let retention = crate::build::eventbus::retention(bus);
+    let rfc = |ns: i64| Some(rfc3339(ns / 1_000_000_000));
+    (0..map.shards())
+        .map(|i| {
+            let s = seen.get(&i);
+            let retiring = map.is_retiring(i);
+            ShardStatus {
+                index: i as i32,
+                state: if retiring { "retiring" } else { "active" }.into(),
+                newest_event_time: s
+                    .filter(|s| s.newest_stored_at > 0)
+                    .and_then(|s| rfc(s.newest_stored_at)),
+                events_stored: s.map_or(0, |s| s.events_stored),
+                removable_after: s
+                    .filter(|_| retiring)
+                    .zip(retention)
+                    .and_then(|(s, r)| removable_after(s, r))
+                    .and_then(rfc),
+            }
+        })
+        .collect()
+}
+
+/// ExportReady: true when every shard reports its export publishing; else
+/// the first shard that does not, and why (its last error's reason).
+fn export_ready(
+    previous: &[Condition],
+    map: &ShardMap,
+    seen: &BTreeMap<u32, amoskys_proto::StatsResponse>,
+    generation: Option<i64>,
+    now: OffsetDateTime,
+) -> Condition {
+    let mut lag = 0u64;
+    let mut failing = None;
+    for i in 0..map.shards() {
+        match seen.get(&i).and_then(|s| s.export.as_ref()) {
+            Some(e) if e.ready => lag += e.lag_events,
+            Some(e) => {
+                failing.get_or_insert((i, e.last_error_reason.clone(), e.last_error.clone()));
+            }
+            None => {
+                failing.get_or_insert((i, String::new(), "has not reported its export yet".into()));
+            }
+        }
+    }
+    match failing {
+        None => condition(
+            previous,
+            "ExportReady",
+            true,
+            "Exporting",
+            format!("every shard publishes to NATS; {lag} events behind"),
+            generation,
+            now,
+        ),
+        Some((shard, reason, message)) => condition(
+            previous,
+            "ExportReady",
+            false,
+            &export_reason(&reason),
+            format!("shard {shard}: {message}"),
+            generation,
+            now,
+        ),
+    }
+}
+
+/// `stream_missing` -> `StreamMissing`; empty -> `NotReported`.
+fn export_reason(r: &str) -> String {
+    if r.is_empty() {
+        return "NotReported".into();
+    }
+    r.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 fn bus_status(
@@ -342,5 +523,6 @@ fn bus_status(
         endpoint: endpoint(bus),
         certificates: certs.status.clone(),
         observed_generation: g,
+        ..Default::default()
     }
 }
