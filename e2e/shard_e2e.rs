@@ -924,3 +924,20 @@ async fn settle_n(root: &Path, shards: &[Shard], active: u32, n: usize) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[test]
+fn the_cli_names_each_agents_owner_as_the_bus_routes_it() {
+    let ids: Vec<String> = (0..20).map(agent_id).collect();
+    let mut args = vec!["shards", "owner", "--active", "5"];
+    args.extend(ids.iter().map(String::as_str));
+    let (ok, out) = common::cli(&args);
+    assert!(ok, "{out}");
+    let got: Vec<String> = out.lines().map(str::to_string).collect();
+    let want: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{id} {}", owner_of(id, 5)))
+        .collect();
+    assert_eq!(got, want);
+    let (ok, out) = common::cli(&["shards", "owner", "--active", "17", "x"]);
+    assert!(!ok && out.contains("--active: 17"), "{out}");
+}

@@ -53,6 +53,9 @@ enum Cmd {
     Backup(cmd::backup::BackupCmd),
     /// Run the Kubernetes operator (in a cluster, or from a kubeconfig).
     Operator(cmd::operator::OperatorArgs),
+    /// Shard ownership: which shard of a sharded bus owns an agent.
+    #[command(subcommand)]
+    Shards(cmd::shards::ShardsCmd),
     /// Print the CustomResourceDefinitions (EventBus, AgentSet, Agent) as YAML.
     Crdgen {
         /// Write to these files instead of stdout.
@@ -92,6 +95,7 @@ async fn main() -> Result<()> {
         Cmd::Bench(a) => cmd::bench::run(a).await,
         Cmd::Backup(c) => cmd::backup::run(c).await,
         Cmd::Operator(a) => cmd::operator::run(a).await,
+        Cmd::Shards(c) => cmd::shards::run(c),
         Cmd::Crdgen { out } => cmd::operator::crdgen(out),
     }
 }

@@ -66,6 +66,9 @@ pub enum EventsCmd {
         /// when a shard does not answer.
         #[arg(long)]
         all_shards: bool,
+        /// A sharded bus: only the shard reached (no fan-out).
+        #[arg(long, conflicts_with = "cursor")]
+        local: bool,
         /// Newest first, back from --to-offset (or the newest event); the
         /// cursor printed after a page continues further back.
         #[arg(long)]
@@ -119,6 +122,7 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
             until,
             cursor,
             all_shards,
+            local,
             newest_first,
             limit,
         } => {
@@ -140,7 +144,7 @@ pub async fn run(cmd: EventsCmd) -> Result<()> {
                 limit,
                 cursor: cursor.unwrap_or_default(),
                 allow_partial: !all_shards,
-                local: false,
+                local,
             };
             let mut client = BusClient::connect(&conn.options()).await?;
             let page = client.query_page(req).await?;

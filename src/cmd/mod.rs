@@ -8,6 +8,7 @@ pub mod bus;
 pub mod events;
 pub mod operator;
 pub mod pki;
+pub mod shards;
 pub mod up;
 
 use std::path::PathBuf;

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Shards on loopback: how long AGENTS agents take to settle on 3 shards and
+# after a map change 3 -> 5, the fraction that moved, the cost of a Query that
+# fans out over every shard next to one shard's own (--local), and how soon a
+# partial answer comes back while one shard is stopped (SIGSTOP).
+#
+# Usage: e2e/bench-shards.sh   (AGENTS=100 QUERIES=40 by default; set
+# AMOSKYS_BIN to an already built release binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AGENTS=${AGENTS:-100}
+QUERIES=${QUERIES:-40}
+source e2e/bench-lib.sh
+bench_bin
+bench_workdir
+"$BIN" pki init --out "$work/pki" >/dev/null
+P="$work/pki"
+PEER_TIMEOUT_MS=1000
+grpc=(27441 27442 27443 27444 27445)
+http=(27461 27462 27463 27464 27465)
+shard_pids=()
+
+map() { # epoch active shards
+  local peers=()
+  for i in $(seq 0 $(($3 - 1))); do peers+=("\"https://127.0.0.1:${grpc[$i]}\""); done
+  printf 'epoch: %s\nactive: %s\npeers: [%s]\n' "$1" "$2" "$(IFS=,; echo "${peers[*]}")"
+}
+start_shard() { # index map
+  local d="$work/shard-$1"
+  mkdir -p "$d"
+  echo "$2" >"$d/map.yaml"
+  printf 'sharding:\n  peerTlsDir: %s\n  mapReloadInterval: 100ms\n  peerTimeout: %sms\n' "$P/peer" "$PEER_TIMEOUT_MS" >"$d/bus.yaml"
+  AMOSKYS_LOG=warn "$BIN" bus --listen "127.0.0.1:${grpc[$1]}" --http "127.0.0.1:${http[$1]}" \
+    --data-dir "$d/data" --tls-dir "$P/bus" --config "$d/bus.yaml" \
+    --shard-index "$1" --shard-map "$d/map.yaml" 2>>"$work/bus.log" &
+  pids+=($!)
+  shard_pids[$1]=$!
+  ready_ms "${http[$1]}" >/dev/null
+}
+set_map() { # map shards
+  for i in $(seq 0 $(($2 - 1))); do
+    echo "$1" >"$work/shard-$i/map.tmp"
+    mv "$work/shard-$i/map.tmp" "$work/shard-$i/map.yaml"
+  done
+}
+metric() { # http-port series
+  curl -sf "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s { print $2 }'
+}
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# Waits until every shard runs map `epoch` and holds exactly the agents the
+# hash gives it under `active`; prints the milliseconds it took.
+settle() { # epoch active shards
+  local t0 want got ok
+  t0=$(now_ms)
+  want=$(seq -f "agent-%03g" 0 $((AGENTS - 1)) | "$BIN" shards owner --active "$2" | awk '{c[$2]++} END {for (s in c) print s, c[s]}' | sort)
+  while :; do
+    ok=1
+    got=""
+    for i in $(seq 0 $(($3 - 1))); do
+      [ "$(metric "${http[$i]}" amoskys_bus_shard_map_epoch)" = "$1" ] || ok=0
+      n=$(metric "${http[$i]}" amoskys_bus_connected_agents)
+      [ "${n:-0}" != 0 ] && got+="$i $n"$'\n'
+    done
+    if [ "$ok" = 1 ] && [ "$(echo -n "$got" | sort)" = "$want" ]; then
+      echo $(( $(now_ms) - t0 ))
+      return
+    fi
+    if [ $(( $(now_ms) - t0 )) -gt 120000 ]; then
+      echo "agents did not settle under $2 shards; want:" >&2; echo "$want" >&2; echo "got:" >&2; echo "$got" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+}
+# p50 and p99 of QUERIES runs of `events query` through shard 1.
+query_ms() {
+  local ts=()
+  for _ in $(seq 1 "$QUERIES"); do
+    local t0; t0=$(date +%s%N)
+    "$BIN" events query --bus "https://127.0.0.1:${grpc[1]}" --tls-dir "$P/reader" --limit 500 --output json "$@" >/dev/null 2>&1
+    ts+=($(( ($(date +%s%N) - t0) / 1000000 )))
+  done
+  printf '%s\n' "${ts[@]}" | sort -n | awk '{v[NR]=$1} END {printf "p50_ms=%d p99_ms=%d", v[int(NR*0.5+0.5)], v[int(NR*0.99+0.5)]}'
+}
+
+m3=$(map 1 3 3)
+for i in 0 1 2; do start_shard "$i" "$m3"; done
+for i in $(seq 0 $((AGENTS - 1))); do
+  id=$(printf 'agent-%03d' "$i")
+  d="$work/$id"
+  mkdir -p "$d"
+  printf 'heartbeatInterval: 2s\nbatch:\n  maxDelay: 50ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: false\n  synthetic:\n    enabled: true\n    rate: 5\n' >"$d/agent.yaml"
+  AMOSKYS_LOG=error "$BIN" agent --config "$d/agent.yaml" --bus "https://127.0.0.1:${grpc[0]}" \
+    --tls-dir "$P/agent" --spool-dir "$d/spool" --agent-id "$id" --http 127.0.0.1:0 2>>"$work/agents.log" &
+  pids+=($!)
+done
+echo "[bootstrap] $AGENTS agents through shard 0 settled on 3 shards in $(settle 1 3 3) ms"
+
+m5=$(map 2 5 5)
+start_shard 3 "$m5"
+start_shard 4 "$m5"
+moved0=0
+for i in 0 1 2; do moved0=$((moved0 + $(metric "${http[$i]}" amoskys_bus_shard_moved_out_total | cut -d. -f1))); done
+set_map "$m5" 3
+took=$(settle 2 5 5)
+ids=$(seq -f "agent-%03g" 0 $((AGENTS - 1)))
+moved=$(paste -d' ' <(echo "$ids" | "$BIN" shards owner --active 3) <(echo "$ids" | "$BIN" shards owner --active 5) |
+  awk '$2 != $4 { n++ } END { print n + 0 }')
+handed=0
+for i in 0 1 2; do handed=$((handed + $(metric "${http[$i]}" amoskys_bus_shard_moved_out_total | cut -d. -f1))); done
+echo "[map 3->5]  settled in $took ms; $moved of $AGENTS agents moved ($(awk -v m="$moved" -v n="$AGENTS" 'BEGIN{printf "%.2f", m/n}')), $((handed - moved0)) streams handed over"
+
+sleep 2
+echo "[query]     fan-out over 5 shards: $(query_ms)   one shard (--local): $(query_ms --local)"
+kill -STOP "${shard_pids[4]}"
+echo "[partial]   shard 4 stopped (peerTimeout ${PEER_TIMEOUT_MS} ms): $(QUERIES=5 query_ms)"
+kill -CONT "${shard_pids[4]}"
