@@ -4,12 +4,20 @@
 # fans out over every shard next to one shard's own (--local), and how soon a
 # partial answer comes back while one shard is stopped (SIGSTOP).
 #
-# Usage: e2e/bench-shards.sh   (AGENTS=100 QUERIES=40 by default; set
-# AMOSKYS_BIN to an already built release binary)
+# First, before any agent runs, the same fixed-rate `amoskys bench` load on
+# one plain bus and through shard 0 of the three (most of its agents are
+# redirected to their owners): CPU seconds per million events over all bus
+# processes, and connect-to-Welcome p50/p99 with and without the redirect.
+#
+# Usage: e2e/bench-shards.sh   (AGENTS=100 QUERIES=40 LOAD_EVENTS=300000
+# LOAD_RATE=20000 by default; set AMOSKYS_BIN to an already built release
+# binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTS=${AGENTS:-100}
 QUERIES=${QUERIES:-40}
+LOAD_EVENTS=${LOAD_EVENTS:-300000}
+LOAD_RATE=${LOAD_RATE:-20000}
 source e2e/bench-lib.sh
 bench_bin
 bench_workdir
@@ -83,8 +91,29 @@ query_ms() {
   printf '%s\n' "${ts[@]}" | sort -n | awk '{v[NR]=$1} END {printf "p50_ms=%d p99_ms=%d", v[int(NR*0.5+0.5)], v[int(NR*0.99+0.5)]}'
 }
 
+# CPU ticks (user + system) of the given pids.
+ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+HZ=$(getconf CLK_TCK)
+load() { # label url pids...
+  local label=$1 url=$2; shift 2
+  local c0 line c1
+  c0=$(ticks "$@")
+  line=$("$BIN" bench --bus "$url" --tls-dir "$P/agent" --events "$LOAD_EVENTS" --rate "$LOAD_RATE" \
+    --agents 30 --batch 50 --window 16 --agent-prefix "$label" | tail -1)
+  c1=$(ticks "$@")
+  echo "[$label] $line cpu_s_per_m_events=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="$LOAD_EVENTS" 'BEGIN {printf "%.2f", t / hz / n * 1e6}')"
+}
+
 m3=$(map 1 3 3)
 for i in 0 1 2; do start_shard "$i" "$m3"; done
+AMOSKYS_LOG=warn "$BIN" bus --listen 127.0.0.1:27446 --http 127.0.0.1:27466 --data-dir "$work/single" \
+  --tls-dir "$P/bus" 2>>"$work/bus.log" &
+single=$!
+pids+=("$single")
+ready_ms 27466 >/dev/null
+load one-bus https://127.0.0.1:27446 "$single"
+load 3-shards "https://127.0.0.1:${grpc[0]}" "${shard_pids[0]}" "${shard_pids[1]}" "${shard_pids[2]}"
+kill -TERM "$single"
 for i in $(seq 0 $((AGENTS - 1))); do
   id=$(printf 'agent-%03d' "$i")
   d="$work/$id"

@@ -59,6 +59,13 @@ pub struct BenchReport {
     pub errors: Vec<String>,
     /// What a Tail subscriber saw, when one was asked for.
     pub tail: Option<TailReport>,
+    /// Median time from an agent's connect to its Welcome, redirects to its
+    /// owner shard included.
+    pub welcome_p50_ms: f64,
+    /// 99th percentile of the same.
+    pub welcome_p99_ms: f64,
+    /// Agents a shard redirected to their owner before the Welcome.
+    pub redirected: u64,
 }
 
 /// What a Tail subscriber saw of the run: how many of its events arrived,
@@ -93,7 +100,7 @@ impl BenchReport {
             ack_p99_ms: percentile(&lat, 0.99),
             ack_max_ms: lat.last().copied().unwrap_or(0.0),
             errors,
-            tail: None,
+            ..Default::default()
         }
     }
 
@@ -107,6 +114,12 @@ impl BenchReport {
             line += &format!(
                 " tail_events={} tail_p50_ms={:.3} tail_p99_ms={:.3}",
                 t.events, t.p50_ms, t.p99_ms
+            );
+        }
+        if self.welcome_p99_ms > 0.0 {
+            line += &format!(
+                " welcome_p50_ms={:.3} welcome_p99_ms={:.3} redirected={}",
+                self.welcome_p50_ms, self.welcome_p99_ms, self.redirected
             );
         }
         line
@@ -337,6 +350,7 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
         }
     };
     let acked = Arc::new(AtomicU64::new(0));
+    let welcomes = Arc::new(Welcomes::default());
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let per_agent = opts.events / agents as u64;
@@ -347,6 +361,7 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
         let n = per_agent + u64::from((i as u64) < extra);
         let opts = opts.clone();
         let acked = acked.clone();
+        let welcomes = welcomes.clone();
         let latencies = latencies.clone();
         let errors = errors.clone();
         tasks.push(tokio::spawn(async move {
@@ -354,7 +369,7 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
             let rate = opts
                 .rate
                 .map(|r| (r as f64 / opts.agents.max(1) as f64).max(1.0));
-            match run_agent(&opts, &agent, n, rate, &acked).await {
+            match run_agent(&opts, &agent, n, rate, &acked, &welcomes).await {
                 Ok(mut lat) => latencies.lock().await.append(&mut lat),
                 Err((mut lat, e)) => {
                     latencies.lock().await.append(&mut lat);
@@ -371,6 +386,11 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
     let errors = std::mem::take(&mut *errors.lock().await);
     let acked = acked.load(Ordering::SeqCst);
     let mut report = BenchReport::from_latencies(opts.events, acked, seconds, lat, errors);
+    let mut w = std::mem::take(&mut *welcomes.ms.lock().await);
+    w.sort_by(|a, b| a.total_cmp(b));
+    report.welcome_p50_ms = percentile(&w, 0.50);
+    report.welcome_p99_ms = percentile(&w, 0.99);
+    report.redirected = welcomes.redirected.load(Ordering::SeqCst);
     if let Some((task, lat)) = tail {
         report.tail = Some(tail_report(task, lat, acked).await);
     }
@@ -379,27 +399,55 @@ pub async fn run(opts: BenchOptions) -> BenchReport {
 
 type AgentResult = Result<Vec<f64>, (Vec<f64>, String)>;
 
+/// Each agent's connect-to-Welcome time, and how many were redirected.
+#[derive(Default)]
+struct Welcomes {
+    ms: Mutex<Vec<f64>>,
+    redirected: AtomicU64,
+}
+
 async fn run_agent(
     opts: &BenchOptions,
     agent: &str,
     n: u64,
     rate: Option<f64>,
     acked: &AtomicU64,
+    welcomes: &Welcomes,
 ) -> AgentResult {
-    let mut client = BusClient::connect(&opts.client)
-        .await
-        .map_err(|e| (Vec::new(), e.to_string()))?;
-    let hello = Hello {
+    let t0 = Instant::now();
+    let mut hello = Hello {
         agent_id: agent.into(),
         node: "bench".into(),
         version: crate::service::VERSION.into(),
         collectors: vec!["synthetic".into()],
         ..Default::default()
     };
-    let mut publisher = client
-        .publisher(hello, opts.window)
+    // A sharded bus sends an agent it does not own to its owner, as it
+    // does a real agent; a few hops at most.
+    let mut to = opts.client.clone();
+    let mut hops = 0;
+    let mut publisher = loop {
+        let mut client = BusClient::connect(&to)
+            .await
+            .map_err(|e| (Vec::new(), e.to_string()))?;
+        match client.publisher(hello.clone(), opts.window).await {
+            Ok(p) => break p,
+            Err(ClientError::Redirected(r)) if hops < 4 => {
+                hops += 1;
+                to.url = r.url;
+                hello.shard_epoch = r.shard_epoch;
+            }
+            Err(e) => return Err((Vec::new(), e.to_string())),
+        }
+    };
+    welcomes
+        .ms
+        .lock()
         .await
-        .map_err(|e| (Vec::new(), e.to_string()))?;
+        .push(t0.elapsed().as_secs_f64() * 1e3);
+    if hops > 0 {
+        welcomes.redirected.fetch_add(1, Ordering::SeqCst);
+    }
     // Continue after what an earlier run of the same agent left durable.
     let base = publisher.welcome_acked_seq;
     let sender = publisher.sender();
