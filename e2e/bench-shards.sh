@@ -7,7 +7,9 @@
 # First, before any agent runs, the same fixed-rate `amoskys bench` load on
 # one plain bus and through shard 0 of the three (most of its agents are
 # redirected to their owners): CPU seconds per million events over all bus
-# processes, and connect-to-Welcome p50/p99 with and without the redirect.
+# processes, connect-to-Welcome p50/p99 with and without the redirect, and
+# write -> Tail latency through shard 0 (merged over all three) next to the
+# plain bus's.
 #
 # Usage: e2e/bench-shards.sh   (AGENTS=100 QUERIES=40 LOAD_EVENTS=300000
 # LOAD_RATE=20000 by default; set AMOSKYS_BIN to an already built release
@@ -99,7 +101,7 @@ load() { # label url pids...
   local c0 line c1
   c0=$(ticks "$@")
   line=$("$BIN" bench --bus "$url" --tls-dir "$P/agent" --events "$LOAD_EVENTS" --rate "$LOAD_RATE" \
-    --agents 30 --batch 50 --window 16 --agent-prefix "$label" | tail -1)
+    --agents 30 --batch 50 --window 16 --agent-prefix "$label" --tail-tls-dir "$P/reader" | tail -1)
   c1=$(ticks "$@")
   echo "[$label] $line cpu_s_per_m_events=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="$LOAD_EVENTS" 'BEGIN {printf "%.2f", t / hz / n * 1e6}')"
 }
