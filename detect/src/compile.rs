@@ -1,0 +1,964 @@
+//! From a rule document to a rule the engine runs: the condition parsed and
+//! every field it names checked against the event schema (with the line and
+//! column of what is wrong), conjuncts that are plain comparisons lifted
+//! into prefilters that run without CEL, exceptions as sets, windows
+//! parsed; then the rule's inline tests.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use cel::common::ast::{Expr, LiteralValue};
+use cel::{Env, IdedExpr, Program, Value};
+
+use crate::engine::{Decision, Engine};
+use crate::rule::{Expect, Mode, RuleDocument, RuleSeverity, Scope};
+use crate::view::{PAYLOADS, Ty, View, field_type, text};
+
+/// Why a rule did not compile: the field, and for a condition the line and
+/// column (from 1) in it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}{}: {message}", position(*.line, *.column))]
+pub struct CompileError {
+    /// The spec field, e.g. `spec.condition`, `spec.dedup.by[0]`.
+    pub field: String,
+    /// Line in the condition (0 when the error is not in one).
+    pub line: usize,
+    /// Column in that line.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn position(line: usize, column: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(" (line {line}, column {column})")
+    }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> CompileError {
+    CompileError {
+        field: field.into(),
+        line: 0,
+        column: 0,
+        message: message.into(),
+    }
+}
+
+/// A check that runs before CEL: a conjunct of the condition that compares
+/// a string field with constants. All must hold for a match.
+#[derive(Clone, Debug, PartialEq)]
+enum Prefilter {
+    OneOf(String, HashSet<String>),
+    NotEq(String, String),
+    Prefix(String, String),
+}
+
+impl Prefilter {
+    fn holds(&self, v: &View) -> bool {
+        let field = |p: &str| match v.get(p) {
+            Some(Value::String(s)) => s.clone(),
+            _ => Arc::new(String::new()),
+        };
+        match self {
+            Self::OneOf(p, set) => set.contains(field(p).as_str()),
+            Self::NotEq(p, c) => field(p).as_str() != c,
+            Self::Prefix(p, c) => field(p).starts_with(c.as_str()),
+        }
+    }
+}
+
+/// A threshold, parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThresholdRule {
+    /// Key fields.
+    pub by: Vec<String>,
+    /// Field counted by distinct value, or None for matches.
+    pub distinct: Option<String>,
+    /// Count that fires.
+    pub count: u32,
+    /// Window (ns).
+    pub window_ns: i64,
+}
+
+/// A rule ready to run.
+pub struct CompiledRule {
+    /// `NAME` or `NAMESPACE/NAME`.
+    pub name: String,
+    /// The spec's generation.
+    pub generation: i64,
+    /// Namespaced rules see only their namespace's pods.
+    pub scope: Scope,
+    namespace: String,
+    namespaces: Vec<String>,
+    pod_selector: BTreeMap<String, String>,
+    node_events: bool,
+    /// The payload type it matches.
+    pub payload: &'static str,
+    kinds: Vec<String>,
+    collectors: Vec<String>,
+    program: Option<Program>,
+    lists: Value,
+    prefilters: Vec<Prefilter>,
+    exceptions: Vec<(Vec<String>, HashSet<Vec<String>>)>,
+    /// Dedup key fields (empty: the summary) and window (ns); None: no dedup.
+    pub dedup: Option<(Vec<String>, i64)>,
+    /// Threshold, where the rule has one.
+    pub threshold: Option<ThresholdRule>,
+    /// Alert or dry run.
+    pub mode: Mode,
+    /// The alerts' severity.
+    pub severity: RuleSeverity,
+    /// Summary template.
+    pub summary: String,
+    /// Description.
+    pub description: String,
+    /// Labels alerts carry.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for CompiledRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledRule")
+            .field("name", &self.name)
+            .field("payload", &self.payload)
+            .field("prefilters", &self.prefilters)
+            .field("cel", &self.program.is_some())
+            .finish()
+    }
+}
+
+/// What evaluating a rule against one event gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eval {
+    /// Out of its scope, kinds or collectors, or a prefilter failed: no CEL ran.
+    Skipped,
+    /// An exception matched.
+    Excepted,
+    /// The condition ran and was false.
+    NoMatch,
+    /// It matched (`cel`: whether CEL ran for it).
+    Match {
+        /// CEL ran.
+        cel: bool,
+    },
+    /// The condition failed to evaluate (a missing map key, a bad type).
+    Error,
+}
+
+impl CompiledRule {
+    /// Whether the rule sees `v` at all: payload kind, collector and scope.
+    fn selects(&self, v: &View, kind: &str, collector: &str) -> bool {
+        if v.payload != self.payload
+            || (!self.kinds.is_empty() && !self.kinds.iter().any(|k| k == kind))
+            || (!self.collectors.is_empty() && !self.collectors.iter().any(|c| c == collector))
+        {
+            return false;
+        }
+        let ns = v.namespace();
+        match self.scope {
+            Scope::Namespaced => {
+                if ns != self.namespace {
+                    return false;
+                }
+            }
+            Scope::Cluster => {
+                if ns.is_empty() {
+                    return self.node_events && self.pod_selector.is_empty();
+                }
+                if !self.namespaces.is_empty() && !self.namespaces.iter().any(|n| n == ns) {
+                    return false;
+                }
+            }
+        }
+        self.pod_selector
+            .iter()
+            .all(|(k, want)| v.pod_label(k) == Some(want.as_str()))
+    }
+
+    /// The checks that need no CEL: what the rule selects, its prefilters
+    /// and exceptions. Some(outcome) when they decide; None when the
+    /// condition must run.
+    pub fn precheck(&self, v: &View, kind: &str, collector: &str) -> Option<Eval> {
+        if !self.selects(v, kind, collector) || !self.prefilters.iter().all(|p| p.holds(v)) {
+            return Some(Eval::Skipped);
+        }
+        for (fields, values) in &self.exceptions {
+            let tuple: Vec<String> = fields
+                .iter()
+                .map(|p| v.get(p).map(text).unwrap_or_default())
+                .collect();
+            if values.contains(&tuple) {
+                return Some(Eval::Excepted);
+            }
+        }
+        if self.program.is_none() {
+            return Some(Eval::Match { cel: false });
+        }
+        None
+    }
+
+    /// Runs the condition; `ctx` binds the event's variables.
+    pub fn run(&self, ctx: &cel::Context) -> Eval {
+        let Some(program) = &self.program else {
+            return Eval::Match { cel: false };
+        };
+        let mut scope = ctx.new_inner_scope();
+        scope.add_variable_from_value("lists", self.lists.clone());
+        match program.execute(&scope) {
+            Ok(Value::Bool(true)) => Eval::Match { cel: true },
+            Ok(Value::Bool(false)) => Eval::NoMatch,
+            _ => Eval::Error,
+        }
+    }
+
+    /// The summary with `{field.path}` replaced by the event's values.
+    pub fn render_summary(&self, v: &View) -> String {
+        render(&self.summary, |p| v.get(p).map(text))
+    }
+
+    /// The values of `fields` in `v`, as a key.
+    pub fn key(fields: &[String], v: &View) -> Vec<String> {
+        fields
+            .iter()
+            .map(|p| v.get(p).map(text).unwrap_or_default())
+            .collect()
+    }
+}
+
+/// `{path}` placeholders in `template` filled by `get` (unknown ones left as written).
+fn render(template: &str, get: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close) => {
+                let path = &after[..close];
+                match get(path) {
+                    Some(v) => out.push_str(&v),
+                    None => {
+                        out.push('{');
+                        out.push_str(path);
+                        out.push('}');
+                    }
+                }
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push_str(&rest[open..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn placeholders(template: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else { break };
+        out.push(&after[..close]);
+        rest = &after[close + 1..];
+    }
+    out
+}
+
+/// The CEL environment rules compile and run in: the standard library and
+/// the strings and lists extensions.
+pub fn env() -> Arc<Env> {
+    let mut env = Env::stdlib();
+    // Both extensions are part of the crate; adding them to a fresh
+    // environment cannot conflict with anything.
+    let _ = env.add_extension(cel::extensions::strings);
+    let _ = env.add_extension(cel::extensions::lists);
+    Arc::new(env)
+}
+
+fn duration_ns(field: &str, s: &str) -> Result<i64, CompileError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        err(
+            field,
+            format!("{s:?} is not a duration like 10s or 5m: {e}"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(err(field, "must be longer than 0s"));
+    }
+    Ok(d.as_nanos().min(i64::MAX as u128) as i64)
+}
+
+fn check_path(field: &str, payload: &str, path: &str) -> Result<Ty, CompileError> {
+    field_type(payload, path).ok_or_else(|| {
+        err(
+            field,
+            format!("{path}: no such field for {payload} events (see docs/detection.md)"),
+        )
+    })
+}
+
+/// Compiles one rule document: every error names the field and, in the
+/// condition, the position.
+pub fn compile(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, CompileError> {
+    let spec = &doc.spec;
+    let scope = doc
+        .scope()
+        .ok_or_else(|| err("kind", format!("{:?} is not a rule kind", doc.kind)))?;
+    let namespace = match scope {
+        Scope::Namespaced => {
+            let ns = doc.metadata.namespace.clone().unwrap_or_default();
+            if ns.is_empty() {
+                return Err(err(
+                    "metadata.namespace",
+                    "a DetectionRule needs its namespace",
+                ));
+            }
+            if !spec.namespaces.is_empty() {
+                return Err(err(
+                    "spec.namespaces",
+                    "only a ClusterDetectionRule chooses namespaces; a DetectionRule sees its own",
+                ));
+            }
+            if spec.node_events == Some(true) {
+                return Err(err(
+                    "spec.nodeEvents",
+                    "only a ClusterDetectionRule sees node events",
+                ));
+            }
+            ns
+        }
+        Scope::Cluster => String::new(),
+    };
+    let (payload, _, kinds) = PAYLOADS
+        .iter()
+        .find(|p| p.0 == spec.selects.event)
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<_> = PAYLOADS.iter().map(|p| p.0).collect();
+            err(
+                "spec.match.event",
+                format!(
+                    "{:?} is not one of {}",
+                    spec.selects.event,
+                    names.join(", ")
+                ),
+            )
+        })?;
+    for (n, k) in spec.selects.kinds.iter().enumerate() {
+        if !kinds.contains(&k.as_str()) {
+            return Err(err(
+                format!("spec.match.kinds[{n}]"),
+                if kinds.is_empty() {
+                    format!("{payload} events have no kinds")
+                } else {
+                    format!("{k:?} is not one of {}", kinds.join(", "))
+                },
+            ));
+        }
+    }
+    for name in spec.lists.keys() {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(err(
+                format!("spec.lists.{name}"),
+                "a list name is letters, digits and _",
+            ));
+        }
+    }
+    let condition = spec.condition.trim();
+    if condition.is_empty() {
+        return Err(err("spec.condition", "missing"));
+    }
+    let program = env.compile(condition).map_err(|e| {
+        let first = e.errors.first();
+        CompileError {
+            field: "spec.condition".into(),
+            line: first.map_or(1, |p| p.pos.0.max(1) as usize),
+            column: first.map_or(1, |p| p.pos.1.max(0) as usize + 1),
+            message: first.map_or_else(|| e.to_string(), |p| p.msg.clone()),
+        }
+    })?;
+    let mut checker = Checker {
+        payload,
+        lists: &spec.lists,
+        source: condition,
+        program: &program,
+        bound: Vec::new(),
+    };
+    checker.walk(program.expression())?;
+    let mut prefilters = Vec::new();
+    let conjuncts = conjuncts(program.expression());
+    let mut all_lifted = true;
+    for c in &conjuncts {
+        match lift(c, payload, &spec.lists) {
+            Some(p) => prefilters.push(p),
+            None => all_lifted = false,
+        }
+    }
+    for p in placeholders(&spec.summary) {
+        check_path("spec.summary", payload, p)?;
+    }
+    let mut exceptions = Vec::new();
+    for (n, x) in spec.exceptions.iter().enumerate() {
+        let at = format!("spec.exceptions[{n}]");
+        if x.fields.is_empty() {
+            return Err(err(format!("{at}.fields"), "at least one field"));
+        }
+        for f in &x.fields {
+            check_path(&format!("{at}.fields"), payload, f)?;
+        }
+        let mut set = HashSet::new();
+        for (m, vals) in x.values.iter().enumerate() {
+            if vals.len() != x.fields.len() {
+                return Err(err(
+                    format!("{at}.values[{m}]"),
+                    format!("{} values for {} fields", vals.len(), x.fields.len()),
+                ));
+            }
+            set.insert(vals.clone());
+        }
+        exceptions.push((x.fields.clone(), set));
+    }
+    let dedup = match &spec.dedup {
+        None => None,
+        Some(d) => {
+            for (n, f) in d.by.iter().enumerate() {
+                check_path(&format!("spec.dedup.by[{n}]"), payload, f)?;
+            }
+            Some((d.by.clone(), duration_ns("spec.dedup.window", &d.window)?))
+        }
+    };
+    let threshold = match &spec.threshold {
+        None => None,
+        Some(t) => {
+            for (n, f) in t.by.iter().enumerate() {
+                check_path(&format!("spec.threshold.by[{n}]"), payload, f)?;
+            }
+            if let Some(d) = &t.distinct {
+                check_path("spec.threshold.distinct", payload, d)?;
+            }
+            if t.count == 0 {
+                return Err(err("spec.threshold.count", "must be at least 1"));
+            }
+            Some(ThresholdRule {
+                by: t.by.clone(),
+                distinct: t.distinct.clone(),
+                count: t.count,
+                window_ns: duration_ns("spec.threshold.window", &t.window)?,
+            })
+        }
+    };
+    if spec.summary.trim().is_empty() {
+        return Err(err("spec.summary", "missing"));
+    }
+    let lists = Value::Map(cel::objects::Map {
+        map: Arc::new(
+            spec.lists
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        cel::objects::Key::from(k.as_str()),
+                        Value::List(Arc::new(
+                            v.iter()
+                                .map(|s| Value::String(Arc::new(s.clone())))
+                                .collect(),
+                        )),
+                    )
+                })
+                .collect::<HashMap<_, _>>(),
+        ),
+    });
+    Ok(CompiledRule {
+        name: doc.qualified_name(),
+        generation: doc.metadata.generation.unwrap_or(0),
+        scope,
+        namespace,
+        namespaces: spec.namespaces.clone(),
+        pod_selector: spec.pod_selector.clone(),
+        node_events: spec.node_events.unwrap_or(true),
+        payload,
+        kinds: spec.selects.kinds.clone(),
+        collectors: spec.selects.collectors.clone(),
+        // Every conjunct a prefilter: the prefilters are the condition.
+        program: (!all_lifted).then_some(program),
+        lists,
+        prefilters,
+        exceptions,
+        dedup,
+        threshold,
+        mode: spec.mode,
+        severity: spec.severity,
+        summary: spec.summary.clone(),
+        description: spec.description.clone(),
+        labels: spec.labels.clone(),
+    })
+}
+
+/// Walks a condition and refuses unknown variables, fields and lists.
+struct Checker<'a> {
+    payload: &'static str,
+    lists: &'a BTreeMap<String, Vec<String>>,
+    source: &'a str,
+    program: &'a Program,
+    /// Comprehension variables in scope.
+    bound: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn fail(&self, id: u64, message: String) -> CompileError {
+        let (line, column) = self
+            .program
+            .source_info()
+            .offset_for(id)
+            .map_or((1, 1), |(start, _)| line_col(self.source, start as usize));
+        CompileError {
+            field: "spec.condition".into(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    fn walk(&mut self, e: &IdedExpr) -> Result<(), CompileError> {
+        match &e.expr {
+            Expr::Ident(name) => {
+                if self.bound.iter().any(|b| b == name) {
+                    return Ok(());
+                }
+                if name == "lists" || crate::view::variable(self.payload, name).is_some() {
+                    return Ok(());
+                }
+                Err(self.fail(e.id, self.unknown_variable(name)))
+            }
+            Expr::Select(sel) => {
+                if let Some(path) = select_path(e)
+                    && let Some(root) = path.split('.').next()
+                    && !self.bound.iter().any(|b| b == root)
+                {
+                    return self.check_select(root_id(e), &path);
+                }
+                self.walk(&sel.operand)
+            }
+            Expr::Call(call) => {
+                if let Some(t) = &call.target {
+                    self.walk(t)?;
+                }
+                call.args.iter().try_for_each(|a| self.walk(a))
+            }
+            Expr::Comprehension(c) => {
+                self.walk(&c.iter_range)?;
+                self.walk(&c.accu_init)?;
+                let n = self.bound.len();
+                self.bound.push(c.iter_var.clone());
+                if let Some(v) = &c.iter_var2 {
+                    self.bound.push(v.clone());
+                }
+                self.bound.push(c.accu_var.clone());
+                let r = [&c.loop_cond, &c.loop_step, &c.result]
+                    .into_iter()
+                    .try_for_each(|x| self.walk(x));
+                self.bound.truncate(n);
+                r
+            }
+            Expr::List(l) => l.elements.iter().try_for_each(|x| self.walk(x)),
+            Expr::Map(m) => m.entries.iter().try_for_each(|entry| match &entry.expr {
+                cel::common::ast::EntryExpr::MapEntry(me) => {
+                    self.walk(&me.key)?;
+                    self.walk(&me.value)
+                }
+                cel::common::ast::EntryExpr::StructField(sf) => self.walk(&sf.value),
+            }),
+            Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
+                cel::common::ast::EntryExpr::StructField(sf) => self.walk(&sf.value),
+                cel::common::ast::EntryExpr::MapEntry(me) => {
+                    self.walk(&me.key)?;
+                    self.walk(&me.value)
+                }
+            }),
+            Expr::Literal(_) | Expr::Unspecified => Ok(()),
+        }
+    }
+
+    fn unknown_variable(&self, name: &str) -> String {
+        format!(
+            "{name}: no such variable in rules on {} events (event, k8s, {}, lists)",
+            self.payload, self.payload
+        )
+    }
+
+    /// `a.b.c` rooted at a variable: every step must be a field; past a
+    /// labels map anything goes.
+    fn check_select(&self, id: u64, path: &str) -> Result<(), CompileError> {
+        let mut parts = path.split('.');
+        let root = parts.next().unwrap_or_default();
+        if root == "lists" {
+            let name = parts.next().unwrap_or_default();
+            if !self.lists.contains_key(name) {
+                let have: Vec<_> = self.lists.keys().map(String::as_str).collect();
+                return Err(self.fail(
+                    id,
+                    format!(
+                        "lists.{name}: no such list (spec.lists has: {})",
+                        if have.is_empty() {
+                            "none".into()
+                        } else {
+                            have.join(", ")
+                        }
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if crate::view::variable(self.payload, root).is_none() {
+            return Err(self.fail(id, self.unknown_variable(root)));
+        }
+        let mut sofar = root.to_string();
+        for part in parts {
+            if matches!(field_type(self.payload, &sofar), Some(Ty::StrMap)) {
+                return Ok(());
+            }
+            sofar.push('.');
+            sofar.push_str(part);
+            if field_type(self.payload, &sofar).is_none() {
+                return Err(self.fail(
+                    id,
+                    format!(
+                        "{sofar}: no such field for {} events (see docs/detection.md)",
+                        self.payload
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let mut line = 1;
+    let mut col = 1;
+    for (i, c) in source.chars().enumerate() {
+        if i == offset {
+            break;
+        }
+        if c == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+    }
+    (line, col)
+}
+
+/// The id of the identifier a selection chain starts at (where it is written).
+fn root_id(e: &IdedExpr) -> u64 {
+    match &e.expr {
+        Expr::Select(s) => root_id(&s.operand),
+        _ => e.id,
+    }
+}
+
+/// `a.b.c` for a chain of field selections on an identifier.
+fn select_path(e: &IdedExpr) -> Option<String> {
+    match &e.expr {
+        Expr::Ident(n) => Some(n.clone()),
+        Expr::Select(s) => Some(format!("{}.{}", select_path(&s.operand)?, s.field)),
+        _ => None,
+    }
+}
+
+/// The conjuncts of a condition's top-level `&&`s.
+fn conjuncts(e: &IdedExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        Expr::Call(c) if c.func_name == "_&&_" && c.target.is_none() => {
+            c.args.iter().flat_map(conjuncts).collect()
+        }
+        _ => vec![e],
+    }
+}
+
+fn string_literal(e: &IdedExpr) -> Option<String> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::String(s)) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// A conjunct as a prefilter, when it compares a string field with
+/// constants: `f == 'x'`, `f != 'x'`, `f in lists.L`, `f in ['a', 'b']`,
+/// `f.startsWith('x')`.
+fn lift(e: &IdedExpr, payload: &str, lists: &BTreeMap<String, Vec<String>>) -> Option<Prefilter> {
+    let Expr::Call(c) = &e.expr else { return None };
+    let string_field =
+        |x: &IdedExpr| select_path(x).filter(|p| field_type(payload, p) == Some(Ty::Str));
+    match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
+        ("_==_", None, [a, b]) => {
+            let (f, lit) = match (string_field(a), string_field(b)) {
+                (Some(f), _) => (f, string_literal(b)?),
+                (None, Some(f)) => (f, string_literal(a)?),
+                _ => return None,
+            };
+            Some(Prefilter::OneOf(f, HashSet::from([lit])))
+        }
+        ("_!=_", None, [a, b]) => {
+            let (f, lit) = match (string_field(a), string_field(b)) {
+                (Some(f), _) => (f, string_literal(b)?),
+                (None, Some(f)) => (f, string_literal(a)?),
+                _ => return None,
+            };
+            Some(Prefilter::NotEq(f, lit))
+        }
+        ("@in", None, [a, b]) => {
+            let f = string_field(a)?;
+            let set: HashSet<String> = match &b.expr {
+                Expr::List(l) => l
+                    .elements
+                    .iter()
+                    .map(string_literal)
+                    .collect::<Option<_>>()?,
+                _ => {
+                    let p = select_path(b)?;
+                    let name = p.strip_prefix("lists.")?;
+                    lists.get(name)?.iter().cloned().collect()
+                }
+            };
+            Some(Prefilter::OneOf(f, set))
+        }
+        ("startsWith", Some(t), [arg]) => {
+            Some(Prefilter::Prefix(string_field(t)?, string_literal(arg)?))
+        }
+        _ => None,
+    }
+}
+
+/// Rules that compiled, indexed by the payload type they match.
+#[derive(Default)]
+pub struct RuleSet {
+    /// The rules, in load order.
+    pub rules: Vec<Arc<CompiledRule>>,
+    by_payload: HashMap<&'static str, Vec<usize>>,
+    env: Option<Arc<Env>>,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+impl RuleSet {
+    /// A set of compiled rules.
+    pub fn new(rules: Vec<Arc<CompiledRule>>, env: Arc<Env>) -> Self {
+        let mut by_payload: HashMap<&'static str, Vec<usize>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            by_payload.entry(r.payload).or_default().push(i);
+        }
+        Self {
+            rules,
+            by_payload,
+            env: Some(env),
+        }
+    }
+
+    /// The rules that may match events of `payload`.
+    pub fn for_payload(&self, payload: &str) -> impl Iterator<Item = &Arc<CompiledRule>> {
+        self.by_payload
+            .get(payload)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| self.rules.get(i))
+    }
+
+    /// The CEL environment.
+    pub fn env(&self) -> Arc<Env> {
+        self.env.clone().unwrap_or_else(env)
+    }
+}
+
+/// One inline test's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestOutcome {
+    /// The test's name.
+    pub name: String,
+    /// Whether the rule did what the test expects.
+    pub passed: bool,
+    /// What went wrong, for a failed test.
+    pub message: String,
+}
+
+/// Runs a compiled rule's inline tests (from `doc`): each on a fresh
+/// engine holding only this rule, in alert mode. Test events without
+/// `event.storedAt` are stored one second apart.
+pub fn run_tests(doc: &RuleDocument, rule: &Arc<CompiledRule>, env: &Arc<Env>) -> Vec<TestOutcome> {
+    doc.spec
+        .tests
+        .iter()
+        .enumerate()
+        .map(|(n, t)| {
+            let name = if t.name.is_empty() {
+                format!("tests[{n}]")
+            } else {
+                t.name.clone()
+            };
+            let fail = |message: String| TestOutcome {
+                name: name.clone(),
+                passed: false,
+                message,
+            };
+            let events: Vec<&serde_json::Value> = t.event.iter().chain(t.events.iter()).collect();
+            if events.is_empty() {
+                return fail(format!("spec.tests[{n}]: give event or events"));
+            }
+            let mut views = Vec::new();
+            for (m, e) in events.iter().enumerate() {
+                match View::from_json(rule.payload, e) {
+                    Ok(v) => views.push(v),
+                    Err(e) => return fail(format!("spec.tests[{n}] event {m}: {e}")),
+                }
+            }
+            let set = Arc::new(RuleSet::new(vec![rule.clone()], env.clone()));
+            let mut engine = Engine::new(set, 0, Default::default());
+            engine.force_alert_mode();
+            let mut fired = false;
+            let mut errors = 0;
+            const T0: i64 = 1_700_000_000_000_000_000;
+            for (m, mut v) in views.into_iter().enumerate() {
+                if v.stored_at() == 0 {
+                    v.set_stored_at(T0 + m as i64 * 1_000_000_000);
+                }
+                for d in engine.evaluate_view(&v, m as u64 + 1) {
+                    match d {
+                        Decision::Alert(_) | Decision::Suppressed { .. } => fired = true,
+                        Decision::Error { .. } => errors += 1,
+                        Decision::DryRun { .. } => {}
+                    }
+                }
+            }
+            let want = t.expect == Expect::Match;
+            if fired == want {
+                TestOutcome {
+                    name,
+                    passed: true,
+                    message: String::new(),
+                }
+            } else if errors > 0 {
+                fail(format!(
+                    "the condition failed to evaluate on {errors} event(s) (a missing map key or a type mismatch)"
+                ))
+            } else if want {
+                fail("expected a match, got none".into())
+            } else {
+                fail("expected no match, but the rule fired".into())
+            }
+        })
+        .collect()
+}
+
+/// Whether `mode` writes alerts.
+pub fn writes_alerts(mode: Mode) -> bool {
+    mode == Mode::Alert
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::parse_rule_file;
+
+    fn doc(spec: &str) -> RuleDocument {
+        let text = format!(
+            "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {{name: r}}\nspec:\n{}",
+            spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        );
+        parse_rule_file("t.yaml", &text).unwrap().remove(0)
+    }
+
+    fn compile_err(spec: &str) -> CompileError {
+        compile(&doc(spec), &env()).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_field_and_position() {
+        let e =
+            compile_err("match: {event: process}\ncondition: process.name == 'sh' &&\nsummary: s");
+        assert_eq!(e.field, "spec.condition");
+        assert_eq!(e.line, 1, "{e}");
+
+        let e = compile_err(
+            "match: {event: process}\ncondition: \"process.name == 'sh' && process.exee == '/x'\"\nsummary: s",
+        );
+        assert_eq!(e.field, "spec.condition");
+        assert!(e.message.starts_with("process.exee: no such field"), "{e}");
+        assert_eq!((e.line, e.column), (1, 25), "{e}");
+
+        let e =
+            compile_err("match: {event: process}\ncondition: \"flow.dstPort == 22\"\nsummary: s");
+        assert!(e.message.starts_with("flow: no such variable"), "{e}");
+
+        let e = compile_err(
+            "match: {event: process}\ncondition: \"process.name in lists.shell\"\nlists: {shells: [sh]}\nsummary: s",
+        );
+        assert!(
+            e.message
+                .contains("lists.shell: no such list (spec.lists has: shells)"),
+            "{e}"
+        );
+
+        let e =
+            compile_err("match: {event: process, kinds: [begin]}\ncondition: 'true'\nsummary: s");
+        assert_eq!(e.field, "spec.match.kinds[0]");
+
+        let e = compile_err("match: {event: flow}\ncondition: 'true'\nsummary: '{flow.dport}'");
+        assert_eq!(e.field, "spec.summary");
+
+        let e = compile_err(
+            "match: {event: flow}\ncondition: 'true'\nsummary: s\ndedup: {window: soon}",
+        );
+        assert_eq!(e.field, "spec.dedup.window");
+
+        // Comprehension variables and labels maps are not fields.
+        compile(
+            &doc("match: {event: process}\ncondition: \"process.cmdline.exists(a, a == '-e') && k8s.labels.app == 'web'\"\nsummary: s"),
+            &env(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn plain_comparisons_become_prefilters_and_skip_cel() {
+        let r = compile(
+            &doc("match: {event: process}\ncondition: \"process.containerId != '' && process.name in lists.shells\"\nlists: {shells: [sh, bash]}\nsummary: s"),
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(r.prefilters.len(), 2);
+        assert!(r.program.is_none(), "every conjunct lifted");
+        let r = compile(
+            &doc("match: {event: process}\ncondition: \"process.exe.startsWith('/dev/shm/') && process.pid > 1\"\nsummary: s"),
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(r.prefilters.len(), 1);
+        assert!(r.program.is_some());
+    }
+
+    #[test]
+    fn summaries_fill_in_fields() {
+        let v = View::from_json(
+            "process",
+            &serde_json::json!({"process": {"exe": "/bin/sh", "pid": 7}}),
+        )
+        .unwrap();
+        assert_eq!(
+            render("{process.exe} ({process.pid}) {nope} {", |p| v
+                .get(p)
+                .map(text)),
+            "/bin/sh (7) {nope} {"
+        );
+    }
+}
