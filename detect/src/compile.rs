@@ -46,25 +46,73 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> CompileError {
     }
 }
 
-/// A check that runs before CEL: a conjunct of the condition that compares
-/// a string field with constants. All must hold for a match.
+/// A check that runs before CEL, lifted from the condition: a field
+/// compared with constants. Every prefilter of a rule must hold for a match.
 #[derive(Clone, Debug, PartialEq)]
 enum Prefilter {
-    OneOf(String, HashSet<String>),
+    /// A string field equal to one of `eq` or starting with one of `prefixes`.
+    Str {
+        path: String,
+        eq: HashSet<String>,
+        prefixes: Vec<String>,
+    },
+    /// A string field not equal to a constant.
     NotEq(String, String),
-    Prefix(String, String),
+    /// A number field equal to one of these.
+    Int(String, HashSet<i64>),
 }
 
 impl Prefilter {
     fn holds(&self, v: &View) -> bool {
-        let field = |p: &str| match v.get(p) {
-            Some(Value::String(s)) => s.clone(),
-            _ => Arc::new(String::new()),
-        };
         match self {
-            Self::OneOf(p, set) => set.contains(field(p).as_str()),
-            Self::NotEq(p, c) => field(p).as_str() != c,
-            Self::Prefix(p, c) => field(p).starts_with(c.as_str()),
+            Self::Str { path, eq, prefixes } => match v.get(path) {
+                Some(Value::String(s)) => {
+                    eq.contains(s.as_str()) || prefixes.iter().any(|p| s.starts_with(p.as_str()))
+                }
+                _ => false,
+            },
+            Self::NotEq(path, c) => match v.get(path) {
+                Some(Value::String(s)) => s.as_str() != c,
+                _ => true,
+            },
+            Self::Int(path, set) => match v.get(path) {
+                Some(Value::Int(n)) => set.contains(n),
+                _ => false,
+            },
+        }
+    }
+
+    fn path(&self) -> &str {
+        match self {
+            Self::Str { path, .. } | Self::NotEq(path, _) | Self::Int(path, _) => path,
+        }
+    }
+
+    /// The check that holds when either holds, where both test one field
+    /// the same way.
+    fn or(self, other: Self) -> Option<Self> {
+        match (self, other) {
+            (
+                Self::Str {
+                    path,
+                    mut eq,
+                    mut prefixes,
+                },
+                Self::Str {
+                    path: p2,
+                    eq: e2,
+                    prefixes: x2,
+                },
+            ) if path == p2 => {
+                eq.extend(e2);
+                prefixes.extend(x2);
+                Some(Self::Str { path, eq, prefixes })
+            }
+            (Self::Int(path, mut a), Self::Int(p2, b)) if path == p2 => {
+                a.extend(b);
+                Some(Self::Int(path, a))
+            }
+            _ => None,
         }
     }
 }
@@ -391,11 +439,16 @@ pub fn compile(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, Compi
     };
     checker.walk(program.expression())?;
     let mut prefilters = Vec::new();
-    let conjuncts = conjuncts(program.expression());
     let mut all_lifted = true;
-    for c in &conjuncts {
-        match lift(c, payload, &spec.lists) {
-            Some(p) => prefilters.push(p),
+    for c in conjuncts(program.expression()) {
+        if matches!(&c.expr, Expr::Literal(LiteralValue::Boolean(b)) if **b) {
+            continue;
+        }
+        match necessary(c, payload, &spec.lists).into_iter().next() {
+            Some((p, exact)) => {
+                prefilters.push(p);
+                all_lifted &= exact;
+            }
             None => all_lifted = false,
         }
     }
@@ -688,21 +741,106 @@ fn string_literal(e: &IdedExpr) -> Option<String> {
     }
 }
 
-/// A conjunct as a prefilter, when it compares a string field with
-/// constants: `f == 'x'`, `f != 'x'`, `f in lists.L`, `f in ['a', 'b']`,
-/// `f.startsWith('x')`.
+/// Checks that must hold for `e` to be true, each with whether it is
+/// exactly `e` (then `e` needs no CEL). An atom `f == 'x'`, `f != 'x'`,
+/// `f in lists.L`, `f in ['a', 'b']`, `f in [1, 2]`, `f == 3`,
+/// `f.startsWith('x')` is exact; a conjunction offers each conjunct's
+/// checks; a disjunction offers the union of one check per disjunct on the
+/// same field (`exe.startsWith('/a') || exe.startsWith('/b')`).
+fn necessary(
+    e: &IdedExpr,
+    payload: &str,
+    lists: &BTreeMap<String, Vec<String>>,
+) -> Vec<(Prefilter, bool)> {
+    let Expr::Call(c) = &e.expr else {
+        return Vec::new();
+    };
+    if c.target.is_none() && c.func_name == "_&&_" {
+        let parts = conjuncts(e);
+        let single = parts.len() == 1;
+        return parts
+            .into_iter()
+            .flat_map(|x| necessary(x, payload, lists))
+            .map(|(p, exact)| (p, exact && single))
+            .collect();
+    }
+    if c.target.is_none() && c.func_name == "_||_" {
+        let options: Vec<Vec<(Prefilter, bool)>> = disjuncts(e)
+            .into_iter()
+            .map(|x| necessary(x, payload, lists))
+            .collect();
+        let Some(first) = options.first() else {
+            return Vec::new();
+        };
+        // A field every disjunct checks; the union of those checks.
+        for (seed, _) in first {
+            let mut merged: Option<(Prefilter, bool)> = None;
+            for opts in &options {
+                let Some((p, exact)) = opts.iter().find(|(p, _)| p.path() == seed.path()) else {
+                    merged = None;
+                    break;
+                };
+                merged = match merged {
+                    None => Some((p.clone(), *exact)),
+                    Some((m, ex)) => m.or(p.clone()).map(|u| (u, ex && *exact)),
+                };
+                if merged.is_none() {
+                    break;
+                }
+            }
+            if let Some(m) = merged {
+                return vec![m];
+            }
+        }
+        return Vec::new();
+    }
+    lift(e, payload, lists)
+        .map(|p| vec![(p, true)])
+        .unwrap_or_default()
+}
+
+/// The disjuncts of an `||`.
+fn disjuncts(e: &IdedExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        Expr::Call(c) if c.func_name == "_||_" && c.target.is_none() => {
+            c.args.iter().flat_map(disjuncts).collect()
+        }
+        _ => vec![e],
+    }
+}
+
+fn int_literal(e: &IdedExpr) -> Option<i64> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::Int(n)) => Some(**n),
+        _ => None,
+    }
+}
+
+/// An atom as an exact prefilter.
 fn lift(e: &IdedExpr, payload: &str, lists: &BTreeMap<String, Vec<String>>) -> Option<Prefilter> {
     let Expr::Call(c) = &e.expr else { return None };
-    let string_field =
-        |x: &IdedExpr| select_path(x).filter(|p| field_type(payload, p) == Some(Ty::Str));
+    let field_of =
+        |x: &IdedExpr, ty: Ty| select_path(x).filter(|p| field_type(payload, p) == Some(ty));
+    let string_field = |x: &IdedExpr| field_of(x, Ty::Str);
+    let int_field = |x: &IdedExpr| field_of(x, Ty::Int);
+    let one = |path: String, lit: String| Prefilter::Str {
+        path,
+        eq: HashSet::from([lit]),
+        prefixes: Vec::new(),
+    };
     match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
         ("_==_", None, [a, b]) => {
-            let (f, lit) = match (string_field(a), string_field(b)) {
-                (Some(f), _) => (f, string_literal(b)?),
-                (None, Some(f)) => (f, string_literal(a)?),
-                _ => return None,
-            };
-            Some(Prefilter::OneOf(f, HashSet::from([lit])))
+            if let (Some(f), Some(n)) = (int_field(a), int_literal(b)) {
+                return Some(Prefilter::Int(f, HashSet::from([n])));
+            }
+            if let (Some(f), Some(n)) = (int_field(b), int_literal(a)) {
+                return Some(Prefilter::Int(f, HashSet::from([n])));
+            }
+            match (string_field(a), string_field(b)) {
+                (Some(f), _) => Some(one(f, string_literal(b)?)),
+                (None, Some(f)) => Some(one(f, string_literal(a)?)),
+                _ => None,
+            }
         }
         ("_!=_", None, [a, b]) => {
             let (f, lit) = match (string_field(a), string_field(b)) {
@@ -713,8 +851,13 @@ fn lift(e: &IdedExpr, payload: &str, lists: &BTreeMap<String, Vec<String>>) -> O
             Some(Prefilter::NotEq(f, lit))
         }
         ("@in", None, [a, b]) => {
+            if let Some(f) = int_field(a) {
+                let Expr::List(l) = &b.expr else { return None };
+                let set = l.elements.iter().map(int_literal).collect::<Option<_>>()?;
+                return Some(Prefilter::Int(f, set));
+            }
             let f = string_field(a)?;
-            let set: HashSet<String> = match &b.expr {
+            let eq: HashSet<String> = match &b.expr {
                 Expr::List(l) => l
                     .elements
                     .iter()
@@ -726,11 +869,17 @@ fn lift(e: &IdedExpr, payload: &str, lists: &BTreeMap<String, Vec<String>>) -> O
                     lists.get(name)?.iter().cloned().collect()
                 }
             };
-            Some(Prefilter::OneOf(f, set))
+            Some(Prefilter::Str {
+                path: f,
+                eq,
+                prefixes: Vec::new(),
+            })
         }
-        ("startsWith", Some(t), [arg]) => {
-            Some(Prefilter::Prefix(string_field(t)?, string_literal(arg)?))
-        }
+        ("startsWith", Some(t), [arg]) => Some(Prefilter::Str {
+            path: string_field(t)?,
+            eq: HashSet::new(),
+            prefixes: vec![string_literal(arg)?],
+        }),
         _ => None,
     }
 }
@@ -794,7 +943,8 @@ pub struct TestOutcome {
 
 /// Runs a compiled rule's inline tests (from `doc`): each on a fresh
 /// engine holding only this rule, in alert mode. Test events without
-/// `event.storedAt` are stored one second apart.
+/// `event.storedAt` are stored one second apart; without `event.kind`
+/// they have the first of the rule's `match.kinds`.
 pub fn run_tests(doc: &RuleDocument, rule: &Arc<CompiledRule>, env: &Arc<Env>) -> Vec<TestOutcome> {
     doc.spec
         .tests
@@ -831,6 +981,12 @@ pub fn run_tests(doc: &RuleDocument, rule: &Arc<CompiledRule>, env: &Arc<Env>) -
             for (m, mut v) in views.into_iter().enumerate() {
                 if v.stored_at() == 0 {
                     v.set_stored_at(T0 + m as i64 * 1_000_000_000);
+                }
+                if let (Some(Value::String(k)), Some(first)) = (v.get("event.kind"), rule.kinds.first())
+                    && k.is_empty()
+                {
+                    let first = first.clone();
+                    v.set_kind(&first);
                 }
                 for d in engine.evaluate_view(&v, m as u64 + 1) {
                     match d {
@@ -945,6 +1101,70 @@ mod tests {
         .unwrap();
         assert_eq!(r.prefilters.len(), 1);
         assert!(r.program.is_some());
+        // A disjunction over one field becomes one check; the rest of a
+        // disjunct still needs CEL.
+        let r = compile(
+            &doc("match: {event: process}\ncondition: \"process.exe.startsWith('/dev/shm/') || (process.containerId != '' && process.exe.startsWith('/tmp/'))\"\nsummary: s"),
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.prefilters,
+            vec![Prefilter::Str {
+                path: "process.exe".into(),
+                eq: HashSet::new(),
+                prefixes: vec!["/dev/shm/".into(), "/tmp/".into()]
+            }]
+        );
+        assert!(r.program.is_some());
+        let r = compile(
+            &doc("match: {event: flow}\ncondition: \"(flow.proto == 'tcp' || flow.proto == 'udp') && flow.dstPort in [22, 23] && true\"\nsummary: s"),
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(r.prefilters.len(), 2);
+        assert!(r.program.is_none(), "exact: {:?}", r.prefilters);
+        let v = |proto: &str, port: i64| {
+            View::from_json(
+                "flow",
+                &serde_json::json!({"flow": {"proto": proto, "dstPort": port}}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            r.precheck(&v("udp", 22), "", ""),
+            Some(Eval::Match { cel: false })
+        );
+        assert_eq!(r.precheck(&v("icmp", 22), "", ""), Some(Eval::Skipped));
+        assert_eq!(r.precheck(&v("tcp", 80), "", ""), Some(Eval::Skipped));
+    }
+
+    #[test]
+    fn the_starter_rules_compile_and_pass_their_tests() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/rules");
+        let env = env();
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for doc in parse_rule_file(&path.display().to_string(), &text).unwrap() {
+                let rule = Arc::new(
+                    compile(&doc, &env).unwrap_or_else(|e| panic!("{}: {e}", doc.metadata.name)),
+                );
+                assert!(!doc.spec.tests.is_empty(), "{} has no tests", rule.name);
+                assert!(
+                    doc.spec.labels.contains_key("mitre"),
+                    "{} has no MITRE tag",
+                    rule.name
+                );
+                for t in run_tests(&doc, &rule, &env) {
+                    assert!(t.passed, "{} / {}: {}", rule.name, t.name, t.message);
+                }
+                names.push(rule.name.clone());
+            }
+        }
+        names.sort();
+        assert_eq!(names.len(), 13, "{names:?}");
     }
 
     #[test]

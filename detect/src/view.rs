@@ -564,8 +564,17 @@ impl View {
 
     /// Sets `event.storedAt` (test events stored one after another).
     pub fn set_stored_at(&mut self, t: i64) {
+        self.set_event_field("storedAt", Value::Int(t));
+    }
+
+    /// Sets `event.kind` (a test event that leaves it out).
+    pub fn set_kind(&mut self, kind: &str) {
+        self.set_event_field("kind", s(kind));
+    }
+
+    fn set_event_field(&mut self, name: &str, v: Value) {
         if let Value::Map(m) = &mut self.event {
-            Arc::make_mut(&mut m.map).insert(Key::from("storedAt"), Value::Int(t));
+            Arc::make_mut(&mut m.map).insert(Key::from(name), v);
         }
     }
 
@@ -616,6 +625,18 @@ pub fn text(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::List(items) => items.iter().map(text).collect::<Vec<_>>().join(" "),
         Value::Null => String::new(),
+        Value::Map(m) => {
+            let mut kv: Vec<(String, String)> = m
+                .map
+                .iter()
+                .map(|(k, v)| (k.to_string(), text(v)))
+                .collect();
+            kv.sort();
+            kv.into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
         other => format!("{other:?}"),
     }
 }

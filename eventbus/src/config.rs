@@ -133,6 +133,32 @@ pub struct BusConfigFile {
     pub export: Option<ExportFile>,
     /// `sharding`: The `sharding:` section; one unsharded bus when absent.
     pub sharding: Option<ShardingFile>,
+    /// `detection`: The `detection:` section; no rules run when absent.
+    pub detection: Option<DetectionFile>,
+}
+
+/// The `detection:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DetectionFile {
+    /// `rulesDir`: a directory of rule files (`*.yaml`, `*.yml`), re-read on change.
+    pub rules_dir: Option<PathBuf>,
+    /// `reloadInterval`: how often the directory is checked for changes (`2s`).
+    pub reload_interval: Option<String>,
+    /// `ruleBudget`: mean CEL time per evaluated event above which a rule
+    /// is reported Degraded (`50us`).
+    pub rule_budget: Option<String>,
+}
+
+/// Detection rules the bus evaluates on what it stores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetectionConfig {
+    /// The rule files' directory.
+    pub rules_dir: PathBuf,
+    /// How often it is checked for changes.
+    pub reload_interval: Duration,
+    /// Mean CEL time per evaluated event above which a rule is Degraded.
+    pub rule_budget: Duration,
 }
 
 /// The `sharding:` section.
@@ -483,6 +509,8 @@ pub struct BusConfig {
     pub export_nats: Option<NatsExportConfig>,
     /// The `sharding:` section: one unsharded bus by default.
     pub sharding: ShardingConfig,
+    /// The `detection:` section; no rules run when absent.
+    pub detection: Option<DetectionConfig>,
 }
 
 impl BusConfig {
@@ -515,6 +543,7 @@ impl BusConfig {
             backup: None,
             export_nats: None,
             sharding: ShardingConfig::default(),
+            detection: None,
         }
     }
 }
@@ -571,6 +600,10 @@ pub struct BusOverrides {
     /// The shard map file (epoch, active, peers), re-read when it changes.
     #[arg(long)]
     pub shard_map: Option<PathBuf>,
+    /// Evaluate the detection rules in this directory (YAML rule files,
+    /// re-read when they change) on every stored event.
+    #[arg(long)]
+    pub rules_dir: Option<PathBuf>,
 }
 
 /// Reads and parses the config file at `path`; the error names the file.
@@ -701,6 +734,7 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
         .map(resolve_nats_export)
         .transpose()?;
     c.sharding = resolve_sharding(file.sharding, flags.shard_index, flags.shard_map)?;
+    c.detection = resolve_detection(flags.rules_dir, file.detection)?;
     if let Some(v) = file.log_format
         && v != "text"
         && v != "json"
@@ -708,6 +742,38 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
         return Err(invalid("logFormat", format!("{v:?} is not text or json")));
     }
     Ok(c)
+}
+
+fn resolve_detection(
+    flag_dir: Option<PathBuf>,
+    file: Option<DetectionFile>,
+) -> Result<Option<DetectionConfig>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let Some(rules_dir) = flag_dir.or(file.rules_dir) else {
+        if file.reload_interval.is_some() || file.rule_budget.is_some() {
+            return Err(invalid(
+                "detection.rulesDir",
+                "required when the detection section is given (or flag --rules-dir)",
+            ));
+        }
+        return Ok(None);
+    };
+    let reload_interval = match file.reload_interval {
+        Some(v) => parse_duration("detection.reloadInterval", &v)?,
+        None => Duration::from_secs(2),
+    };
+    if reload_interval < Duration::from_millis(50) {
+        return Err(invalid("detection.reloadInterval", "must be at least 50ms"));
+    }
+    let rule_budget = match file.rule_budget {
+        Some(v) => parse_duration("detection.ruleBudget", &v)?,
+        None => Duration::from_micros(50),
+    };
+    Ok(Some(DetectionConfig {
+        rules_dir,
+        reload_interval,
+        rule_budget,
+    }))
 }
 
 fn resolve_backup(
@@ -822,6 +888,47 @@ mod tests {
         }
         let typo = serde_saphyr::from_str::<BusConfigFile>("export:\n  nats:\n    urls: n\n");
         assert!(typo.unwrap_err().to_string().contains("urls"));
+    }
+
+    #[test]
+    fn the_detection_section_is_checked_key_by_key() {
+        let parse = |yaml: &str| resolve(serde_saphyr::from_str(yaml).unwrap(), base());
+        let c = parse("detection:\n  rulesDir: /r\n")
+            .unwrap()
+            .detection
+            .unwrap();
+        assert_eq!(
+            (c.rules_dir, c.reload_interval, c.rule_budget),
+            (
+                PathBuf::from("/r"),
+                Duration::from_secs(2),
+                Duration::from_micros(50)
+            )
+        );
+        assert!(parse("").unwrap().detection.is_none());
+        for (yaml, key) in [
+            ("detection:\n  reloadInterval: 1s\n", "detection.rulesDir:"),
+            (
+                "detection:\n  rulesDir: /r\n  reloadInterval: 1ms\n",
+                "detection.reloadInterval:",
+            ),
+            (
+                "detection:\n  rulesDir: /r\n  ruleBudget: lots\n",
+                "detection.ruleBudget:",
+            ),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{yaml}: {e}");
+        }
+        let flag = resolve(
+            BusConfigFile::default(),
+            BusOverrides {
+                rules_dir: Some("/f".into()),
+                ..base()
+            },
+        )
+        .unwrap();
+        assert_eq!(flag.detection.unwrap().rules_dir, PathBuf::from("/f"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod backup;
 pub mod bench;
 pub mod config;
 mod dashboard;
+mod detect;
 mod export;
 mod fanout;
 mod filter;

@@ -30,6 +30,23 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleSeverityLabel {
+    pub rule: String,
+    pub severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleReasonLabel {
+    pub rule: String,
+    pub reason: String,
+}
+
 /// Distinct collector names kept apart in metrics; the rest count as "other",
 /// so a misbehaving agent cannot grow the series without bound.
 pub const MAX_COLLECTOR_LABELS: usize = 64;
@@ -89,6 +106,19 @@ pub struct BusMetrics {
     pub shard_moved_out: Counter,
     pub shard_move_unverified: Counter,
     pub shard_peer_errors: Family<ReasonLabel, Counter>,
+    pub detect_rules_loaded: Gauge,
+    pub detect_rules_failed: Gauge,
+    pub detect_rule_reloads: Counter,
+    pub detect_events: Counter,
+    pub detect_events_without_cel: Counter,
+    pub detect_matches: Family<RuleSeverityLabel, Counter>,
+    pub detect_suppressed: Family<RuleReasonLabel, Counter>,
+    pub detect_eval_seconds: Family<RuleLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub detect_errors: Family<RuleLabel, Counter>,
+    pub detect_rule_degraded: Family<RuleLabel, Gauge>,
+    pub detect_alerts: Counter,
+    pub detect_lag_events: Gauge,
+    pub detect_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl BusMetrics {
@@ -140,6 +170,19 @@ impl BusMetrics {
             export_lag_events: Gauge::default(),
             export_lag_seconds: Gauge::default(),
             export_ready: Gauge::default(),
+            detect_rules_loaded: Gauge::default(),
+            detect_rules_failed: Gauge::default(),
+            detect_rule_reloads: Counter::default(),
+            detect_events: Counter::default(),
+            detect_events_without_cel: Counter::default(),
+            detect_matches: Family::default(),
+            detect_suppressed: Family::default(),
+            detect_eval_seconds: Family::default(),
+            detect_errors: Family::default(),
+            detect_rule_degraded: Family::default(),
+            detect_alerts: Counter::default(),
+            detect_lag_events: Gauge::default(),
+            detect_lag_seconds: Gauge::default(),
             shard_index: Gauge::default(),
             shard_epoch: Gauge::default(),
             shard_active: Gauge::default(),
@@ -402,6 +445,71 @@ impl BusMetrics {
             "shard_peer_errors",
             "Calls to peer shards that failed, by reason (connect, rpc, timeout)",
             m.shard_peer_errors.clone(),
+        );
+        registry.register(
+            "detect_rules_loaded",
+            "Detection rules loaded and evaluating",
+            m.detect_rules_loaded.clone(),
+        );
+        registry.register(
+            "detect_rules_failed",
+            "Detection rules not loaded: they did not compile or failed an inline test",
+            m.detect_rules_failed.clone(),
+        );
+        registry.register(
+            "detect_rule_reloads",
+            "Times the rule set was read again and swapped in",
+            m.detect_rule_reloads.clone(),
+        );
+        registry.register(
+            "detect_events",
+            "Stored events the detector evaluated",
+            m.detect_events.clone(),
+        );
+        registry.register(
+            "detect_events_without_cel",
+            "Evaluated events for which no rule ran CEL (kind, scope or a prefilter decided)",
+            m.detect_events_without_cel.clone(),
+        );
+        registry.register(
+            "detect_matches",
+            "Rule matches, by rule and severity (before dedup and thresholds)",
+            m.detect_matches.clone(),
+        );
+        registry.register(
+            "detect_suppressed",
+            "Matches that did not become a new alert, by rule and reason (dedup: counted in the open alert)",
+            m.detect_suppressed.clone(),
+        );
+        registry.register(
+            "detect_eval_seconds",
+            "Time spent in each rule's CEL condition",
+            m.detect_eval_seconds.clone(),
+        );
+        registry.register(
+            "detect_errors",
+            "Events on which a rule's condition failed to evaluate, by rule",
+            m.detect_errors.clone(),
+        );
+        registry.register(
+            "detect_rule_degraded",
+            "1 while a rule's mean CEL time per event is over detection.ruleBudget (it still runs)",
+            m.detect_rule_degraded.clone(),
+        );
+        registry.register(
+            "detect_alerts",
+            "Alert events the detector wrote (new alerts and window updates)",
+            m.detect_alerts.clone(),
+        );
+        registry.register(
+            "detect_lag_events",
+            "Stored events the detector has not evaluated yet",
+            m.detect_lag_events.clone(),
+        );
+        registry.register(
+            "detect_lag_seconds",
+            "Age of the oldest stored event the detector has not evaluated",
+            m.detect_lag_seconds.clone(),
         );
         Self { registry, ..m }
     }

@@ -210,6 +210,11 @@ impl Registry {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
+            // The bus's own writers (the detector) are not agents.
+            .filter(|r| {
+                !r.agent_id
+                    .starts_with(amoskys_detect::RESERVED_AGENT_PREFIX)
+            })
             .map(|r| AgentRecord {
                 connected: live.contains_key(&r.agent_id),
                 ..r.clone()

@@ -212,6 +212,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         backups: backups.as_ref().map(|(b, _)| b.clone()),
         shards: shards.clone(),
         export_error: std::sync::Mutex::new(None),
+        rule_statuses: std::sync::Mutex::new(Vec::new()),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());
@@ -224,9 +225,16 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
             .store
             .export_cursor()?
             .unwrap_or_else(|| state.store.first_offset());
-        state.store.hold_retention(from);
+        state.store.hold_retention(crate::store::Hold::Export, from);
         crate::export::spawn(state.clone(), export);
     }
+    let detector = match state.cfg.detection.clone() {
+        Some(detection) => Some(
+            crate::detect::spawn(state.clone(), detection)
+                .map_err(|e| BusError::Other(format!("starting the detector: {e}")))?,
+        ),
+        None => None,
+    };
     spawn_retention(state.clone());
     if let (Some((_, newest)), Some(every)) =
         (&backups, cfg.backup.as_ref().and_then(|b| b.interval))
@@ -263,6 +271,14 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
             }
         };
         health.serving.store(false, Ordering::SeqCst);
+        // The detector saves its cursor, and may wait on the writer for its
+        // last alerts: it stops before the writer and the store.
+        if let Some(d) = detector {
+            let joined = tokio::task::spawn_blocking(move || d.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                error!("the detector thread did not exit cleanly");
+            }
+        }
         drop(state);
         let _ = writer_tx.send(WriterMsg::Stop).await;
         drop(writer_tx);

@@ -65,6 +65,8 @@ pub struct BusState {
     /// Why the export's last session ended (reason, message); None while it
     /// runs or when there is no export.
     pub export_error: std::sync::Mutex<Option<(String, String)>>,
+    /// Each detection rule as last loaded (empty without detection).
+    pub rule_statuses: std::sync::Mutex<Vec<crate::detect::RuleStatus>>,
 }
 
 /// Where a Publish stream goes.
@@ -175,6 +177,15 @@ pub(crate) fn validate_hello(h: &Hello) -> Result<(), Status> {
         return Err(Status::invalid_argument(
             "hello.agent_id: at most 253 printable characters",
         ));
+    }
+    if h.agent_id
+        .starts_with(amoskys_detect::RESERVED_AGENT_PREFIX)
+    {
+        return Err(Status::invalid_argument(format!(
+            "hello.agent_id: {:?}: ids starting with {:?} are the bus's own",
+            h.agent_id,
+            amoskys_detect::RESERVED_AGENT_PREFIX
+        )));
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ const KEY_FIRST: &[u8] = b"first_offset";
 const KEY_FORMAT: &[u8] = b"format";
 /// The next offset the NATS export has not had acked.
 const KEY_EXPORT_NATS: &[u8] = b"export_cursor.nats";
+const KEY_DETECT: &[u8] = b"detect.state";
 /// The layout this build writes: record blocks.
 const FORMAT: u64 = 2;
 
@@ -146,6 +147,15 @@ pub struct RetentionReport {
 /// Default memtable size; the bus holds up to three per column family.
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 32 * 1024 * 1024;
 
+/// Readers that hold age retention at their cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The NATS export.
+    Export = 0,
+    /// The detector.
+    Detect = 1,
+}
+
 pub struct Store {
     path: PathBuf,
     write_buffer_bytes: usize,
@@ -156,7 +166,10 @@ pub struct Store {
     batch_bytes_per_event: AtomicUsize,
     /// Age retention keeps the block holding this offset and all after it
     /// (an export's cursor); 0 holds nothing.
-    retention_hold: AtomicU64,
+    /// Where each reader of the store that must see every event (the
+    /// export, the detector) is; age retention keeps everything from the
+    /// lowest (0: no hold).
+    retention_holds: [AtomicU64; 2],
 }
 
 fn db_options(write_buffer_bytes: usize, direct_io: bool) -> Options {
@@ -248,7 +261,7 @@ impl Store {
             next_offset: AtomicU64::new(1),
             first_offset: AtomicU64::new(1),
             batch_bytes_per_event: AtomicUsize::new(256),
-            retention_hold: AtomicU64::new(0),
+            retention_holds: [AtomicU64::new(0), AtomicU64::new(0)],
         };
         s.reopen()?;
         Ok(s)
@@ -703,10 +716,16 @@ impl Store {
         let mut report = RetentionReport::default();
         let cutoff = now_ns.saturating_sub(max_age.as_nanos().min(i64::MAX as u128) as i64);
         let mut age_cut = self.block_start(self.offset_at_time(cutoff)?)?;
-        let hold = self.retention_hold.load(Ordering::SeqCst);
+        let hold = self
+            .retention_holds
+            .iter()
+            .map(|h| h.load(Ordering::SeqCst))
+            .filter(|&h| h > 0)
+            .min()
+            .unwrap_or(0);
         if hold > 0 {
-            // What the export has not had acked stays, however old; only the
-            // size cap below may cut into it.
+            // What the export has not had acked, or the detector not
+            // evaluated, stays, however old; only the size cap may cut into it.
             age_cut = age_cut.min(self.block_start(hold)?);
         }
         let first = self.first_offset();
@@ -777,16 +796,34 @@ impl Store {
     /// synced: a cursor lost in a crash only makes the export send again
     /// what the stream's duplicate window drops.
     pub fn set_export_cursor(&self, next: u64) -> Result<(), StoreError> {
-        self.hold_retention(next);
+        self.hold_retention(Hold::Export, next);
         let db = self.db()?;
         let meta = cf(&db, CF_META)?;
         db.put_cf(meta, KEY_EXPORT_NATS, be(next))
             .map_err(|e| self.rocks(e))
     }
 
-    /// Keeps `from` and everything after it from age retention.
-    pub fn hold_retention(&self, from: u64) {
-        self.retention_hold.store(from.max(1), Ordering::SeqCst);
+    /// Keeps `from` and everything after it from age retention, for `who`.
+    pub fn hold_retention(&self, who: Hold, from: u64) {
+        self.retention_holds[who as usize].store(from.max(1), Ordering::SeqCst);
+    }
+
+    /// The detector's saved state (its cursor inside); None before its first save.
+    pub fn detect_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        db.get_cf(meta, KEY_DETECT).map_err(|e| self.rocks(e))
+    }
+
+    /// Saves the detector's state and holds age retention at `cursor`. Not
+    /// synced: a state lost in a crash makes the detector evaluate again
+    /// events whose alerts the writer then drops as already stored.
+    pub fn set_detect_state(&self, cursor: u64, state: &[u8]) -> Result<(), StoreError> {
+        self.hold_retention(Hold::Detect, cursor);
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        db.put_cf(meta, KEY_DETECT, state)
+            .map_err(|e| self.rocks(e))
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -931,7 +968,7 @@ mod tests {
             Some(8),
             "the cursor survives a restart"
         );
-        s.hold_retention(8);
+        s.hold_retention(Hold::Export, 8);
         let r = s
             .enforce_retention(1_000 * sec, std::time::Duration::from_secs(10), 1)
             .unwrap();

@@ -1,0 +1,579 @@
+//! The detector: evaluates every event this shard stores against the
+//! detection rules and writes alerts into the same store.
+//!
+//! It follows committed groups as the live tail does (the writer's
+//! broadcast, the store when it falls behind) from its own cursor, kept in
+//! the store with the engine's windows, so a restart resumes where it
+//! stopped and no stored event goes unevaluated. Its alerts go through the
+//! writer like an agent's batches, under a reserved agent id and seqs
+//! derived from the source offsets: evaluating events again after a crash
+//! produces alerts the writer already holds, and drops. The cursor moves
+//! only past events whose alerts are durable. It runs on a thread of its
+//! own and never holds ingest up: when it cannot keep up it lags, and says
+//! so in `detect_lag_events`.
+//!
+//! Rules come from a directory of YAML rule files, re-read when a file
+//! changes and swapped in whole; a rule that does not compile or fails one
+//! of its inline tests is not loaded (logged with the position, counted),
+//! and the others keep working.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use amoskys_detect::{
+    CompiledRule, Decision, DetectState, Engine, RuleSet, TestOutcome, compile, detector_agent_id,
+    parse_rule_file, run_tests,
+};
+use amoskys_proto::Event;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot};
+use tracing::{info, warn};
+
+use crate::config::DetectionConfig;
+use crate::metrics::{RuleLabel, RuleReasonLabel, RuleSeverityLabel};
+use crate::service::BusState;
+use crate::writer::{WriteRequest, WriterMsg, now_ns};
+
+/// Events read from the store at a time while catching up.
+const READ: usize = 1024;
+/// How often the cursor and windows are saved, and metrics brought up to date.
+const CHECKPOINT: Duration = Duration::from_secs(1);
+/// How often the engine's figures are carried into the metrics.
+const STATS: Duration = Duration::from_millis(100);
+/// How long the detector waits for a new group before it looks again.
+const IDLE: Duration = Duration::from_millis(100);
+/// CEL runs a rule needs before its mean cost is judged against the budget.
+const BUDGET_MIN_RUNS: u64 = 100;
+
+/// One rule as loaded (or not) from the rules directory.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleStatus {
+    /// `NAME` or `NAMESPACE/NAME`; the file for a file that did not parse.
+    pub name: String,
+    /// The file it came from.
+    pub file: String,
+    /// Compiled, tests passed, and evaluating.
+    pub loaded: bool,
+    /// Why it is not loaded (a compile error with its position, or the
+    /// failed tests); empty when loaded.
+    pub error: String,
+    /// Inline tests run and how many passed.
+    pub tests: usize,
+    /// Of those, passed.
+    pub tests_passed: usize,
+}
+
+/// What is saved in the store: where to resume, and the engine's windows.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    cursor: u64,
+    state: DetectState,
+}
+
+/// Rule files in `dir`: `*.yaml` and `*.yml`, by name.
+fn rule_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A stamp of the directory's rule files; a change means a reload.
+fn stamp(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    rule_files(dir)
+        .into_iter()
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+        })
+        .collect()
+}
+
+/// Reads, compiles and tests every rule in `dir`. Only rules that compiled
+/// and passed all their tests are in the set; every rule has a status.
+pub fn load_rules(dir: &Path) -> (RuleSet, Vec<RuleStatus>) {
+    let env = amoskys_detect::compile::env();
+    let mut loaded: Vec<Arc<CompiledRule>> = Vec::new();
+    let mut statuses = Vec::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    if !dir.is_dir() {
+        statuses.push(RuleStatus {
+            name: dir.display().to_string(),
+            file: dir.display().to_string(),
+            loaded: false,
+            error: "detection.rulesDir: not a directory".into(),
+            tests: 0,
+            tests_passed: 0,
+        });
+    }
+    for path in rule_files(dir) {
+        let file = path.display().to_string();
+        let docs = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{file}: {e}"))
+            .and_then(|text| parse_rule_file(&file, &text).map_err(|e| e.to_string()));
+        let docs = match docs {
+            Ok(d) => d,
+            Err(error) => {
+                statuses.push(RuleStatus {
+                    name: file.clone(),
+                    file,
+                    loaded: false,
+                    error,
+                    tests: 0,
+                    tests_passed: 0,
+                });
+                continue;
+            }
+        };
+        for doc in docs {
+            let name = doc.qualified_name();
+            let mut status = RuleStatus {
+                name: name.clone(),
+                file: file.clone(),
+                loaded: false,
+                error: String::new(),
+                tests: doc.spec.tests.len(),
+                tests_passed: 0,
+            };
+            if let Some(first) = seen.get(&name) {
+                status.error = format!("a rule named {name} is already loaded from {first}");
+                statuses.push(status);
+                continue;
+            }
+            match compile(&doc, &env) {
+                Err(e) => status.error = e.to_string(),
+                Ok(rule) => {
+                    let rule = Arc::new(rule);
+                    let outcomes = run_tests(&doc, &rule, &env);
+                    status.tests_passed = outcomes.iter().filter(|o| o.passed).count();
+                    let failed: Vec<&TestOutcome> = outcomes.iter().filter(|o| !o.passed).collect();
+                    if failed.is_empty() {
+                        status.loaded = true;
+                        seen.insert(name, file.clone());
+                        loaded.push(rule);
+                    } else {
+                        status.error = failed
+                            .iter()
+                            .map(|o| format!("test {:?}: {}", o.name, o.message))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                    }
+                }
+            }
+            statuses.push(status);
+        }
+    }
+    (RuleSet::new(loaded, env), statuses)
+}
+
+/// Counter values last carried into the metrics, per rule.
+#[derive(Default)]
+struct Reported {
+    rules: HashMap<String, amoskys_detect::RuleStats>,
+    events: u64,
+    without_cel: u64,
+}
+
+/// Loads the rules and the saved cursor, then runs the detector on a
+/// thread of its own until the bus stops; join it before closing the store.
+pub fn spawn(
+    state: Arc<BusState>,
+    cfg: DetectionConfig,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::current();
+    // Subscribe before reading the cursor so no group falls in between.
+    let live = state.tail.subscribe();
+    let detector = Detector::start(state, cfg, handle, live);
+    std::thread::Builder::new()
+        .name("amoskys-detect".into())
+        .spawn(move || detector.run())
+}
+
+struct Detector {
+    state: Arc<BusState>,
+    cfg: DetectionConfig,
+    rt: tokio::runtime::Handle,
+    live: broadcast::Receiver<Arc<Vec<Event>>>,
+    engine: Engine,
+    cursor: u64,
+    stamp: Vec<(PathBuf, SystemTime, u64)>,
+    reported: Reported,
+    /// Stored time of the newest evaluated event.
+    newest: i64,
+    agent_id: String,
+}
+
+impl Detector {
+    fn start(
+        state: Arc<BusState>,
+        cfg: DetectionConfig,
+        rt: tokio::runtime::Handle,
+        live: broadcast::Receiver<Arc<Vec<Event>>>,
+    ) -> Self {
+        let saved = match state.store.detect_state() {
+            Ok(Some(bytes)) => match serde_json::from_slice::<Checkpoint>(&bytes) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // Unreadable state: resume from the oldest stored event
+                    // rather than skip any; alerts already written are
+                    // dropped by the writer as duplicates.
+                    warn!(error = %e, "the detector's saved state is unreadable; evaluating the store from its start");
+                    Some(Checkpoint::default())
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "cannot read the detector's saved state; evaluating the store from its start");
+                Some(Checkpoint::default())
+            }
+        };
+        // A detector's first start begins with what is stored from now on:
+        // rules apply from when they are turned on (`amoskys rules test
+        // --bus` looks back).
+        let fresh = saved.is_none();
+        let Checkpoint { cursor, state: s } = saved.unwrap_or(Checkpoint {
+            cursor: state.store.next_offset(),
+            state: DetectState::default(),
+        });
+        let cursor = cursor.max(state.store.first_offset());
+        state
+            .store
+            .hold_retention(crate::store::Hold::Detect, cursor);
+        let shard = state.shards.index;
+        let (set, statuses) = load_rules(&cfg.rules_dir);
+        let mut me = Self {
+            engine: Engine::new(Arc::new(RuleSet::default()), shard, s),
+            stamp: stamp(&cfg.rules_dir),
+            state,
+            cfg,
+            rt,
+            live,
+            cursor,
+            reported: Reported::default(),
+            newest: 0,
+            agent_id: detector_agent_id(shard),
+        };
+        me.install(set, statuses);
+        info!(
+            from = cursor,
+            fresh,
+            rules = me.engine.rules().rules.len(),
+            dir = %me.cfg.rules_dir.display(),
+            "detector started"
+        );
+        me
+    }
+
+    fn install(&mut self, set: RuleSet, statuses: Vec<RuleStatus>) {
+        let m = &self.state.metrics;
+        let failed = statuses.iter().filter(|s| !s.loaded).count();
+        for s in statuses.iter().filter(|s| !s.loaded) {
+            warn!(rule = %s.name, file = %s.file, error = %s.error, "detection rule not loaded");
+        }
+        m.detect_rules_loaded.set(set.rules.len() as i64);
+        m.detect_rules_failed.set(failed as i64);
+        self.engine.set_rules(Arc::new(set));
+        *self
+            .state
+            .rule_statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = statuses;
+    }
+
+    fn run(mut self) {
+        let mut last_checkpoint = Instant::now();
+        let mut last_reload = Instant::now();
+        let mut last_stats = Instant::now();
+        while !self.state.stop.is_cancelled() {
+            let more = match self.step() {
+                Ok(more) => more,
+                Err(Stop) => break,
+            };
+            if last_reload.elapsed() >= self.cfg.reload_interval {
+                last_reload = Instant::now();
+                self.reload_if_changed();
+            }
+            if last_checkpoint.elapsed() >= CHECKPOINT {
+                last_checkpoint = Instant::now();
+                self.checkpoint();
+            } else if last_stats.elapsed() >= STATS {
+                last_stats = Instant::now();
+                self.report_stats();
+            }
+            if !more {
+                self.wait_for_group();
+            }
+        }
+        self.checkpoint();
+        info!(cursor = self.cursor, "detector stopped");
+    }
+
+    fn reload_if_changed(&mut self) {
+        let now = stamp(&self.cfg.rules_dir);
+        if now == self.stamp {
+            return;
+        }
+        self.stamp = now;
+        let (set, statuses) = load_rules(&self.cfg.rules_dir);
+        info!(
+            rules = set.rules.len(),
+            failed = statuses.iter().filter(|s| !s.loaded).count(),
+            "detection rules reloaded"
+        );
+        self.state.metrics.detect_rule_reloads.inc();
+        self.install(set, statuses);
+    }
+
+    /// Waits for the writer's next group (or a short while).
+    fn wait_for_group(&mut self) {
+        let live = &mut self.live;
+        let got = self
+            .rt
+            .block_on(async { tokio::time::timeout(IDLE, live.recv()).await });
+        if let Ok(Ok(group)) = got {
+            // Evaluate it straight from memory when it is next in line;
+            // anything else is read from the store by the next step.
+            if group.first().is_some_and(|e| e.offset == self.cursor) {
+                let _ = self.evaluate(&group);
+            }
+        }
+    }
+
+    /// Evaluates what the store holds past the cursor, a part at a time;
+    /// true while there is more.
+    fn step(&mut self) -> Result<bool, Stop> {
+        // Drain groups already queued: those in line are evaluated from
+        // memory; a gap or a lag means reading the store.
+        loop {
+            match self.live.try_recv() {
+                Ok(group) => {
+                    let Some(first) = group.first() else { continue };
+                    if first.offset == self.cursor {
+                        self.evaluate(&group)?;
+                    } else if first.offset > self.cursor {
+                        break;
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => break,
+                Err(_) => break,
+            }
+        }
+        let next = self.state.store.next_offset();
+        if self.cursor >= next {
+            self.report_lag(next);
+            return Ok(false);
+        }
+        let from = self.cursor.max(self.state.store.first_offset());
+        if from > self.cursor {
+            // The size cap deleted events before they were evaluated.
+            warn!(
+                from = self.cursor,
+                to = from - 1,
+                "the size cap deleted events the detector had not evaluated"
+            );
+            self.cursor = from;
+        }
+        let events = match self.state.store.read_from(from, READ) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "the detector cannot read the store; retrying");
+                std::thread::sleep(IDLE);
+                return Ok(true);
+            }
+        };
+        self.evaluate(&events)?;
+        self.report_lag(next);
+        Ok(self.cursor < self.state.store.next_offset())
+    }
+
+    /// Evaluates `events` (offset order, starting at or before the cursor),
+    /// writes their alerts and waits until they are durable, then moves the
+    /// cursor past them.
+    fn evaluate(&mut self, events: &[Event]) -> Result<(), Stop> {
+        let mut alerts = Vec::new();
+        let mut last = None;
+        for e in events.iter().filter(|e| e.offset >= self.cursor) {
+            for d in self.engine.evaluate(e) {
+                match d {
+                    Decision::Alert(a) => alerts.push(*a),
+                    Decision::Suppressed { rule, reason } => {
+                        self.state
+                            .metrics
+                            .detect_suppressed
+                            .get_or_create(&RuleReasonLabel {
+                                rule,
+                                reason: reason.into(),
+                            })
+                            .inc();
+                    }
+                    Decision::DryRun { .. } | Decision::Error { .. } => {}
+                }
+            }
+            last = Some((e.offset, e.stored_at));
+        }
+        let Some((offset, stored_at)) = last else {
+            return Ok(());
+        };
+        if !alerts.is_empty() {
+            let n = alerts.len() as u64;
+            self.write(alerts)?;
+            self.state.metrics.detect_alerts.inc_by(n);
+        }
+        self.cursor = offset + 1;
+        self.newest = stored_at;
+        Ok(())
+    }
+
+    /// Hands alerts to the writer and waits until they are durable.
+    fn write(&self, events: Vec<Event>) -> Result<(), Stop> {
+        let (reply, done) = oneshot::channel();
+        let req = WriteRequest {
+            agent_id: self.agent_id.clone(),
+            incarnation: 0,
+            events,
+            reply,
+        };
+        let writer = self.state.writer.clone();
+        self.rt.block_on(async move {
+            writer.send(WriterMsg::Write(req)).await.map_err(|_| Stop)?;
+            // The writer answers once the group is durable; a bus that
+            // stops first leaves the cursor where it was.
+            done.await.map(|_| ()).map_err(|_| Stop)
+        })
+    }
+
+    fn report_lag(&self, next: u64) {
+        let m = &self.state.metrics;
+        let behind = next.saturating_sub(self.cursor);
+        m.detect_lag_events.set(behind as i64);
+        let age = if behind > 0 && self.newest > 0 {
+            (now_ns() - self.newest).max(0) as f64 / 1e9
+        } else {
+            0.0
+        };
+        m.detect_lag_seconds.set(age);
+    }
+
+    /// Saves cursor and windows, and carries the engine's figures into the metrics.
+    fn checkpoint(&mut self) {
+        let cp = Checkpoint {
+            cursor: self.cursor,
+            state: self.engine.state().clone(),
+        };
+        match serde_json::to_vec(&cp) {
+            Ok(bytes) => {
+                if let Err(e) = self.state.store.set_detect_state(self.cursor, &bytes) {
+                    warn!(error = %e, "cannot save the detector's cursor; it will evaluate again from the last one saved");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode the detector's state"),
+        }
+        self.report_stats();
+    }
+
+    fn report_stats(&mut self) {
+        let m = &self.state.metrics;
+        m.detect_events
+            .inc_by(self.engine.events_seen - self.reported.events);
+        m.detect_events_without_cel
+            .inc_by(self.engine.events_without_cel - self.reported.without_cel);
+        self.reported.events = self.engine.events_seen;
+        self.reported.without_cel = self.engine.events_without_cel;
+        let severities: BTreeMap<&str, &'static str> = self
+            .engine
+            .rules()
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), r.severity.as_str()))
+            .collect();
+        let budget = self.cfg.rule_budget.as_nanos() as u64;
+        for (rule, s) in self.engine.stats() {
+            let before = self.reported.rules.get(rule).cloned().unwrap_or_default();
+            let label = RuleLabel { rule: rule.clone() };
+            let severity = severities.get(rule.as_str()).copied().unwrap_or("unknown");
+            m.detect_matches
+                .get_or_create(&RuleSeverityLabel {
+                    rule: rule.clone(),
+                    severity: severity.into(),
+                })
+                .inc_by(s.matches - before.matches);
+            m.detect_errors
+                .get_or_create(&label)
+                .inc_by(s.errors - before.errors);
+            m.detect_eval_seconds
+                .get_or_create(&label)
+                .inc_by((s.cel_nanos - before.cel_nanos) as f64 / 1e9);
+            let degraded = s.cel_runs >= BUDGET_MIN_RUNS && s.cel_nanos / s.cel_runs > budget;
+            m.detect_rule_degraded
+                .get_or_create(&label)
+                .set(i64::from(degraded));
+            self.reported.rules.insert(rule.clone(), s.clone());
+        }
+    }
+}
+
+/// The bus is stopping: the writer is gone.
+struct Stop;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_that_fail_to_compile_or_test_are_reported_and_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\n";
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!(
+                "{head}metadata: {{name: good}}\nspec:\n  match: {{event: process}}\n  condition: \"process.name == 'sh'\"\n  summary: s\n  tests:\n  - {{name: sh, event: {{process: {{name: sh}}}}, expect: match}}\n---\n{head}metadata: {{name: typo}}\nspec:\n  match: {{event: process}}\n  condition: \"process.nam == 'sh'\"\n  summary: s\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.yml"),
+            format!(
+                "{head}metadata: {{name: wrong-test}}\nspec:\n  match: {{event: process}}\n  condition: \"process.name == 'sh'\"\n  summary: s\n  tests:\n  - {{name: bash is a shell, event: {{process: {{name: bash}}}}, expect: match}}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("c.yaml"), "kind: [").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a rule").unwrap();
+        let (set, statuses) = load_rules(dir.path());
+        assert_eq!(set.rules.len(), 1);
+        assert_eq!(set.rules[0].name, "good");
+        let by: HashMap<&str, &RuleStatus> =
+            statuses.iter().map(|s| (s.name.as_str(), s)).collect();
+        assert!(by["good"].loaded);
+        assert_eq!((by["good"].tests, by["good"].tests_passed), (1, 1));
+        assert!(
+            by["typo"]
+                .error
+                .contains("spec.condition (line 1, column 1): process.nam"),
+            "{}",
+            by["typo"].error
+        );
+        assert!(
+            by["wrong-test"].error.contains("bash is a shell")
+                && by["wrong-test"].error.contains("expected a match"),
+            "{}",
+            by["wrong-test"].error
+        );
+        let c = statuses
+            .iter()
+            .find(|s| s.file.ends_with("c.yaml"))
+            .unwrap();
+        assert!(!c.loaded && !c.error.is_empty());
+        assert_eq!(statuses.len(), 4, "notes.txt is not a rule file");
+    }
+}

@@ -1,0 +1,365 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
+//! The detector in a real bus (RocksDB on a temp dir, mTLS on loopback):
+//! the starter rules on published events, alerts that point at their
+//! source, dedup counts, a rule set swapped while the bus runs, and a rule
+//! that does not compile left out while the others work.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use amoskys_eventbus::config::DetectionConfig;
+use amoskys_proto::event::Payload;
+use amoskys_proto::{
+    Alert, Event, Filter, FlowEvent, K8sIdentity, ListAgentsRequest, ProcessEvent, QueryRequest,
+    Severity, process_event,
+};
+use common::*;
+
+fn starter_rules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rules")
+}
+
+fn start_process(
+    agent: &str,
+    seq: u64,
+    name: &str,
+    exe: &str,
+    container: &str,
+    args: &[&str],
+) -> Event {
+    Event {
+        agent_id: agent.into(),
+        seq,
+        collector: "process".into(),
+        observed_at: amoskys_eventbus::now_ns(),
+        severity: Severity::Info as i32,
+        payload: Some(Payload::Process(ProcessEvent {
+            kind: process_event::Kind::Start as i32,
+            pid: 1000 + seq as u32,
+            name: name.into(),
+            exe: exe.into(),
+            container_id: container.into(),
+            cmdline: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn flow(agent: &str, seq: u64, dst_port: u32) -> Event {
+    Event {
+        agent_id: agent.into(),
+        seq,
+        collector: "flow".into(),
+        observed_at: amoskys_eventbus::now_ns(),
+        severity: Severity::Info as i32,
+        payload: Some(Payload::Flow(FlowEvent {
+            src_ip: "10.9.9.9".into(),
+            dst_ip: "10.0.0.1".into(),
+            src_port: 40000 + dst_port,
+            dst_port,
+            protocol: 6,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Every alert the detector wrote, oldest first.
+async fn alerts(bus: &amoskys_eventbus::RunningBus, env: &Env) -> Vec<(Event, Alert)> {
+    let mut r = client(bus, &env.pki("reader")).await;
+    r.query(QueryRequest {
+        limit: 10_000,
+        filter: Some(Filter {
+            collectors: vec!["detect".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .filter_map(|e| match e.payload.clone() {
+        Some(Payload::Alert(a)) => Some((e, a)),
+        _ => None,
+    })
+    .collect()
+}
+
+async fn publish(bus: &amoskys_eventbus::RunningBus, env: &Env, agent: &str, events: Vec<Event>) {
+    let mut c = client(bus, &env.pki("agent")).await;
+    let mut p = c.publisher(hello(agent), 8).await.unwrap();
+    let last = events.last().unwrap().seq;
+    p.send(events).await.unwrap();
+    ack_until(&mut p, last).await;
+}
+
+fn config(env: &Env, rules: &Path) -> amoskys_eventbus::BusConfig {
+    let mut c = env.config();
+    c.detection = Some(DetectionConfig {
+        rules_dir: rules.to_path_buf(),
+        reload_interval: Duration::from_millis(100),
+        rule_budget: Duration::from_millis(1),
+    });
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
+    let env = Env::new();
+    let bus = amoskys_eventbus::start(config(&env, &starter_rules()))
+        .await
+        .unwrap();
+
+    let mut events = vec![
+        start_process("n1", 1, "bash", "/bin/bash", "c0ffee", &["bash", "-i"]),
+        // Same shell in the same container: a repeat, not a new alert.
+        start_process("n1", 2, "bash", "/bin/bash", "c0ffee", &["bash", "-i"]),
+        start_process("n1", 3, "bash", "/bin/bash", "c0ffee", &["bash"]),
+        // Not a container: no shell alert.
+        start_process("n1", 4, "sh", "/bin/sh", "", &["sh"]),
+        start_process(
+            "n1",
+            5,
+            "payload",
+            "/dev/shm/payload",
+            "",
+            &["/dev/shm/payload"],
+        ),
+        start_process(
+            "n1",
+            6,
+            "nc",
+            "/bin/nc",
+            "",
+            &["nc", "-l", "-p", "4444", "-e", "/bin/sh"],
+        ),
+        start_process("n1", 7, "ls", "/bin/ls", "c0ffee", &["ls"]),
+    ];
+    let mut seq = 7;
+    for port in 1..=30 {
+        seq += 1;
+        events.push(flow("n1", seq, port));
+    }
+    publish(&bus, &env, "n1", events).await;
+
+    eventually(Duration::from_secs(10), || async {
+        let a = alerts(&bus, &env).await;
+        (a.len() >= 4).then_some(a)
+    })
+    .await
+    .expect("alerts within 10 s");
+    // Let a late duplicate show if there were one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = alerts(&bus, &env).await;
+    let mut rules: Vec<&str> = got.iter().map(|(_, a)| a.rule.as_str()).collect();
+    rules.sort();
+    assert_eq!(
+        rules,
+        vec![
+            "exec-from-shm-or-tmp",
+            "netcat-remote-exec",
+            "port-scan",
+            "shell-in-container"
+        ],
+        "{got:#?}"
+    );
+
+    // Each alert names the event that caused it: shard + offset.
+    let stored = stored(&bus, &env).await;
+    for (e, a) in &got {
+        assert_eq!(e.agent_id, "amoskys:detect/0");
+        let src = stored.iter().find(|s| s.offset == a.source_offset).unwrap();
+        assert_eq!(src.agent_id, "n1");
+        assert_eq!(a.source_agent, "n1");
+        assert_eq!(a.count, if a.rule == "port-scan" { 30 } else { 1 });
+        match a.rule.as_str() {
+            "shell-in-container" => {
+                assert_eq!(src.seq, 1);
+                assert_eq!(e.labels["mitre"], "T1059.004");
+                assert!(
+                    a.summary
+                        .starts_with("shell /bin/bash in container c0ffee on node-1"),
+                    "{}",
+                    a.summary
+                );
+            }
+            "exec-from-shm-or-tmp" => assert_eq!(src.seq, 5),
+            "netcat-remote-exec" => assert_eq!(e.severity, Severity::Critical as i32),
+            "port-scan" => {
+                assert_eq!(a.kind, "threshold");
+                assert_eq!(src.seq, 37, "the flow that crossed the threshold");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    let text = http_get(bus.http_addr, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &text,
+            "amoskys_bus_detect_suppressed_total{rule=\"shell-in-container\",reason=\"dedup\"}"
+        ),
+        2.0
+    );
+    assert_eq!(metric(&text, "amoskys_bus_detect_rules_loaded"), 13.0);
+    assert_eq!(metric(&text, "amoskys_bus_detect_rules_failed"), 0.0);
+    assert!(metric(&text, "amoskys_bus_detect_events_total") >= 37.0);
+    assert!(metric(&text, "amoskys_bus_detect_events_without_cel_total") > 0.0);
+
+    // The detector is not an agent.
+    let mut admin = client(&bus, &env.pki("admin")).await;
+    let agents = admin
+        .admin
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let ids: Vec<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+    assert_eq!(ids, vec!["n1"]);
+    // And no agent may pose as it.
+    let mut c = client(&bus, &env.pki("agent")).await;
+    let err = c
+        .publisher(hello("amoskys:detect/0"), 8)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("the bus's own"), "{err}");
+
+    bus.shutdown().await.unwrap();
+
+    // After a restart nothing is evaluated twice and nothing is lost:
+    // the cursor resumes, and a new shell after it alerts.
+    let bus = amoskys_eventbus::start(config(&env, &starter_rules()))
+        .await
+        .unwrap();
+    publish(
+        &bus,
+        &env,
+        "n2",
+        vec![start_process("n2", 1, "zsh", "/bin/zsh", "beef", &["zsh"])],
+    )
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        let a = alerts(&bus, &env).await;
+        (a.len() >= 5).then_some(a)
+    })
+    .await
+    .expect("the new shell's alert");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = alerts(&bus, &env).await;
+    assert_eq!(after.len(), 5, "{after:#?}");
+    assert_eq!(after[4].1.source_agent, "n2");
+    bus.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_rule_is_left_out_and_a_changed_rule_set_is_live_without_a_restart() {
+    let env = Env::new();
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rule = |name: &str, cond: &str| {
+        format!(
+            "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {{name: {name}}}\nspec:\n  match: {{event: process}}\n  condition: {cond:?}\n  summary: '{name} {{process.name}}'\n"
+        )
+    };
+    std::fs::write(dir.join("a.yaml"), rule("curl", "process.name == 'curl'")).unwrap();
+    std::fs::write(dir.join("b.yaml"), rule("broken", "process.nmae == 'wget'")).unwrap();
+    let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
+    let text = http_get(bus.http_addr, "/metrics").await.1;
+    assert_eq!(metric(&text, "amoskys_bus_detect_rules_loaded"), 1.0);
+    assert_eq!(metric(&text, "amoskys_bus_detect_rules_failed"), 1.0);
+
+    publish(
+        &bus,
+        &env,
+        "n1",
+        vec![
+            start_process("n1", 1, "curl", "/usr/bin/curl", "", &["curl"]),
+            start_process("n1", 2, "wget", "/usr/bin/wget", "", &["wget"]),
+        ],
+    )
+    .await;
+    let a = eventually(Duration::from_secs(10), || async {
+        let a = alerts(&bus, &env).await;
+        (!a.is_empty()).then_some(a)
+    })
+    .await
+    .unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1.summary, "curl curl");
+
+    // Fix the broken rule in place: it loads, the other keeps working.
+    std::fs::write(dir.join("b.yaml"), rule("wget", "process.name == 'wget'")).unwrap();
+    eventually(Duration::from_secs(10), || async {
+        let text = http_get(bus.http_addr, "/metrics").await.1;
+        (metric(&text, "amoskys_bus_detect_rules_loaded") == 2.0).then_some(())
+    })
+    .await
+    .expect("the fixed rule loads");
+    publish(
+        &bus,
+        &env,
+        "n1",
+        vec![
+            start_process("n1", 3, "wget", "/usr/bin/wget", "", &["wget"]),
+            start_process("n1", 4, "curl", "/usr/bin/curl", "", &["curl"]),
+        ],
+    )
+    .await;
+    let a = eventually(Duration::from_secs(10), || async {
+        let a = alerts(&bus, &env).await;
+        (a.len() >= 3).then_some(a)
+    })
+    .await
+    .unwrap();
+    let summaries: Vec<&str> = a.iter().map(|(_, x)| x.summary.as_str()).collect();
+    assert_eq!(summaries, vec!["curl curl", "wget wget", "curl curl"]);
+    let text = http_get(bus.http_addr, "/metrics").await.1;
+    assert_eq!(metric(&text, "amoskys_bus_detect_rules_failed"), 0.0);
+    assert!(metric(&text, "amoskys_bus_detect_rule_reloads_total") >= 1.0);
+    bus.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_rules_never_see_other_namespaces() {
+    let env = Env::new();
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("shop.yaml"),
+        "apiVersion: amoskys.io/v1alpha1\nkind: DetectionRule\nmetadata: {name: curl, namespace: shop}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: 'curl in {k8s.namespace}/{k8s.pod}'\n",
+    )
+    .unwrap();
+    let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
+    let in_pod = |seq, ns: &str| Event {
+        k8s: Some(K8sIdentity {
+            namespace: ns.into(),
+            pod: format!("{ns}-web"),
+            ..Default::default()
+        }),
+        ..start_process("n1", seq, "curl", "/usr/bin/curl", "c1", &["curl"])
+    };
+    publish(
+        &bus,
+        &env,
+        "n1",
+        vec![in_pod(1, "bank"), in_pod(2, "shop"), in_pod(3, "bank")],
+    )
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        let a = alerts(&bus, &env).await;
+        (!a.is_empty()).then_some(a)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = alerts(&bus, &env).await;
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1.rule, "shop/curl");
+    assert_eq!(a[0].1.summary, "curl in shop/shop-web");
+    assert_eq!(a[0].0.k8s.as_ref().unwrap().namespace, "shop");
+    bus.shutdown().await.unwrap();
+}
