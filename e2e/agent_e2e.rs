@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use amoskys_client::{BusClient, ClientOptions};
 use amoskys_proto::event::Payload;
 use amoskys_proto::{Event, Filter, QueryRequest};
-use common::{Agent, BIN, Bus, free_port, http_get, opts, pki, start_bus};
+use common::{Agent, BIN, Bus, free_port, http_get, metric, opts, pki, start_bus};
 
 const AGENT_CONFIG: &str = "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: false\n  synthetic:\n    enabled: true\n    rate: 500\n";
 
@@ -280,6 +280,10 @@ async fn up_runs_bus_agent_and_dashboard_stops_on_ctrl_c_and_keeps_its_state() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&agent), "{body}");
     assert_eq!(http_get(http, "/api/agents", None).0, 401);
+    // The starter rules run, from files the user may now edit.
+    assert_eq!(metric(http, "amoskys_bus_detect_rules_loaded"), 13.0);
+    assert!(data.join("rules/container-shell.yaml").exists());
+    assert!(up.printed("alerts:").contains("amoskys alerts tail"));
 
     let st = up.interrupt();
     assert!(st.success(), "Ctrl-C exits 0: {st:?}");

@@ -53,6 +53,12 @@ enum Cmd {
     Backup(cmd::backup::BackupCmd),
     /// Run the Kubernetes operator (in a cluster, or from a kubeconfig).
     Operator(cmd::operator::OperatorArgs),
+    /// Detection rules: compile, test, backtest.
+    #[command(subcommand)]
+    Rules(cmd::rules::RulesCmd),
+    /// Alerts the detection rules wrote.
+    #[command(subcommand)]
+    Alerts(cmd::alerts::AlertsCmd),
     /// Shard ownership: which shard of a sharded bus owns an agent.
     #[command(subcommand)]
     Shards(cmd::shards::ShardsCmd),
@@ -96,6 +102,8 @@ async fn main() -> Result<()> {
         Cmd::Backup(c) => cmd::backup::run(c).await,
         Cmd::Operator(a) => cmd::operator::run(a).await,
         Cmd::Shards(c) => cmd::shards::run(c),
+        Cmd::Rules(c) => cmd::rules::run(c).await,
+        Cmd::Alerts(c) => cmd::alerts::run(c).await,
         Cmd::Crdgen { out } => cmd::operator::crdgen(out),
     }
 }

@@ -418,6 +418,8 @@ impl Spool {
             stored_at: 0,
             incarnation: self.incarnation,
             shard: 0,
+            // Pod identity is added where the agent knows the pod.
+            k8s: None,
             payload: Some(d.payload),
         }
     }

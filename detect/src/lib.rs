@@ -14,6 +14,7 @@
 pub mod compile;
 pub mod engine;
 pub mod rule;
+pub mod starter;
 pub mod view;
 
 pub use compile::{CompileError, CompiledRule, RuleSet, TestOutcome, compile, run_tests};

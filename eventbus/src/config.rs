@@ -148,6 +148,9 @@ pub struct DetectionFile {
     /// `ruleBudget`: mean CEL time per evaluated event above which a rule
     /// is reported Degraded (`50us`).
     pub rule_budget: Option<String>,
+    /// `checkpointInterval`: how often the detector saves its cursor (`1s`);
+    /// after a crash it evaluates again what came after the last save.
+    pub checkpoint_interval: Option<String>,
 }
 
 /// Detection rules the bus evaluates on what it stores.
@@ -159,6 +162,8 @@ pub struct DetectionConfig {
     pub reload_interval: Duration,
     /// Mean CEL time per evaluated event above which a rule is Degraded.
     pub rule_budget: Duration,
+    /// How often the cursor and windows are saved.
+    pub checkpoint_interval: Duration,
 }
 
 /// The `sharding:` section.
@@ -750,7 +755,10 @@ fn resolve_detection(
 ) -> Result<Option<DetectionConfig>, ConfigError> {
     let file = file.unwrap_or_default();
     let Some(rules_dir) = flag_dir.or(file.rules_dir) else {
-        if file.reload_interval.is_some() || file.rule_budget.is_some() {
+        if file.reload_interval.is_some()
+            || file.rule_budget.is_some()
+            || file.checkpoint_interval.is_some()
+        {
             return Err(invalid(
                 "detection.rulesDir",
                 "required when the detection section is given (or flag --rules-dir)",
@@ -769,10 +777,21 @@ fn resolve_detection(
         Some(v) => parse_duration("detection.ruleBudget", &v)?,
         None => Duration::from_micros(50),
     };
+    let checkpoint_interval = match file.checkpoint_interval {
+        Some(v) => parse_duration("detection.checkpointInterval", &v)?,
+        None => Duration::from_secs(1),
+    };
+    if checkpoint_interval.is_zero() {
+        return Err(invalid(
+            "detection.checkpointInterval",
+            "must be longer than 0s",
+        ));
+    }
     Ok(Some(DetectionConfig {
         rules_dir,
         reload_interval,
         rule_budget,
+        checkpoint_interval,
     }))
 }
 
@@ -915,6 +934,10 @@ mod tests {
             (
                 "detection:\n  rulesDir: /r\n  ruleBudget: lots\n",
                 "detection.ruleBudget:",
+            ),
+            (
+                "detection:\n  rulesDir: /r\n  checkpointInterval: 0s\n",
+                "detection.checkpointInterval:",
             ),
         ] {
             let e = parse(yaml).unwrap_err();

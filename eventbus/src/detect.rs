@@ -38,8 +38,6 @@ use crate::writer::{WriteRequest, WriterMsg, now_ns};
 
 /// Events read from the store at a time while catching up.
 const READ: usize = 1024;
-/// How often the cursor and windows are saved, and metrics brought up to date.
-const CHECKPOINT: Duration = Duration::from_secs(1);
 /// How often the engine's figures are carried into the metrics.
 const STATS: Duration = Duration::from_millis(100);
 /// How long the detector waits for a new group before it looks again.
@@ -264,6 +262,11 @@ impl Detector {
             agent_id: detector_agent_id(shard),
         };
         me.install(set, statuses);
+        if fresh {
+            // The starting point is durable at once: a crash before the
+            // first regular save must not move it to a later "now".
+            me.checkpoint();
+        }
         info!(
             from = cursor,
             fresh,
@@ -303,7 +306,7 @@ impl Detector {
                 last_reload = Instant::now();
                 self.reload_if_changed();
             }
-            if last_checkpoint.elapsed() >= CHECKPOINT {
+            if last_checkpoint.elapsed() >= self.cfg.checkpoint_interval {
                 last_checkpoint = Instant::now();
                 self.checkpoint();
             } else if last_stats.elapsed() >= STATS {

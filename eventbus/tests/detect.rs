@@ -12,8 +12,7 @@ use std::time::Duration;
 use amoskys_eventbus::config::DetectionConfig;
 use amoskys_proto::event::Payload;
 use amoskys_proto::{
-    Alert, Event, Filter, FlowEvent, K8sIdentity, ListAgentsRequest, ProcessEvent, QueryRequest,
-    Severity, process_event,
+    Alert, Event, FlowEvent, K8sIdentity, ListAgentsRequest, ProcessEvent, Severity, process_event,
 };
 use common::*;
 
@@ -69,23 +68,7 @@ fn flow(agent: &str, seq: u64, dst_port: u32) -> Event {
 
 /// Every alert the detector wrote, oldest first.
 async fn alerts(bus: &amoskys_eventbus::RunningBus, env: &Env) -> Vec<(Event, Alert)> {
-    let mut r = client(bus, &env.pki("reader")).await;
-    r.query(QueryRequest {
-        limit: 10_000,
-        filter: Some(Filter {
-            collectors: vec!["detect".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_iter()
-    .filter_map(|e| match e.payload.clone() {
-        Some(Payload::Alert(a)) => Some((e, a)),
-        _ => None,
-    })
-    .collect()
+    amoskys_testkit::alerts(&mut client(bus, &env.pki("reader")).await).await
 }
 
 async fn publish(bus: &amoskys_eventbus::RunningBus, env: &Env, agent: &str, events: Vec<Event>) {
@@ -102,6 +85,7 @@ fn config(env: &Env, rules: &Path) -> amoskys_eventbus::BusConfig {
         rules_dir: rules.to_path_buf(),
         reload_interval: Duration::from_millis(100),
         rule_budget: Duration::from_millis(1),
+        checkpoint_interval: Duration::from_secs(1),
     });
     c
 }

@@ -100,7 +100,7 @@ pub enum EventsCmd {
     },
 }
 
-fn parse_time(flag: &str, s: &str) -> Result<i64> {
+pub fn parse_time(flag: &str, s: &str) -> Result<i64> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64);
     }

@@ -2,12 +2,14 @@
 //! and dispatches here.
 
 pub mod agent;
+pub mod alerts;
 pub mod backup;
 pub mod bench;
 pub mod bus;
 pub mod events;
 pub mod operator;
 pub mod pki;
+pub mod rules;
 pub mod shards;
 pub mod up;
 

@@ -31,6 +31,20 @@ fn default_data_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/amoskys"))
 }
 
+/// Puts the starter rules in `dir` the first time; after that the
+/// directory is the user's, and edits and removals stay.
+fn write_starter_rules(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in amoskys_detect::starter::STARTER_RULES {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub async fn run(a: UpArgs) -> Result<()> {
     let dir = match a.data_dir {
         Some(d) => d,
@@ -46,9 +60,12 @@ pub async fn run(a: UpArgs) -> Result<()> {
     let token_file = dir.join("dashboard-token");
     let token = amoskys_eventbus::ensure_token_file(&token_file)
         .with_context(|| format!("dashboard token {}", token_file.display()))?;
+    let rules_dir = dir.join("rules");
+    write_starter_rules(&rules_dir)?;
     let cfg = config::resolve(
         config::BusConfigFile::default(),
         BusOverrides {
+            rules_dir: Some(rules_dir.clone()),
             listen: Some(a.listen.clone()),
             http: Some(a.http.clone()),
             data_dir: Some(dir.join("bus")),
@@ -98,6 +115,12 @@ pub async fn run(a: UpArgs) -> Result<()> {
         "  load test:        amoskys bench --bus https://{} --tls-dir {} --events 100000",
         bus.grpc_addr,
         pki_dir.join("agent").display()
+    );
+    println!(
+        "  alerts:           amoskys alerts tail --bus https://{} --tls-dir {}   (rules in {}, re-read on change)",
+        bus.grpc_addr,
+        admin.display(),
+        rules_dir.display()
     );
     println!("Ctrl-C stops everything.");
     let _ = wait_for_signal().await;

@@ -166,6 +166,29 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
+/// Every alert the bus's detection rules wrote, in stored order, read with
+/// `client` (a reader).
+pub async fn alerts(client: &mut BusClient) -> Vec<(amoskys_proto::Event, amoskys_proto::Alert)> {
+    use amoskys_proto::event::Payload;
+    client
+        .query(amoskys_proto::QueryRequest {
+            limit: 10_000,
+            filter: Some(amoskys_proto::Filter {
+                collectors: vec!["detect".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.payload.clone() {
+            Some(Payload::Alert(a)) => Some((e, a)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

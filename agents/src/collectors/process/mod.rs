@@ -87,6 +87,8 @@ fn draft(kind: Kind, p: &ProcInfo, exit_code: i32, source: &str, users: &mut Use
             pod_uid: p.identity.pod_uid.clone(),
             cgroup: p.identity.cgroup.clone(),
             source: source.into(),
+            parent_name: p.parent_name.clone(),
+            parent_exe: p.parent_exe.clone(),
         }),
     );
     if !p.identity.pod_uid.is_empty() {
@@ -244,9 +246,13 @@ fn netlink_loop(conn: netlink::Connector, ctx: Ctx, proc: &Path) {
 
 fn info_from(p: &sysinfo::Process, proc: &Path) -> ProcInfo {
     let pid = p.pid().as_u32();
+    let ppid = p.parent().map(|x| x.as_u32()).unwrap_or(0);
+    let (parent_name, parent_exe) = procfs::parent(proc, ppid);
     ProcInfo {
         pid,
-        ppid: p.parent().map(|x| x.as_u32()).unwrap_or(0),
+        ppid,
+        parent_name,
+        parent_exe,
         uid: p.user_id().map(|u| **u).unwrap_or(0),
         name: p.name().to_string_lossy().into_owned(),
         exe: p.exe().map(|e| e.display().to_string()).unwrap_or_default(),

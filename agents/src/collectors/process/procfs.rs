@@ -15,6 +15,28 @@ pub struct ProcInfo {
     /// Unix ns.
     pub start_time: i64,
     pub identity: cgroup::Identity,
+    /// The parent's name and executable, while /proc still has it (rules
+    /// ask "a shell whose parent is a web server").
+    pub parent_name: String,
+    pub parent_exe: String,
+}
+
+/// The name (comm) and executable of process `ppid`; empty once it is gone
+/// or unreadable.
+pub fn parent(proc: &Path, ppid: u32) -> (String, String) {
+    if ppid == 0 {
+        return Default::default();
+    }
+    let dir = proc.join(ppid.to_string());
+    let name = std::fs::read_to_string(dir.join("stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .map(|(comm, _, _)| comm)
+        .unwrap_or_default();
+    let exe = std::fs::read_link(dir.join("exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    (name, exe)
 }
 
 /// Fields of /proc/<pid>/stat that matter here: (comm, ppid, starttime ticks).
@@ -93,6 +115,7 @@ pub fn read(proc: &Path, pid: u32, clock: &Clock) -> Option<ProcInfo> {
     let identity = std::fs::read_to_string(dir.join("cgroup"))
         .map(|s| cgroup::parse(&s))
         .unwrap_or_default();
+    let (parent_name, parent_exe) = parent(proc, ppid);
     Some(ProcInfo {
         pid,
         ppid,
@@ -102,6 +125,8 @@ pub fn read(proc: &Path, pid: u32, clock: &Clock) -> Option<ProcInfo> {
         cmdline,
         start_time: clock.start_ns(start),
         identity,
+        parent_name,
+        parent_exe,
     })
 }
 
@@ -118,6 +143,22 @@ pub fn pids(proc: &Path) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_names_its_parent() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let proc = Path::new("/proc");
+        let me = read(proc, std::process::id(), &Clock::read(proc)).unwrap();
+        let info = read(proc, child.id(), &Clock::read(proc)).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(info.ppid, std::process::id());
+        assert_eq!((info.parent_name, info.parent_exe), (me.name, me.exe));
+        assert_eq!(parent(proc, 0), (String::new(), String::new()));
+    }
 
     #[test]
     fn stat_with_odd_comm() {

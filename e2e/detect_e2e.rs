@@ -1,0 +1,347 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
+//! Detection with real processes: a real agent (process over netlink,
+//! inventory, flows on `lo`) and a bus running the starter rules; and a bus
+//! killed with SIGKILL after it wrote alerts but before it saved its cursor.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amoskys_client::BusClient;
+use amoskys_proto::event::Payload;
+use amoskys_proto::{Alert, Event, Hello, ProcessEvent, QueryRequest, Severity, process_event};
+
+mod common;
+use common::{Bus, cli, free_port, metric, opts, pki, start_agent, start_bus_with};
+
+fn starter_rules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules")
+}
+
+/// A bus running the starter rules, saving its detector cursor every `checkpoint`.
+fn start_detecting_bus(root: &Path, ports: Option<(u16, u16)>, checkpoint: &str) -> Bus {
+    let cfg = root.join("bus.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "detection:\n  rulesDir: {}\n  reloadInterval: 200ms\n  checkpointInterval: {checkpoint}\n",
+            starter_rules().display()
+        ),
+    )
+    .unwrap();
+    start_bus_with(root, "batch", ports, &["--config", cfg.to_str().unwrap()])
+}
+
+async fn alerts(bus: &Bus, root: &Path) -> Vec<(Event, Alert)> {
+    amoskys_testkit::alerts(
+        &mut BusClient::connect(&opts(bus, root, "reader"))
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn wait_alerts(
+    bus: &Bus,
+    root: &Path,
+    what: &str,
+    done: impl Fn(&[(Event, Alert)]) -> bool,
+) -> Vec<(Event, Alert)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = alerts(bus, root).await;
+        if done(&a) {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "{what}: got {a:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn rules_of(a: &[(Event, Alert)]) -> Vec<String> {
+    let mut r: Vec<String> = a
+        .iter()
+        .filter(|(_, x)| x.updates_seq == 0)
+        .map(|(_, x)| x.rule.clone())
+        .collect();
+    r.sort();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_s_activity_raises_exactly_the_starter_rules_alerts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let bus = start_detecting_bus(root, None, "1s");
+    let _agent = start_agent(
+        root,
+        bus.grpc,
+        "detect-e2e",
+        "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: true\n  inventory:\n    enabled: true\n    interval: 1s\n  flow:\n    enabled: true\n    interface: lo\n    idleTimeout: 1s\n",
+    );
+    // Let the collectors take their first snapshot: what runs already is
+    // not new.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // A shell on the node: no starter rule speaks of shells outside containers.
+    let st = Command::new("sh").args(["-c", "true"]).status().unwrap();
+    assert!(st.success());
+
+    // A program run from /dev/shm, twice: one alert, counted twice.
+    let shm = PathBuf::from(format!("/dev/shm/amoskys-e2e-{}", std::process::id()));
+    std::fs::copy("/bin/sleep", &shm).unwrap();
+    for _ in 0..2 {
+        let st = Command::new(&shm).arg("1.5").status().unwrap();
+        assert!(st.success());
+    }
+    let _ = std::fs::remove_file(&shm);
+
+    // A new listener on the node.
+    let port = free_port();
+    let listener = Command::new("python3")
+        .args([
+            "-c",
+            &format!("import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',{port}))\ns.listen()\ntime.sleep(6)"),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Connections to 30 closed ports within a second: a scan.
+    let closed: Vec<u16> = (0..30).map(|_| free_port()).collect();
+    for p in &closed {
+        let _ = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], *p)),
+            Duration::from_millis(200),
+        );
+    }
+
+    wait_alerts(&bus, root, "the starter rules' alerts", |a| {
+        let r = rules_of(a);
+        ["exec-from-shm-or-tmp", "new-listener-on-node", "port-scan"]
+            .iter()
+            .all(|want| r.iter().any(|x| x == want))
+    })
+    .await;
+    let mut listener = listener;
+    let _ = listener.kill();
+    let _ = listener.wait();
+    // Late duplicates would show by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = alerts(&bus, root).await;
+    assert_eq!(
+        rules_of(&got),
+        vec!["exec-from-shm-or-tmp", "new-listener-on-node", "port-scan"],
+        "{got:#?}"
+    );
+
+    let reader_all = BusClient::connect(&opts(&bus, root, "reader"))
+        .await
+        .unwrap()
+        .query(QueryRequest {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (e, a) in &got {
+        assert_eq!(e.agent_id, "amoskys:detect/0");
+        if a.updates_seq != 0 {
+            continue;
+        }
+        let src = reader_all
+            .iter()
+            .find(|s| s.offset == a.source_offset)
+            .expect("the source event is stored");
+        assert_eq!(src.agent_id, "detect-e2e");
+        match a.rule.as_str() {
+            "exec-from-shm-or-tmp" => {
+                let Some(Payload::Process(p)) = &src.payload else {
+                    panic!("{src:?}")
+                };
+                assert_eq!(p.exe, shm.display().to_string());
+                assert_eq!(p.kind, process_event::Kind::Start as i32);
+            }
+            "new-listener-on-node" => {
+                assert!(a.summary.contains(&format!("port={port}")), "{}", a.summary);
+            }
+            "port-scan" => assert_eq!(a.kind, "threshold"),
+            other => panic!("{other}"),
+        }
+    }
+    // The second run of the same program raised the count, not a new alert.
+    assert!(
+        metric(
+            bus.http,
+            "amoskys_bus_detect_suppressed_total{rule=\"exec-from-shm-or-tmp\",reason=\"dedup\"}"
+        ) >= 1.0
+    );
+    assert_eq!(metric(bus.http, "amoskys_bus_detect_rules_failed"), 0.0);
+}
+
+fn hello(agent: &str) -> Hello {
+    Hello {
+        agent_id: agent.into(),
+        node: "node-1".into(),
+        version: "e2e".into(),
+        incarnation: 7,
+        ..Default::default()
+    }
+}
+
+fn process(seq: u64, name: &str, exe: &str, container: &str) -> Event {
+    Event {
+        agent_id: "n1".into(),
+        seq,
+        collector: "process".into(),
+        observed_at: amoskys_eventbus::now_ns(),
+        severity: Severity::Info as i32,
+        payload: Some(Payload::Process(ProcessEvent {
+            kind: process_event::Kind::Start as i32,
+            name: name.into(),
+            exe: exe.into(),
+            container_id: container.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+async fn publish(bus: &Bus, root: &Path, events: Vec<Event>) {
+    let mut c = BusClient::connect(&opts(bus, root, "agent")).await.unwrap();
+    let mut p = c.publisher(hello("n1"), 8).await.unwrap();
+    let last = events.last().unwrap().seq;
+    p.send(events).await.unwrap();
+    loop {
+        match p.next().await.unwrap() {
+            Some(amoskys_proto::publish_response::Msg::Ack(a)) if a.acked_seq >= last => break,
+            Some(_) => {}
+            None => panic!("stream ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_alerts_before_the_cursor_is_saved_leaves_one_copy_of_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let ports = (free_port(), free_port());
+    // The cursor is saved when the detector starts, then not for an hour:
+    // everything after the start is evaluated again after the kill.
+    let mut bus = start_detecting_bus(root, Some(ports), "1h");
+    publish(
+        &bus,
+        root,
+        vec![
+            process(1, "bash", "/bin/bash", "c0ffee"),
+            process(2, "ls", "/bin/ls", ""),
+            process(3, "x", "/dev/shm/x", ""),
+            process(4, "xmrig", "/tmp/xmrig", ""),
+        ],
+    )
+    .await;
+    let before = wait_alerts(&bus, root, "three alerts", |a| a.len() >= 3).await;
+    assert_eq!(
+        rules_of(&before),
+        vec![
+            "crypto-miner-process",
+            "exec-from-shm-or-tmp",
+            "shell-in-container"
+        ]
+    );
+    bus.child.kill().unwrap();
+    bus.child.wait().unwrap();
+
+    let bus = start_detecting_bus(root, Some(ports), "1h");
+    // Something new after the restart, so we know the detector has gone
+    // past everything the old one saw.
+    publish(&bus, root, vec![process(5, "zsh", "/bin/zsh", "beef")]).await;
+    let after = wait_alerts(&bus, root, "the new shell's alert", |a| a.len() >= 4).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_all = alerts(&bus, root).await;
+    assert_eq!(after_all.len(), 4, "{after_all:#?}");
+    assert_eq!(after.len(), 4);
+    let mut keys: Vec<(String, u64)> = after_all
+        .iter()
+        .map(|(e, _)| (e.agent_id.clone(), e.seq))
+        .collect();
+    keys.dedup();
+    assert_eq!(keys.len(), 4, "each alert stored once");
+    // They were evaluated again, and the writer dropped the second copies.
+    assert!(
+        metric(bus.http, "amoskys_bus_duplicates_total") >= 3.0,
+        "re-evaluated alerts dropped as duplicates"
+    );
+
+    // A backtest over what is stored names the same matches and writes nothing.
+    let (ok, out) = cli(&[
+        "rules",
+        "test",
+        starter_rules().to_str().unwrap(),
+        "--bus",
+        &format!("https://127.0.0.1:{}", bus.grpc),
+        "--tls-dir",
+        root.join("pki/reader").to_str().unwrap(),
+        "--since",
+        "1h",
+    ]);
+    assert!(ok, "{out}");
+    for rule in [
+        "shell-in-container",
+        "exec-from-shm-or-tmp",
+        "crypto-miner-process",
+    ] {
+        assert!(out.contains(&format!("would alert  {rule}")), "{out}");
+    }
+    assert!(out.contains("4 alerts would be written"), "{out}");
+    assert_eq!(
+        alerts(&bus, root).await.len(),
+        4,
+        "a backtest writes nothing"
+    );
+    let (_, listed) = cli(&[
+        "alerts",
+        "list",
+        "--bus",
+        &format!("https://127.0.0.1:{}", bus.grpc),
+        "--tls-dir",
+        root.join("pki/reader").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        listed
+            .lines()
+            .filter(|l| l.contains("shell-in-container"))
+            .count(),
+        2,
+        "{listed}"
+    );
+}
+
+#[test]
+fn rules_test_names_what_fails_and_where() {
+    let (ok, out) = cli(&["rules", "test", starter_rules().to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        13,
+        "{out}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: bad}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'sh' && process.argz == ''\"\n  summary: s\n---\napiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: wrong}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'sh'\"\n  summary: s\n  tests:\n  - {name: bash, event: {process: {name: bash}}, expect: match}\n",
+    )
+    .unwrap();
+    let (ok, out) = cli(&["rules", "test", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("FAIL  bad") && out.contains("(line 1, column 25): process.argz"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  wrong / bash: expected a match"),
+        "{out}"
+    );
+}

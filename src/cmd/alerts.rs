@@ -1,0 +1,159 @@
+//! `amoskys alerts list|tail`: the alerts detection rules wrote, with
+//! repeats folded into each alert's count.
+
+use std::collections::HashMap;
+
+use amoskys_client::BusClient;
+use amoskys_client::render::{severity_name, timestamp};
+use amoskys_proto::event::Payload;
+use amoskys_proto::{Alert, Event, Filter, QueryRequest, TailRequest};
+use anyhow::Result;
+use clap::Subcommand;
+
+use super::Conn;
+use crate::output;
+
+#[derive(Subcommand)]
+pub enum AlertsCmd {
+    /// Alerts stored in a time range, newest last, with their counts.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// From this long ago, or this RFC 3339 time.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only these rules.
+        #[arg(long)]
+        rule: Vec<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: output::Format,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Follow alerts as they are written (window updates included).
+    Tail {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        rule: Vec<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: output::Format,
+    },
+}
+
+fn alert_of(e: &Event) -> Option<&Alert> {
+    match &e.payload {
+        Some(Payload::Alert(a)) => Some(a),
+        _ => None,
+    }
+}
+
+fn detect_filter() -> Filter {
+    Filter {
+        collectors: vec![amoskys_detect::DETECT_COLLECTOR.into()],
+        ..Default::default()
+    }
+}
+
+fn print(e: &Event, a: &Alert, format: output::Format, header: &mut bool) {
+    match format {
+        output::Format::Json => println!("{}", amoskys_client::render::event_json(e)),
+        output::Format::Table => {
+            if !*header {
+                println!(
+                    "{:<24}  {:<8}  {:<30}  {:>6}  {:<14}  SUMMARY",
+                    "FIRST SEEN", "SEVERITY", "RULE", "COUNT", "SOURCE"
+                );
+                *header = true;
+            }
+            // One line per alert, however long the summary.
+            let summary: String = a
+                .summary
+                .replace(['\n', '\r'], " ")
+                .chars()
+                .take(160)
+                .collect();
+            println!(
+                "{:<24}  {:<8}  {:<30}  {:>6}  {:<14}  {}",
+                timestamp(a.first_seen),
+                severity_name(e.severity),
+                a.rule,
+                a.count,
+                format!("{}:{}", a.source_shard, a.source_offset),
+                summary
+            );
+        }
+    }
+}
+
+pub async fn run(cmd: AlertsCmd) -> Result<()> {
+    match cmd {
+        AlertsCmd::List {
+            conn,
+            since,
+            rule,
+            output,
+            limit,
+        } => {
+            let mut client = BusClient::connect(&conn.options()).await?;
+            let page = client
+                .query_page(QueryRequest {
+                    from_time: super::events::parse_time("--since", &since)?,
+                    filter: Some(detect_filter()),
+                    limit,
+                    allow_partial: true,
+                    ..Default::default()
+                })
+                .await?;
+            if !page.missing_shards.is_empty() {
+                eprintln!(
+                    "warning: partial result: shards {:?} did not answer; their alerts are missing",
+                    page.missing_shards
+                );
+            }
+            // Window updates carry the total of the alert they update.
+            let mut totals: HashMap<(String, u64), (u64, i64)> = HashMap::new();
+            for e in &page.events {
+                if let Some(a) = alert_of(e)
+                    && a.updates_seq != 0
+                {
+                    totals.insert((e.agent_id.clone(), a.updates_seq), (a.count, a.last_seen));
+                }
+            }
+            let mut header = false;
+            for e in &page.events {
+                let Some(a) = alert_of(e) else { continue };
+                if a.updates_seq != 0 || (!rule.is_empty() && !rule.contains(&a.rule)) {
+                    continue;
+                }
+                let mut a = a.clone();
+                if let Some((count, last)) = totals.get(&(e.agent_id.clone(), e.seq)) {
+                    a.count = *count;
+                    a.last_seen = *last;
+                }
+                print(e, &a, output, &mut header);
+            }
+        }
+        AlertsCmd::Tail { conn, rule, output } => {
+            let mut client = BusClient::connect(&conn.options()).await?;
+            let mut stream = client
+                .tail(TailRequest {
+                    from_now: true,
+                    filter: Some(detect_filter()),
+                    allow_partial: true,
+                    ..Default::default()
+                })
+                .await?;
+            let mut header = false;
+            while let Some(chunk) = stream.message().await? {
+                for e in &chunk.events {
+                    let Some(a) = alert_of(e) else { continue };
+                    if rule.is_empty() || rule.contains(&a.rule) {
+                        print(e, a, output, &mut header);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
