@@ -283,7 +283,13 @@ async fn up_runs_bus_agent_and_dashboard_stops_on_ctrl_c_and_keeps_its_state() {
     // The starter rules run, from files the user may now edit.
     assert_eq!(metric(http, "amoskys_bus_detect_rules_loaded"), 13.0);
     assert!(data.join("rules/container-shell.yaml").exists());
-    assert!(up.printed("alerts:").contains("amoskys alerts tail"));
+    assert!(
+        up.lines
+            .iter()
+            .any(|l| l.contains("alerts:") && l.contains("amoskys alerts tail")),
+        "{:?}",
+        up.lines
+    );
 
     let st = up.interrupt();
     assert!(st.success(), "Ctrl-C exits 0: {st:?}");

@@ -11,15 +11,19 @@
 # write -> Tail latency through shard 0 (merged over all three) next to the
 # plain bus's.
 #
+# Then, as fast as acks allow, a plain bus next to a bus that is shard 0 of a
+# one-shard map: the cost of the sharding code in place.
+#
 # Usage: e2e/bench-shards.sh   (AGENTS=100 QUERIES=40 LOAD_EVENTS=300000
-# LOAD_RATE=20000 by default; set AMOSKYS_BIN to an already built release
-# binary)
+# LOAD_RATE=20000 FULL_EVENTS=1000000 by default; set AMOSKYS_BIN to an
+# already built release binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTS=${AGENTS:-100}
 QUERIES=${QUERIES:-40}
 LOAD_EVENTS=${LOAD_EVENTS:-300000}
 LOAD_RATE=${LOAD_RATE:-20000}
+FULL_EVENTS=${FULL_EVENTS:-1000000}
 source e2e/bench-lib.sh
 bench_bin
 bench_workdir
@@ -96,14 +100,30 @@ query_ms() {
 # CPU ticks (user + system) of the given pids.
 ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 HZ=$(getconf CLK_TCK)
+# Ingest alone at the fixed rate: CPU seconds per million events over the
+# bus processes (what a shard costs), then the same load again with a Tail
+# following it through the bus reached (on 3 shards, merged from all three):
+# the write -> tail latency, whose fan-out CPU is not ingest's.
 load() { # label url pids...
   local label=$1 url=$2; shift 2
   local c0 line c1
   c0=$(ticks "$@")
-  line=$("$BIN" bench --bus "$url" --tls-dir "$P/agent" --events "$LOAD_EVENTS" --rate "$LOAD_RATE" \
-    --agents 30 --batch 50 --window 16 --agent-prefix "$label" --tail-tls-dir "$P/reader" | tail -1)
+  line=$("$BIN" bench --bus "$url" --tls-dir "$P/agent" --events "$LOAD_EVENTS" --rate "${RATE:-$LOAD_RATE}" \
+    --agents 30 --batch 50 --window 16 --agent-prefix "$label" | tail -1)
   c1=$(ticks "$@")
-  echo "[$label] $line cpu_s_per_m_events=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="$LOAD_EVENTS" 'BEGIN {printf "%.2f", t / hz / n * 1e6}')"
+  echo "[$label ingest] $line cpu_s_per_m_events=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="$LOAD_EVENTS" 'BEGIN {printf "%.2f", t / hz / n * 1e6}')"
+  c0=$(ticks "$@")
+  line=$("$BIN" bench --bus "$url" --tls-dir "$P/agent" --events "$LOAD_EVENTS" --rate "${RATE:-$LOAD_RATE}" \
+    --agents 30 --batch 50 --window 16 --agent-prefix "$label-t" --tail-tls-dir "$P/reader" | tail -1)
+  c1=$(ticks "$@")
+  echo "[$label + tail] $line cpu_s_per_m_events=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="$LOAD_EVENTS" 'BEGIN {printf "%.2f", t / hz / n * 1e6}')"
+}
+
+# As fast as acks allow, in bench-bus.sh's shape (4 agents, batches of 512):
+# a plain bus next to one started as shard 0 of a one-shard map, so the
+# cost of the sharding code itself shows.
+full_speed() { # label url
+  echo "[$1 full speed] $("$BIN" bench --bus "$2" --tls-dir "$P/agent" --events "$FULL_EVENTS" --agents 4 --agent-prefix "$1-f" | tail -1)"
 }
 
 m3=$(map 1 3 3)
@@ -115,7 +135,23 @@ pids+=("$single")
 ready_ms 27466 >/dev/null
 load one-bus https://127.0.0.1:27446 "$single"
 load 3-shards "https://127.0.0.1:${grpc[0]}" "${shard_pids[0]}" "${shard_pids[1]}" "${shard_pids[2]}"
+# Each shard above took a third of the rate: one bus at that rate shows what
+# smaller group commits cost apart from the sharding code.
+RATE=$((LOAD_RATE / 3)) load one-bus-at-a-third https://127.0.0.1:27446 "$single"
+full_speed one-bus https://127.0.0.1:27446
 kill -TERM "$single"
+# One shard of a one-shard map: every Hello goes through the owner check and
+# the map is watched, as in a sharded deployment.
+mkdir -p "$work/one-shard"
+map 1 1 1 | sed "s#${grpc[0]}#27447#" >"$work/one-shard/map.yaml"
+printf 'sharding:\n  peerTlsDir: %s\n  mapReloadInterval: 100ms\n' "$P/peer" >"$work/one-shard/bus.yaml"
+AMOSKYS_LOG=warn "$BIN" bus --listen 127.0.0.1:27447 --http 127.0.0.1:27467 --data-dir "$work/one-shard/data" \
+  --tls-dir "$P/bus" --config "$work/one-shard/bus.yaml" --shard-index 0 --shard-map "$work/one-shard/map.yaml" 2>>"$work/bus.log" &
+one_shard=$!
+pids+=("$one_shard")
+ready_ms 27467 >/dev/null
+full_speed one-shard https://127.0.0.1:27447
+kill -TERM "$one_shard"
 for i in $(seq 0 $((AGENTS - 1))); do
   id=$(printf 'agent-%03d' "$i")
   d="$work/$id"

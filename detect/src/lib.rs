@@ -15,11 +15,15 @@ pub mod compile;
 pub mod engine;
 pub mod rule;
 pub mod starter;
+pub mod status;
+pub mod testing;
 pub mod view;
 
-pub use compile::{CompileError, CompiledRule, RuleSet, TestOutcome, compile, run_tests};
+pub use compile::{CompileError, CompiledRule, RuleSet, compile};
 pub use engine::{Decision, DetectState, Engine, RuleStats};
 pub use rule::{RuleDocument, RuleFileError, RuleSpec, parse_rule_file};
+pub use status::RuleStatus;
+pub use testing::{TestOutcome, run_tests};
 
 /// The agent id the detector of shard `shard` writes its alerts under; ids
 /// with the `amoskys:` prefix are reserved for the bus and refused from agents.

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use amoskys_detect::{
-    CompiledRule, Decision, DetectState, Engine, RuleSet, TestOutcome, compile, detector_agent_id,
-    parse_rule_file, run_tests,
+    CompiledRule, Decision, DetectState, Engine, RuleSet, RuleStatus, TestOutcome, compile,
+    detector_agent_id, parse_rule_file, run_tests,
 };
 use amoskys_proto::Event;
 use serde::{Deserialize, Serialize};
@@ -44,25 +44,6 @@ const STATS: Duration = Duration::from_millis(100);
 const IDLE: Duration = Duration::from_millis(100);
 /// CEL runs a rule needs before its mean cost is judged against the budget.
 const BUDGET_MIN_RUNS: u64 = 100;
-
-/// One rule as loaded (or not) from the rules directory.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RuleStatus {
-    /// `NAME` or `NAMESPACE/NAME`; the file for a file that did not parse.
-    pub name: String,
-    /// The file it came from.
-    pub file: String,
-    /// Compiled, tests passed, and evaluating.
-    pub loaded: bool,
-    /// Why it is not loaded (a compile error with its position, or the
-    /// failed tests); empty when loaded.
-    pub error: String,
-    /// Inline tests run and how many passed.
-    pub tests: usize,
-    /// Of those, passed.
-    pub tests_passed: usize,
-}
 
 /// What is saved in the store: where to resume, and the engine's windows.
 #[derive(Debug, Default, Serialize, Deserialize)]

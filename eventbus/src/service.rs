@@ -66,7 +66,7 @@ pub struct BusState {
     /// runs or when there is no export.
     pub export_error: std::sync::Mutex<Option<(String, String)>>,
     /// Each detection rule as last loaded (empty without detection).
-    pub rule_statuses: std::sync::Mutex<Vec<crate::detect::RuleStatus>>,
+    pub rule_statuses: std::sync::Mutex<Vec<amoskys_detect::RuleStatus>>,
 }
 
 /// Where a Publish stream goes.
