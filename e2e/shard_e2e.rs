@@ -513,7 +513,15 @@ async fn agents_settle_on_their_owner_shards_and_survive_3_to_5_to_3_exactly_onc
             (1, n),
             "{agent}/{inc:016x}: seqs not contiguous"
         );
-        assert!(n > 50, "{agent} published {n} events");
+        // The agent one_bus_to_readers slowed to one event per 900 ms
+        // publishes less, by how soon the agents settled.
+        let slowed = (0..AGENTS).map(agent_id).find(|id| owner_of(id, 3) == 1);
+        let least = if slowed.as_deref() == Some(agent.as_str()) {
+            10
+        } else {
+            50
+        };
+        assert!(n > least, "{agent} published {n} events");
     }
     println!("{total} events stored across 5 shards, each exactly once: {per_shard:?}");
 
