@@ -11,7 +11,7 @@ use cel::common::ast::{Expr, LiteralValue};
 use cel::{Env, IdedExpr, Program, Value};
 
 use crate::rule::{Mode, RuleDocument, RuleSeverity, Scope};
-use crate::view::{PAYLOADS, Ty, View, field_type, text};
+use crate::view::{Fields, PAYLOADS, Scalar, Ty, View, field_type, text};
 
 /// Why a rule did not compile: the field, and for a condition the line and
 /// column (from 1) in it.
@@ -62,20 +62,20 @@ enum Prefilter {
 }
 
 impl Prefilter {
-    fn holds(&self, v: &View) -> bool {
+    fn holds(&self, v: &dyn Fields) -> bool {
         match self {
-            Self::Str { path, eq, prefixes } => match v.get(path) {
-                Some(Value::String(s)) => {
-                    eq.contains(s.as_str()) || prefixes.iter().any(|p| s.starts_with(p.as_str()))
+            Self::Str { path, eq, prefixes } => match v.field(path) {
+                Some(Scalar::Str(s)) => {
+                    eq.contains(s.as_ref()) || prefixes.iter().any(|p| s.starts_with(p.as_str()))
                 }
                 _ => false,
             },
-            Self::NotEq(path, c) => match v.get(path) {
-                Some(Value::String(s)) => s.as_str() != c,
+            Self::NotEq(path, c) => match v.field(path) {
+                Some(Scalar::Str(s)) => s.as_ref() != c,
                 _ => true,
             },
-            Self::Int(path, set) => match v.get(path) {
-                Some(Value::Int(n)) => set.contains(n),
+            Self::Int(path, set) => match v.field(path) {
+                Some(Scalar::Int(n)) => set.contains(&n),
                 _ => false,
             },
         }
@@ -196,8 +196,8 @@ pub enum Eval {
 
 impl CompiledRule {
     /// Whether the rule sees `v` at all: payload kind, collector and scope.
-    fn selects(&self, v: &View, kind: &str, collector: &str) -> bool {
-        if v.payload != self.payload
+    fn selects(&self, v: &dyn Fields, payload: &str, kind: &str, collector: &str) -> bool {
+        if payload != self.payload
             || (!self.kinds.is_empty() && !self.kinds.iter().any(|k| k == kind))
             || (!self.collectors.is_empty() && !self.collectors.iter().any(|c| c == collector))
         {
@@ -227,14 +227,21 @@ impl CompiledRule {
     /// The checks that need no CEL: what the rule selects, its prefilters
     /// and exceptions. Some(outcome) when they decide; None when the
     /// condition must run.
-    pub fn precheck(&self, v: &View, kind: &str, collector: &str) -> Option<Eval> {
-        if !self.selects(v, kind, collector) || !self.prefilters.iter().all(|p| p.holds(v)) {
+    pub fn precheck(
+        &self,
+        v: &dyn Fields,
+        payload: &str,
+        kind: &str,
+        collector: &str,
+    ) -> Option<Eval> {
+        if !self.selects(v, payload, kind, collector) || !self.prefilters.iter().all(|p| p.holds(v))
+        {
             return Some(Eval::Skipped);
         }
         for (fields, values) in &self.exceptions {
             let tuple: Vec<String> = fields
                 .iter()
-                .map(|p| v.get(p).map(text).unwrap_or_default())
+                .map(|p| v.field(p).map(|s| s.text()).unwrap_or_default())
                 .collect();
             if values.contains(&tuple) {
                 return Some(Eval::Excepted);
@@ -266,10 +273,10 @@ impl CompiledRule {
     }
 
     /// The values of `fields` in `v`, as a key.
-    pub fn key(fields: &[String], v: &View) -> Vec<String> {
+    pub fn key(fields: &[String], v: &dyn Fields) -> Vec<String> {
         fields
             .iter()
-            .map(|p| v.get(p).map(text).unwrap_or_default())
+            .map(|p| v.field(p).map(|s| s.text()).unwrap_or_default())
             .collect()
     }
 }
@@ -1045,11 +1052,17 @@ mod tests {
             .unwrap()
         };
         assert_eq!(
-            r.precheck(&v("udp", 22), "", ""),
+            r.precheck(&v("udp", 22), "flow", "", ""),
             Some(Eval::Match { cel: false })
         );
-        assert_eq!(r.precheck(&v("icmp", 22), "", ""), Some(Eval::Skipped));
-        assert_eq!(r.precheck(&v("tcp", 80), "", ""), Some(Eval::Skipped));
+        assert_eq!(
+            r.precheck(&v("icmp", 22), "flow", "", ""),
+            Some(Eval::Skipped)
+        );
+        assert_eq!(
+            r.precheck(&v("tcp", 80), "flow", "", ""),
+            Some(Eval::Skipped)
+        );
     }
 
     #[test]

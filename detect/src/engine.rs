@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::{CompiledRule, Eval, RuleSet};
 use crate::rule::Mode;
-use crate::view::{View, text};
+use crate::view::{EventRef, Fields, View, text};
 use crate::{DETECT_COLLECTOR, detector_agent_id};
 
 /// Alerts one source event may cause (the low byte of an alert's seq).
@@ -224,41 +224,79 @@ impl Engine {
 
     /// Evaluates one stored event (offset order).
     pub fn evaluate(&mut self, e: &Event) -> Vec<Decision> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        self.sweep(e.stored_at, e.offset, &mut n, &mut out);
         // The detector's own alerts are never evaluated again.
         if e.collector == DETECT_COLLECTOR && matches!(e.payload, Some(Payload::Alert(_))) {
-            let mut out = Vec::new();
-            let mut n = 0;
-            self.sweep(e.stored_at, e.offset, &mut n, &mut out);
             return out;
         }
-        match View::of(e) {
-            Some(v) => self.evaluate_view(&v, e.offset),
-            None => {
-                let mut out = Vec::new();
-                let mut n = 0;
-                self.sweep(e.stored_at, e.offset, &mut n, &mut out);
-                out
-            }
-        }
+        let Some(r) = EventRef::new(e) else {
+            return out;
+        };
+        let (payload, kind) = (r.payload, r.kind);
+        self.step(
+            &r,
+            || r.view(),
+            payload,
+            kind,
+            &e.collector,
+            e.stored_at,
+            e.offset,
+            &mut n,
+            &mut out,
+        );
+        out
     }
 
-    /// Evaluates one event's view, stored at `offset`.
+    /// Evaluates one event's view, stored at `offset` (inline tests).
     pub fn evaluate_view(&mut self, v: &View, offset: u64) -> Vec<Decision> {
         let t = v.stored_at();
         let mut out = Vec::new();
         let mut n = 0u64;
         self.sweep(t, offset, &mut n, &mut out);
-        self.events_seen += 1;
         let kind = v.get("event.kind").map(text).unwrap_or_default();
         let collector = v.get("event.collector").map(text).unwrap_or_default();
+        self.step(
+            v,
+            || Some(v),
+            v.payload,
+            &kind,
+            &collector,
+            t,
+            offset,
+            &mut n,
+            &mut out,
+        );
+        out
+    }
+
+    /// Runs every rule for the payload over one event: checks that need no
+    /// CEL on `fields`, then CEL and alerts on the full view, built only
+    /// when one is needed.
+    #[allow(clippy::too_many_arguments)]
+    fn step<'v>(
+        &mut self,
+        fields: &dyn Fields,
+        view: impl Fn() -> Option<&'v View>,
+        payload: &str,
+        kind: &str,
+        collector: &str,
+        t: i64,
+        offset: u64,
+        n: &mut u64,
+        out: &mut Vec<Decision>,
+    ) {
+        self.events_seen += 1;
         let set = self.set.clone();
         let mut ctx = None;
         let mut ran_cel = false;
-        for rule in set.for_payload(v.payload) {
-            let outcome = match rule.precheck(v, &kind, &collector) {
+        for rule in set.for_payload(payload) {
+            let outcome = match rule.precheck(fields, payload, kind, collector) {
                 Some(Eval::Skipped) => continue,
                 Some(o) => o,
                 None => {
+                    let Some(v) = view() else { continue };
                     let ctx = ctx.get_or_insert_with(|| v.context(&self.env));
                     let t0 = Instant::now();
                     let o = rule.run(ctx);
@@ -285,14 +323,13 @@ impl Engine {
                 Eval::Match { .. } => {
                     s.matches += 1;
                     s.last_match = t;
-                    self.matched(rule, v, t, offset, &mut n, &mut out);
+                    self.matched(rule, fields, &view, t, offset, n, out);
                 }
             }
         }
         if !ran_cel {
             self.events_without_cel += 1;
         }
-        out
     }
 
     fn next_seq(offset: u64, n: &mut u64) -> Option<u64> {
@@ -304,10 +341,14 @@ impl Engine {
         Some(seq)
     }
 
-    fn matched(
+    /// A match: thresholds read `fields` only; the full view is built once
+    /// an alert (or a repeat of one) is certain.
+    #[allow(clippy::too_many_arguments)]
+    fn matched<'v>(
         &mut self,
         rule: &Arc<CompiledRule>,
-        v: &View,
+        fields: &dyn Fields,
+        view: impl Fn() -> Option<&'v View>,
         t: i64,
         offset: u64,
         n: &mut u64,
@@ -323,7 +364,11 @@ impl Engine {
         let mut count = 1;
         let mut kind = "alert";
         if let Some(th) = &rule.threshold {
-            let key = format!("{}\0{}", rule.name, CompiledRule::key(&th.by, v).join("\0"));
+            let key = format!(
+                "{}\0{}",
+                rule.name,
+                CompiledRule::key(&th.by, fields).join("\0")
+            );
             if !self.state.windows.contains_key(&key)
                 && self.state.windows.len() >= MAX_THRESHOLD_KEYS
             {
@@ -337,7 +382,7 @@ impl Engine {
             let value = th
                 .distinct
                 .as_ref()
-                .and_then(|p| v.get(p).map(text))
+                .and_then(|p| fields.field(p).map(|s| s.text()))
                 .unwrap_or_default();
             win.push_back((t, value));
             let reached = if th.distinct.is_some() {
@@ -361,14 +406,28 @@ impl Engine {
             });
             return;
         }
+        // A repeat keyed by fields is counted without building the view.
+        let field_key = rule
+            .dedup
+            .as_ref()
+            .filter(|(by, _)| !by.is_empty())
+            .map(|(by, _)| fingerprint(&rule.name, &CompiledRule::key(by, fields)));
+        if let Some(fp) = &field_key
+            && self.state.open.get(fp).is_some_and(|o| t < o.until)
+        {
+            if let Some(o) = self.state.open.get_mut(fp) {
+                o.count += count;
+                o.last_seen = t;
+            }
+            suppress(self, out, "dedup");
+            return;
+        }
+        let Some(v) = view() else { return };
         let summary = rule.render_summary(v);
-        if let Some((by, window)) = &rule.dedup {
-            let key = if by.is_empty() {
-                vec![summary.clone()]
-            } else {
-                CompiledRule::key(by, v)
-            };
-            let fp = fingerprint(&rule.name, &key);
+        if let Some((_, window)) = &rule.dedup {
+            let fp = field_key
+                .clone()
+                .unwrap_or_else(|| fingerprint(&rule.name, std::slice::from_ref(&summary)));
             match self.state.open.get(&fp).map(|o| o.until) {
                 Some(until) if t < until => {
                     if let Some(o) = self.state.open.get_mut(&fp) {

@@ -615,6 +615,180 @@ impl View {
     }
 }
 
+/// One field's value as prechecks read it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scalar<'a> {
+    /// A string field.
+    Str(std::borrow::Cow<'a, str>),
+    /// A number field.
+    Int(i64),
+    /// A list, map or object, as its text.
+    Other(String),
+}
+
+impl Scalar<'_> {
+    /// As text (exception tuples, keys).
+    pub fn text(&self) -> String {
+        match self {
+            Self::Str(s) => s.to_string(),
+            Self::Int(n) => n.to_string(),
+            Self::Other(t) => t.clone(),
+        }
+    }
+
+    fn of(v: &Value) -> Scalar<'_> {
+        match v {
+            Value::String(s) => Scalar::Str(std::borrow::Cow::Borrowed(s.as_str())),
+            Value::Int(n) => Scalar::Int(*n),
+            other => Scalar::Other(text(other)),
+        }
+    }
+}
+
+/// What the checks before CEL read of an event.
+pub trait Fields {
+    /// The value at a field path.
+    fn field(&self, path: &str) -> Option<Scalar<'_>>;
+    /// The pod's namespace ("" for a node event).
+    fn namespace(&self) -> &str;
+    /// The pod's label `key`.
+    fn pod_label(&self, key: &str) -> Option<&str>;
+}
+
+impl Fields for View {
+    fn field(&self, path: &str) -> Option<Scalar<'_>> {
+        self.get(path).map(Scalar::of)
+    }
+    fn namespace(&self) -> &str {
+        View::namespace(self)
+    }
+    fn pod_label(&self, key: &str) -> Option<&str> {
+        View::pod_label(self, key)
+    }
+}
+
+/// A stored event read in place: string and number fields straight from
+/// the message, without building CEL maps; anything else (lists, objects,
+/// the rare field) from its [`View`], built once on first need. Most events
+/// are decided by prefilters alone, so most never build one.
+pub struct EventRef<'a> {
+    e: &'a Event,
+    /// The payload type.
+    pub payload: &'static str,
+    /// The payload's kind.
+    pub kind: &'static str,
+    view: std::cell::OnceCell<Option<View>>,
+}
+
+impl<'a> EventRef<'a> {
+    /// None for events rules never see.
+    pub fn new(e: &'a Event) -> Option<Self> {
+        let (payload, kind) = payload_kind(e)?;
+        Some(Self {
+            e,
+            payload,
+            kind,
+            view: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The full view, built on first call.
+    pub fn view(&self) -> Option<&View> {
+        self.view.get_or_init(|| View::of(self.e)).as_ref()
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        self.e
+    }
+
+    fn direct(&self, path: &str) -> Option<Scalar<'a>> {
+        use Scalar::{Int, Str};
+        use std::borrow::Cow::Borrowed;
+        let e = self.e;
+        let n = |v: i64| Some(Int(v));
+        let (root, rest) = path.split_once('.')?;
+        match (root, rest) {
+            ("event", "agentId") => Some(Str(Borrowed(&e.agent_id))),
+            ("event", "node") => Some(Str(Borrowed(&e.node))),
+            ("event", "collector") => Some(Str(Borrowed(&e.collector))),
+            ("event", "type") => Some(Str(Borrowed(self.payload))),
+            ("event", "kind") => Some(Str(Borrowed(self.kind))),
+            ("event", "severity") => Some(Str(Borrowed(severity_name(e.severity)))),
+            ("event", "seq") => n(e.seq.try_into().unwrap_or(i64::MAX)),
+            ("event", "observedAt") => n(e.observed_at),
+            ("event", "storedAt") => n(e.stored_at),
+            ("k8s", f) => {
+                let k = e.k8s.as_ref();
+                let get = |s: Option<&'a String>| Some(Str(Borrowed(s.map_or("", |s| s.as_str()))));
+                match f {
+                    "namespace" => get(k.map(|k| &k.namespace)),
+                    "pod" => get(k.map(|k| &k.pod)),
+                    "podUid" => get(k.map(|k| &k.pod_uid)),
+                    "serviceAccount" => get(k.map(|k| &k.service_account)),
+                    "container" => get(k.map(|k| &k.container)),
+                    "image" => get(k.map(|k| &k.image)),
+                    _ => None,
+                }
+            }
+            (root, f) if root == self.payload => match e.payload.as_ref()? {
+                Payload::Process(p) => match f {
+                    "pid" => n(p.pid.into()),
+                    "ppid" => n(p.ppid.into()),
+                    "uid" => n(p.uid.into()),
+                    "user" => Some(Str(Borrowed(&p.user))),
+                    "name" => Some(Str(Borrowed(&p.name))),
+                    "exe" => Some(Str(Borrowed(&p.exe))),
+                    "startTime" => n(p.start_time),
+                    "exitCode" => n(p.exit_code.into()),
+                    "containerId" => Some(Str(Borrowed(&p.container_id))),
+                    "podUid" => Some(Str(Borrowed(&p.pod_uid))),
+                    "cgroup" => Some(Str(Borrowed(&p.cgroup))),
+                    "source" => Some(Str(Borrowed(&p.source))),
+                    "parent.name" => Some(Str(Borrowed(&p.parent_name))),
+                    "parent.exe" => Some(Str(Borrowed(&p.parent_exe))),
+                    _ => None,
+                },
+                Payload::Flow(fl) => match f {
+                    "srcIp" => Some(Str(Borrowed(&fl.src_ip))),
+                    "dstIp" => Some(Str(Borrowed(&fl.dst_ip))),
+                    "srcPort" => n(fl.src_port.into()),
+                    "dstPort" => n(fl.dst_port.into()),
+                    "protocol" => n(fl.protocol.into()),
+                    "proto" => Some(Str(match fl.protocol {
+                        1 => Borrowed("icmp"),
+                        6 => Borrowed("tcp"),
+                        17 => Borrowed("udp"),
+                        58 => Borrowed("icmpv6"),
+                        other => std::borrow::Cow::Owned(other.to_string()),
+                    })),
+                    "vlan" => n(fl.vlan.into()),
+                    "interface" => Some(Str(Borrowed(&fl.interface))),
+                    "endReason" => Some(Str(Borrowed(&fl.end_reason))),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl Fields for EventRef<'_> {
+    fn field(&self, path: &str) -> Option<Scalar<'_>> {
+        if let Some(v) = self.direct(path) {
+            return Some(v);
+        }
+        self.view()?.get(path).map(Scalar::of)
+    }
+    fn namespace(&self) -> &str {
+        self.e.k8s.as_ref().map_or("", |k| k.namespace.as_str())
+    }
+    fn pod_label(&self, key: &str) -> Option<&str> {
+        self.e.k8s.as_ref()?.labels.get(key).map(String::as_str)
+    }
+}
+
 /// A value as text, for summaries and keys.
 pub fn text(v: &Value) -> String {
     match v {
@@ -818,6 +992,75 @@ mod tests {
                     assert!(field_type(real.payload, p).is_some(), "{p}");
                 }
             }
+        }
+    }
+
+    /// Every field path of the schema (not into lists of objects).
+    fn schema_paths(prefix: &str, fields: &[Field], out: &mut Vec<String>) {
+        for f in fields {
+            let p = format!("{prefix}.{}", f.name);
+            if let Ty::Obj(sub) = f.ty {
+                schema_paths(&p, sub, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn events_read_in_place_say_what_their_views_say() {
+        let mut events = full_events();
+        for (i, e) in events.iter_mut().enumerate() {
+            e.agent_id = format!("a{i}");
+            e.node = "n".into();
+            e.seq = 7 + i as u64;
+            e.stored_at = 99;
+            e.severity = Severity::Warning as i32;
+            e.k8s = Some(K8sIdentity {
+                namespace: "ns".into(),
+                pod: "p".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                ..Default::default()
+            });
+            match e.payload.as_mut().unwrap() {
+                event::Payload::Process(p) => {
+                    p.kind = process_event::Kind::Start as i32;
+                    p.name = "sh".into();
+                    p.exe = "/bin/sh".into();
+                    p.cmdline = vec!["sh".into(), "-c".into()];
+                    p.parent_name = "nginx".into();
+                    p.pid = 42;
+                }
+                event::Payload::Flow(f) => {
+                    f.src_ip = "10.0.0.1".into();
+                    f.dst_port = 443;
+                    f.protocol = 99;
+                }
+                _ => {}
+            }
+        }
+        for e in &events {
+            let r = EventRef::new(e).unwrap();
+            let v = View::of(e).unwrap();
+            let mut paths = Vec::new();
+            schema_paths("event", EVENT, &mut paths);
+            schema_paths("k8s", K8S, &mut paths);
+            let (_, body, _) = PAYLOADS.iter().find(|p| p.0 == r.payload).unwrap();
+            schema_paths(r.payload, body, &mut paths);
+            for p in paths {
+                assert_eq!(
+                    Fields::field(&r, &p).map(|s| s.text()),
+                    Fields::field(&v, &p).map(|s| s.text()),
+                    "{p}"
+                );
+                assert_eq!(
+                    matches!(Fields::field(&r, &p), Some(Scalar::Int(_))),
+                    matches!(Fields::field(&v, &p), Some(Scalar::Int(_))),
+                    "{p}"
+                );
+            }
+            assert_eq!(Fields::namespace(&r), "ns");
+            assert_eq!(Fields::pod_label(&r, "app"), Some("web"));
         }
     }
 
