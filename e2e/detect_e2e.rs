@@ -363,3 +363,264 @@ fn rules_test_names_what_fails_and_where() {
         "{out}"
     );
 }
+
+/// A webhook receiver: answers 503 while `up` is false, and keeps every
+/// alert id it accepted (in order) when up.
+#[derive(Default)]
+struct Receiver {
+    up: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU64,
+    accepted: std::sync::Mutex<Vec<serde_json::Value>>,
+}
+
+async fn start_receiver() -> (std::sync::Arc<Receiver>, u16) {
+    use axum::http::StatusCode;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let r = Arc::new(Receiver::default());
+    let state = r.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let r = state.clone();
+            async move {
+                if !r.up.load(Ordering::SeqCst) {
+                    r.refused.fetch_add(1, Ordering::SeqCst);
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                r.accepted
+                    .lock()
+                    .unwrap()
+                    .extend(v["alerts"].as_array().unwrap().iter().cloned());
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (r, port)
+}
+
+/// A real Alertmanager (Debian's prometheus-alertmanager, which the set-up
+/// installs) on loopback, routing to nowhere: the test reads its API.
+struct Alertmanager {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_alertmanager(root: &Path) -> Alertmanager {
+    let bin = std::env::var("AMOSKYS_ALERTMANAGER")
+        .unwrap_or_else(|_| "/usr/bin/prometheus-alertmanager".into());
+    assert!(
+        Path::new(&bin).exists(),
+        "Alertmanager not found at {bin}: run scripts/setup.sh (it installs prometheus-alertmanager) or set AMOSKYS_ALERTMANAGER"
+    );
+    let dir = root.join("alertmanager");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("am.yml"),
+        "route:\n  receiver: none\nreceivers:\n  - name: none\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg(format!("--config.file={}", dir.join("am.yml").display()))
+        .arg(format!("--storage.path={}", dir.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let am = Alertmanager { child, port };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(port, "/-/ready", None).0 != 200 {
+        assert!(Instant::now() < deadline, "Alertmanager did not get ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    am
+}
+
+fn accepted_ids(r: &Receiver) -> Vec<String> {
+    r.accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_alertmanager_and_a_webhook_once_across_an_outage_and_a_sigkill() {
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    pki(&root.join("pki"));
+    let (hook, hook_port) = start_receiver().await;
+    let am = start_alertmanager(root);
+    let ports = (free_port(), free_port());
+    let cfg = root.join("bus.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "detection:\n  rulesDir: {}\n  reloadInterval: 200ms\n  checkpointInterval: 1h\n\
+             alerting:\n  externalUrl: https://dash.example\n  alertmanager:\n    url: http://127.0.0.1:{}\n  \
+             webhook:\n    url: http://127.0.0.1:{hook_port}/hook\n    maxBatch: 2\n    timeout: 2s\n",
+            starter_rules().display(),
+            am.port,
+        ),
+    )
+    .unwrap();
+    let start = || {
+        start_bus_with(
+            root,
+            "batch",
+            Some(ports),
+            &["--config", cfg.to_str().unwrap()],
+        )
+    };
+    let mut bus = start();
+
+    // The webhook is down; three alerts are stored and wait.
+    let down_since = Instant::now();
+    publish(
+        &bus,
+        root,
+        vec![
+            process(1, "bash", "/bin/bash", "c0ffee"),
+            process(2, "x", "/dev/shm/x", ""),
+            process(3, "xmrig", "/tmp/xmrig", ""),
+        ],
+    )
+    .await;
+    wait_alerts(&bus, root, "three alerts", |a| a.len() >= 3).await;
+    wait_for("the webhook's refusals", 30, || {
+        hook.refused.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(accepted_ids(&hook).is_empty());
+    assert!(
+        metric(
+            bus.http,
+            "amoskys_bus_alert_sink_errors_total{sink=\"webhook\",reason=\"status\"}"
+        ) >= 1.0
+    );
+
+    // Killed between the match and its delivery to the webhook.
+    bus.child.kill().unwrap();
+    bus.child.wait().unwrap();
+    let bus = start();
+    // The receiver stays down for 30 s in all, across the restart.
+    let outage = Duration::from_secs(30);
+    tokio::time::sleep(outage.saturating_sub(down_since.elapsed())).await;
+    hook.up.store(true, Ordering::SeqCst);
+    wait_for("three alerts at the webhook", 60, || {
+        accepted_ids(&hook).len() >= 3
+    })
+    .await;
+
+    // One more alert after the outage; then each alert was received once.
+    publish(&bus, root, vec![process(4, "zsh", "/bin/zsh", "beef")]).await;
+    wait_for("the fourth alert at the webhook", 60, || {
+        accepted_ids(&hook).len() >= 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stored = alerts(&bus, root).await;
+    assert_eq!(stored.len(), 4, "{stored:#?}");
+    let mut ids = accepted_ids(&hook);
+    assert_eq!(ids.len(), 4, "each alert once: {ids:?}");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "each alert once");
+    let rules: Vec<String> = hook
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a["event"]["payload"]["alert"]["rule"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        rules.contains(&"crypto-miner-process".to_string()),
+        "{rules:?}"
+    );
+    for a in hook.accepted.lock().unwrap().iter() {
+        assert!(
+            a["link"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://dash.example/events?shard=0&offset="),
+            "{a}"
+        );
+    }
+
+    // Alertmanager took the same alerts, with their stable labels.
+    let mut names = Vec::new();
+    wait_for("four alerts in Alertmanager", 30, || {
+        let (status, body) = common::http_get(am.port, "/api/v2/alerts", None);
+        if status != 200 {
+            return false;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let list = v.as_array().cloned().unwrap_or_default();
+        names = list
+            .iter()
+            .map(|a| a["labels"]["alertname"].as_str().unwrap_or("").to_string())
+            .collect();
+        list.len() >= 4
+            && list.iter().all(|a| {
+                a["labels"]["severity"].is_string()
+                    && a["labels"]["node"] == "node-1"
+                    && a["generatorURL"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("https://dash.example/events?"))
+            })
+    })
+    .await;
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "crypto-miner-process",
+            "exec-from-shm-or-tmp",
+            "shell-in-container",
+            "shell-in-container"
+        ]
+    );
+    assert_eq!(
+        metric(
+            bus.http,
+            "amoskys_bus_alert_sink_sent_total{sink=\"webhook\"}"
+        ),
+        4.0
+    );
+    // Alertmanager was up throughout: the first bus delivered its three
+    // before the kill (unless the kill beat it), this one the rest.
+    let am_sent = metric(
+        bus.http,
+        "amoskys_bus_alert_sink_sent_total{sink=\"alertmanager\"}",
+    );
+    assert!(am_sent == 1.0 || am_sent == 4.0, "{am_sent}");
+}

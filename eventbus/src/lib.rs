@@ -27,6 +27,7 @@ mod registry;
 mod server;
 mod service;
 mod shard;
+mod sinks;
 mod store;
 mod tls;
 mod writer;

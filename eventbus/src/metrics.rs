@@ -31,6 +31,17 @@ pub struct RouteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkReasonLabel {
+    pub sink: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabel {
     pub rule: String,
 }
@@ -119,6 +130,11 @@ pub struct BusMetrics {
     pub detect_alerts: Counter,
     pub detect_lag_events: Gauge,
     pub detect_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sink_sent: Family<SinkLabel, Counter>,
+    pub sink_rejected: Family<SinkLabel, Counter>,
+    pub sink_errors: Family<SinkReasonLabel, Counter>,
+    pub sink_backlog_events: Family<SinkLabel, Gauge>,
+    pub sink_delivery_seconds: Family<SinkLabel, Histogram>,
 }
 
 impl BusMetrics {
@@ -183,6 +199,13 @@ impl BusMetrics {
             detect_alerts: Counter::default(),
             detect_lag_events: Gauge::default(),
             detect_lag_seconds: Gauge::default(),
+            sink_sent: Family::default(),
+            sink_rejected: Family::default(),
+            sink_errors: Family::default(),
+            sink_backlog_events: Family::default(),
+            sink_delivery_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 18))
+            }),
             shard_index: Gauge::default(),
             shard_epoch: Gauge::default(),
             shard_active: Gauge::default(),
@@ -510,6 +533,31 @@ impl BusMetrics {
             "detect_lag_seconds",
             "Age of the oldest stored event the detector has not evaluated",
             m.detect_lag_seconds.clone(),
+        );
+        registry.register(
+            "alert_sink_sent",
+            "Alerts a receiver acknowledged, by sink (alertmanager, webhook)",
+            m.sink_sent.clone(),
+        );
+        registry.register(
+            "alert_sink_rejected",
+            "Alerts a receiver refused as invalid (a 4xx other than 408 and 429), logged and not sent again, by sink",
+            m.sink_rejected.clone(),
+        );
+        registry.register(
+            "alert_sink_errors",
+            "Failed deliveries that are retried, by sink and reason (connect, timeout, status)",
+            m.sink_errors.clone(),
+        );
+        registry.register(
+            "alert_sink_backlog_events",
+            "Stored events the sink has not passed yet (alerts among them wait for delivery)",
+            m.sink_backlog_events.clone(),
+        );
+        registry.register(
+            "alert_sink_delivery_seconds",
+            "From an alert stored to its receiver's acknowledgement, by sink",
+            m.sink_delivery_seconds.clone(),
         );
         Self { registry, ..m }
     }

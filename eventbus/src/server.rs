@@ -235,6 +235,15 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         ),
         None => None,
     };
+    let base_url = state.cfg.alerting.external_url.clone().unwrap_or_else(|| {
+        let scheme = if cfg.http_tls { "https" } else { "http" };
+        format!("{scheme}://{http_addr}")
+    });
+    for sink in state.cfg.alerting.sinks.clone() {
+        // Saved before retention first runs, whether or not the receiver is up.
+        let from = crate::sinks::start_cursor(&state, sink.kind)?;
+        crate::sinks::spawn(state.clone(), sink, base_url.clone(), from);
+    }
     spawn_retention(state.clone());
     if let (Some((_, newest)), Some(every)) =
         (&backups, cfg.backup.as_ref().and_then(|b| b.interval))

@@ -154,6 +154,21 @@ pub enum Hold {
     Export = 0,
     /// The detector.
     Detect = 1,
+    /// The Alertmanager alert sink.
+    Alertmanager = 2,
+    /// The webhook alert sink.
+    Webhook = 3,
+}
+
+impl Hold {
+    /// The meta key of an alert sink's cursor.
+    fn sink_key(self) -> Option<&'static [u8]> {
+        match self {
+            Hold::Alertmanager => Some(b"sink_cursor.alertmanager"),
+            Hold::Webhook => Some(b"sink_cursor.webhook"),
+            Hold::Export | Hold::Detect => None,
+        }
+    }
 }
 
 pub struct Store {
@@ -164,12 +179,10 @@ pub struct Store {
     first_offset: AtomicU64,
     /// What the last committed group's write batch took per event.
     batch_bytes_per_event: AtomicUsize,
-    /// Age retention keeps the block holding this offset and all after it
-    /// (an export's cursor); 0 holds nothing.
     /// Where each reader of the store that must see every event (the
-    /// export, the detector) is; age retention keeps everything from the
-    /// lowest (0: no hold).
-    retention_holds: [AtomicU64; 2],
+    /// export, the detector, the alert sinks) is; age retention keeps
+    /// everything from the lowest (0: no hold).
+    retention_holds: [AtomicU64; 4],
 }
 
 fn db_options(write_buffer_bytes: usize, direct_io: bool) -> Options {
@@ -261,7 +274,7 @@ impl Store {
             next_offset: AtomicU64::new(1),
             first_offset: AtomicU64::new(1),
             batch_bytes_per_event: AtomicUsize::new(256),
-            retention_holds: [AtomicU64::new(0), AtomicU64::new(0)],
+            retention_holds: Default::default(),
         };
         s.reopen()?;
         Ok(s)
@@ -784,12 +797,39 @@ impl Store {
     /// Where the NATS export resumes: the first offset it has not had
     /// acked. None before its first ack.
     pub fn export_cursor(&self) -> Result<Option<u64>, StoreError> {
+        self.meta_u64(KEY_EXPORT_NATS)
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
         let db = self.db()?;
         let meta = cf(&db, CF_META)?;
         Ok(db
-            .get_cf(meta, KEY_EXPORT_NATS)
+            .get_cf(meta, key)
             .map_err(|e| self.rocks(e))?
             .and_then(|v| read_u64(&v)))
+    }
+
+    /// Where an alert sink (`who`) resumes: the first offset it has not
+    /// delivered. None before its first save.
+    pub fn sink_cursor(&self, who: Hold) -> Result<Option<u64>, StoreError> {
+        match who.sink_key() {
+            Some(key) => self.meta_u64(key),
+            None => Ok(None),
+        }
+    }
+
+    /// Records an alert sink's cursor and holds age retention there. Not
+    /// synced, as the export's: a cursor lost with the machine makes the
+    /// sink deliver again what its receiver then sees twice (Alertmanager
+    /// merges an alert it already has).
+    pub fn set_sink_cursor(&self, who: Hold, next: u64) -> Result<(), StoreError> {
+        let Some(key) = who.sink_key() else {
+            return Ok(());
+        };
+        self.hold_retention(who, next);
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        db.put_cf(meta, key, be(next)).map_err(|e| self.rocks(e))
     }
 
     /// Records the export's cursor and holds age retention there. Not

@@ -327,6 +327,10 @@ function events() {
   }
   older.addEventListener("click", () => { if (cursor !== null) search(cursor); });
   openTail();
+  // An alert's link (Alertmanager's generatorURL, the webhook's link) opens
+  // its event: /events?shard=S&offset=O.
+  const linked = new URLSearchParams(location.search);
+  if (linked.get("offset")) showEvent(linked.get("offset"), linked.get("shard"));
 }
 
 // ---- Router ----------------------------------------------------------------
