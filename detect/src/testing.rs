@@ -7,7 +7,7 @@ use cel::{Env, Value};
 
 use crate::compile::{CompiledRule, RuleSet};
 use crate::engine::{Decision, Engine};
-use crate::rule::{Expect, RuleDocument};
+use crate::rule::{Expect, RuleDocument, Scope};
 use crate::view::View;
 
 /// One inline test's result.
@@ -21,10 +21,34 @@ pub struct TestOutcome {
     pub message: String,
 }
 
+/// A DetectionRule sees only events of pods in its namespace: a test event
+/// of one that names no namespace is an event of a pod there.
+fn in_rule_namespace(doc: &RuleDocument, e: &serde_json::Value) -> serde_json::Value {
+    let mut e = e.clone();
+    if let (Some(Scope::Namespaced), Some(ns), Some(obj)) = (
+        doc.scope(),
+        doc.metadata.namespace.as_ref(),
+        e.as_object_mut(),
+    ) {
+        let k8s = obj.entry("k8s").or_insert_with(|| serde_json::json!({}));
+        if let Some(k8s) = k8s.as_object_mut()
+            && k8s
+                .get("namespace")
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .is_empty()
+        {
+            k8s.insert("namespace".into(), serde_json::json!(ns));
+        }
+    }
+    e
+}
+
 /// Runs a compiled rule's inline tests (from `doc`): each on a fresh
 /// engine holding only this rule, in alert mode. Test events without
 /// `event.storedAt` are stored one second apart; without `event.kind`
-/// they have the first of the rule's `match.kinds`.
+/// they have the first of the rule's `match.kinds`; a DetectionRule's
+/// events without `k8s.namespace` are in the rule's namespace.
 pub fn run_tests(doc: &RuleDocument, rule: &Arc<CompiledRule>, env: &Arc<Env>) -> Vec<TestOutcome> {
     doc.spec
         .tests
@@ -47,7 +71,8 @@ pub fn run_tests(doc: &RuleDocument, rule: &Arc<CompiledRule>, env: &Arc<Env>) -
             }
             let mut views = Vec::new();
             for (m, e) in events.iter().enumerate() {
-                match View::from_json(rule.payload, e) {
+                let e = in_rule_namespace(doc, e);
+                match View::from_json(rule.payload, &e) {
                     Ok(v) => views.push(v),
                     Err(e) => return fail(format!("spec.tests[{n}] event {m}: {e}")),
                 }

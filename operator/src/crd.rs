@@ -610,11 +610,87 @@ pub struct AgentCollectorStatus {
     pub mode: String,
 }
 
-/// The three CRDs, in the order they are written.
+// ---- Detection rules -------------------------------------------------------
+
+/// A detection rule for the events of pods in its own namespace. The spec is
+/// the rule file's (docs/detection.md); the operator compiles it, runs its
+/// inline tests and hands it to every EventBus.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "amoskys.io",
+    version = "v1alpha1",
+    kind = "DetectionRule",
+    namespaced,
+    shortname = "dr",
+    category = "amoskys",
+    status = "DetectionRuleStatus",
+    printcolumn = r#"{"name":"Severity","type":"string","jsonPath":".spec.severity"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Compiled","type":"string","jsonPath":".status.conditions[?(@.type==\"Compiled\")].status"}"#,
+    printcolumn = r#"{"name":"Tests","type":"string","jsonPath":".status.conditions[?(@.type==\"TestsPassed\")].status"}"#,
+    printcolumn = r#"{"name":"Loaded","type":"string","jsonPath":".status.conditions[?(@.type==\"Loaded\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct DetectionRuleSpec {
+    /// The rule.
+    #[serde(flatten)]
+    pub rule: amoskys_detect::RuleSpec,
+}
+
+/// A detection rule for any event: narrowed by namespaces and a pod
+/// selector, and seeing node-level events (no pod) unless told not to.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "amoskys.io",
+    version = "v1alpha1",
+    kind = "ClusterDetectionRule",
+    shortname = "cdr",
+    category = "amoskys",
+    status = "DetectionRuleStatus",
+    printcolumn = r#"{"name":"Severity","type":"string","jsonPath":".spec.severity"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Compiled","type":"string","jsonPath":".status.conditions[?(@.type==\"Compiled\")].status"}"#,
+    printcolumn = r#"{"name":"Tests","type":"string","jsonPath":".status.conditions[?(@.type==\"TestsPassed\")].status"}"#,
+    printcolumn = r#"{"name":"Loaded","type":"string","jsonPath":".status.conditions[?(@.type==\"Loaded\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct ClusterDetectionRuleSpec {
+    /// The rule.
+    #[serde(flatten)]
+    pub rule: amoskys_detect::RuleSpec,
+}
+
+/// What the operator made of a rule.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectionRuleStatus {
+    /// Compiled (the condition type-checks against the event fields; the
+    /// message names the field, line and column of an error), TestsPassed
+    /// (every inline test), Loaded (in the rule set handed to the buses).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status describes.
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+    /// Inline tests run.
+    #[serde(default)]
+    pub tests: u32,
+    /// Of those, passed.
+    #[serde(default)]
+    pub tests_passed: u32,
+}
+
+/// The CRDs, in the order they are written.
 pub fn all()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![EventBus::crd(), AgentSet::crd(), Agent::crd()]
+    vec![
+        EventBus::crd(),
+        AgentSet::crd(),
+        Agent::crd(),
+        DetectionRule::crd(),
+        ClusterDetectionRule::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML file.

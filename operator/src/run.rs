@@ -22,7 +22,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, Context, Error};
-use crate::crd::{AgentSet, EventBus};
+use crate::crd::{AgentSet, ClusterDetectionRule, DetectionRule, EventBus};
 use crate::labels::MANAGER;
 
 /// How the operator runs.
@@ -174,7 +174,19 @@ pub async fn run_until(
         }
     });
 
-    let buses_ctl = Controller::new(Api::<EventBus>::all(client.clone()), Default::default())
+    let buses_ctl = Controller::new(Api::<EventBus>::all(client.clone()), Default::default());
+    // Every bus runs every rule: a rule added, changed or deleted rewrites
+    // each bus's rule set.
+    let all_buses = buses_ctl.store();
+    let every_bus = move || {
+        all_buses
+            .state()
+            .into_iter()
+            .map(|b| ObjectRef::from_obj(b.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    let every_bus_too = every_bus.clone();
+    let buses_ctl = buses_ctl
         .owns(Api::<StatefulSet>::all(client.clone()), owned())
         .owns(Api::<Service>::all(client.clone()), owned())
         .owns(Api::<ConfigMap>::all(client.clone()), owned())
@@ -188,6 +200,16 @@ pub async fn run_until(
                 set.namespace()
                     .map(|ns| ObjectRef::new(&set.spec.bus_ref.name).within(&ns))
             },
+        )
+        .watches(
+            Api::<DetectionRule>::all(client.clone()),
+            Default::default(),
+            move |_| every_bus(),
+        )
+        .watches(
+            Api::<ClusterDetectionRule>::all(client.clone()),
+            Default::default(),
+            move |_| every_bus_too(),
         )
         .graceful_shutdown_on({
             let s = shutdown.clone();
@@ -213,11 +235,39 @@ pub async fn run_until(
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
+    let rules_ctl = Controller::new(
+        Api::<DetectionRule>::all(client.clone()),
+        Default::default(),
+    )
+    .graceful_shutdown_on({
+        let s = shutdown.clone();
+        async move { s.cancelled().await }
+    })
+    .run(
+        controller::rules::reconcile_rule,
+        controller::requeue_on_error,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    let cluster_rules_ctl = Controller::new(
+        Api::<ClusterDetectionRule>::all(client.clone()),
+        Default::default(),
+    )
+    .graceful_shutdown_on({
+        let s = shutdown.clone();
+        async move { s.cancelled().await }
+    })
+    .run(
+        controller::rules::reconcile_cluster_rule,
+        controller::requeue_on_error,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
     let agents = controller::agents::run(&ctx, opts.agents_interval, {
         let s = shutdown.clone();
         async move { s.cancelled().await }
     });
-    tokio::join!(buses_ctl, sets_ctl, agents);
+    tokio::join!(buses_ctl, sets_ctl, rules_ctl, cluster_rules_ctl, agents);
 
     ctx.metrics.leader.set(0);
     drop(leader);

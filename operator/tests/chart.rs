@@ -88,7 +88,11 @@ fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 
 #[test]
 fn defaults_render_the_operator_and_its_least_privilege_rbac() {
-    let docs = render(&[]);
+    // The starter rules are checked on their own, below.
+    let docs: Vec<Value> = render(&[])
+        .into_iter()
+        .filter(|d| d["kind"] != "ClusterDetectionRule")
+        .collect();
     assert_eq!(
         kinds(&docs),
         [
@@ -140,6 +144,10 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
         ("amoskys.io", "eventbuses/status", &["patch"]),
         ("amoskys.io", "agentsets/status", &["patch"]),
         ("amoskys.io", "agents/status", &["patch"]),
+        ("amoskys.io", "detectionrules", &["list", "watch"]),
+        ("amoskys.io", "clusterdetectionrules", &["list", "watch"]),
+        ("amoskys.io", "detectionrules/status", &["patch"]),
+        ("amoskys.io", "clusterdetectionrules/status", &["patch"]),
         (
             "amoskys.io",
             "agents",
@@ -235,6 +243,58 @@ fn every_optional_part_renders_what_it_promises() {
     agentset::validate(&set).unwrap();
     assert_eq!(set.spec.bus_ref.name, bus.metadata.name.clone().unwrap());
     assert_eq!(EventBus::crd().spec.names.kind, "EventBus");
+}
+
+#[test]
+fn the_starter_rules_install_by_default_and_each_compiles_and_passes_its_tests() {
+    use amoskys_operator::build::rules::{check, document};
+    use amoskys_operator::crd::ClusterDetectionRule;
+    // The chart carries a copy of config/rules (Helm reads only files
+    // inside the chart): the two stay equal.
+    let mut want = 0;
+    let mut files: Vec<_> = std::fs::read_dir(repo("config/rules"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let copies = std::fs::read_dir(repo("charts/amoskys/rules"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        copies,
+        files.len(),
+        "charts/amoskys/rules is not config/rules"
+    );
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let copy =
+            std::fs::read_to_string(repo("charts/amoskys/rules").join(&name)).unwrap_or_default();
+        assert!(
+            copy == text,
+            "charts/amoskys/rules/{name} differs from config/rules/{name}: cp config/rules/*.yaml charts/amoskys/rules/"
+        );
+        want += amoskys_detect::parse_rule_file(&name, &text).unwrap().len();
+    }
+    let rules: Vec<ClusterDetectionRule> = render(&[])
+        .into_iter()
+        .filter(|d| d["kind"] == "ClusterDetectionRule")
+        .map(|d| serde_json::from_value(d).unwrap())
+        .collect();
+    assert!(want >= 10);
+    assert_eq!(rules.len(), want);
+    for r in &rules {
+        let v = check(&document("ClusterDetectionRule", &r.metadata, &r.spec.rule));
+        assert!(v.loadable(), "{:?}: {v:?}", r.metadata.name);
+        assert!(v.tests > 0, "{:?} has no inline tests", r.metadata.name);
+        assert!(
+            r.spec.rule.labels.contains_key("mitre"),
+            "{:?}",
+            r.metadata.name
+        );
+    }
+    let off = render(&["--set", "starterRules.enabled=false"]);
+    assert!(off.iter().all(|d| d["kind"] != "ClusterDetectionRule"));
 }
 
 #[test]

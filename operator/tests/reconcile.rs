@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use amoskys_operator::crd::{AgentSet, EventBus};
+use amoskys_operator::crd::{
+    AgentSet, ClusterDetectionRule, ClusterDetectionRuleSpec, DetectionRule, DetectionRuleSpec,
+    EventBus,
+};
 use amoskys_operator::rotation;
 use common::{NS, World, in_ns, sample_bus, sample_set, world};
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
@@ -1205,4 +1208,166 @@ async fn export_ready_follows_what_every_shard_reports() {
     let (status, reason, message) = condition(&conds(&w), "ExportReady");
     assert_eq!((status.as_str(), reason.as_str()), ("True", "Exporting"));
     assert!(message.contains("10 events behind"), "{message}");
+}
+
+fn detection_rule(ns: &str, name: &str, condition: &str, expect: &str) -> DetectionRule {
+    let spec: amoskys_detect::RuleSpec = serde_saphyr::from_str(&format!(
+        "match: {{event: process, kinds: [start]}}\ncondition: {condition:?}\nsummary: 'shell {{process.name}}'\nseverity: error\ntests:\n  - name: sh starts\n    event: {{process: {{name: sh}}}}\n    expect: {expect}\n"
+    ))
+    .unwrap();
+    let mut r = DetectionRule::new(name, DetectionRuleSpec { rule: spec });
+    r.metadata.namespace = Some(ns.into());
+    r.metadata.generation = Some(1);
+    r
+}
+
+#[tokio::test]
+async fn detection_rules_get_their_status_and_only_good_ones_reach_every_bus() {
+    use amoskys_operator::controller::rules::{reconcile_cluster_rule, reconcile_rule};
+    let w = started_world().await;
+    w.api.insert(&detection_rule(
+        NS,
+        "shell",
+        "process.name == 'sh'",
+        "match",
+    ));
+    w.api.insert(&detection_rule(
+        "shop",
+        "shell",
+        "process.name in ['sh', 'bash']",
+        "match",
+    ));
+    w.api
+        .insert(&detection_rule(NS, "syntax", "process.name == ", "match"));
+    w.api.insert(&detection_rule(
+        NS,
+        "unknown-field",
+        "process.nmae == 'sh'",
+        "match",
+    ));
+    w.api.insert(&detection_rule(
+        NS,
+        "failing",
+        "process.name == 'bash'",
+        "match",
+    ));
+    w.api.insert(&ClusterDetectionRule::new(
+        "miner",
+        ClusterDetectionRuleSpec {
+            rule: detection_rule(NS, "x", "process.name == 'sh'", "match")
+                .spec
+                .rule,
+        },
+    ));
+
+    for (ns, name) in [
+        (NS, "shell"),
+        ("shop", "shell"),
+        (NS, "syntax"),
+        (NS, "unknown-field"),
+        (NS, "failing"),
+    ] {
+        let r: DetectionRule = w.api.get(Some(ns), name).unwrap();
+        reconcile_rule(std::sync::Arc::new(r), w.ctx.clone())
+            .await
+            .unwrap();
+    }
+    let c: ClusterDetectionRule = w.api.get(None, "miner").unwrap();
+    reconcile_cluster_rule(std::sync::Arc::new(c), w.ctx.clone())
+        .await
+        .unwrap();
+
+    let status = |ns: &str, name: &str| {
+        let r: DetectionRule = w.api.get(Some(ns), name).unwrap();
+        r.status.unwrap()
+    };
+    let good = status(NS, "shell");
+    for t in ["Compiled", "TestsPassed", "Loaded"] {
+        assert_eq!(condition(&good.conditions, t).0, "True", "{t}: {good:?}");
+    }
+    assert_eq!((good.tests, good.tests_passed), (1, 1));
+    assert_eq!(good.observed_generation, Some(1));
+
+    let syntax = status(NS, "syntax");
+    let (st, reason, msg) = condition(&syntax.conditions, "Compiled");
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "CompileError"));
+    assert!(
+        msg.contains("spec.condition") && msg.contains("line 1, column"),
+        "{msg}"
+    );
+    assert_eq!(condition(&syntax.conditions, "Loaded").0, "False");
+
+    let unknown = status(NS, "unknown-field");
+    let (st, _, msg) = condition(&unknown.conditions, "Compiled");
+    assert_eq!(st, "False");
+    assert!(msg.contains("nmae"), "{msg}");
+
+    let failing = status(NS, "failing");
+    assert_eq!(condition(&failing.conditions, "Compiled").0, "True");
+    let (st, reason, msg) = condition(&failing.conditions, "TestsPassed");
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "TestsFailed"));
+    assert!(msg.contains("sh starts"), "{msg}");
+    assert_eq!(condition(&failing.conditions, "Loaded").0, "False");
+
+    let miner: ClusterDetectionRule = w.api.get(None, "miner").unwrap();
+    let generation = miner.metadata.generation;
+    let miner = miner.status.unwrap();
+    assert_eq!(condition(&miner.conditions, "Loaded").0, "True");
+    assert_eq!(miner.observed_generation, generation);
+
+    // The bus gets the rules that passed, mounted where its config reads them.
+    w.reconcile_bus("amoskys").await;
+    let cm: ConfigMap = w
+        .api
+        .get(Some(NS), "amoskys-rules")
+        .expect("rules ConfigMap");
+    let yaml = cm.data.unwrap()["rules.yaml"].clone();
+    let loaded = amoskys_detect::parse_rule_file("rules.yaml", &yaml).unwrap();
+    let names: Vec<String> = loaded.iter().map(|d| d.qualified_name()).collect();
+    assert_eq!(
+        names,
+        vec![
+            "miner".to_string(),
+            format!("{NS}/shell"),
+            "shop/shell".to_string()
+        ]
+    );
+    let bus_yaml: ConfigMap = w.api.get(Some(NS), "amoskys-config").unwrap();
+    assert!(bus_yaml.data.unwrap()["bus.yaml"].contains("rulesDir: /etc/amoskys/rules"));
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let pod = sts.spec.template.spec.unwrap();
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "rules")
+        .expect("rules volume");
+    assert_eq!(vol.config_map.unwrap().name, "amoskys-rules");
+
+    // Nothing changed: a second pass writes nothing.
+    let before = w.api.changes().len();
+    let r: DetectionRule = w.api.get(Some(NS), "syntax").unwrap();
+    reconcile_rule(std::sync::Arc::new(r), w.ctx.clone())
+        .await
+        .unwrap();
+    w.reconcile_bus("amoskys").await;
+    assert_eq!(object_writes(&w, before), Vec::<String>::new());
+
+    // A fixed rule joins the rule set.
+    w.api.patch::<DetectionRule>(
+        Some(NS),
+        "syntax",
+        json!({"spec": {"condition": "process.name == 'sh'"}, "metadata": {"generation": 2}}),
+    );
+    let r: DetectionRule = w.api.get(Some(NS), "syntax").unwrap();
+    reconcile_rule(std::sync::Arc::new(r), w.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&status(NS, "syntax").conditions, "Loaded").0,
+        "True"
+    );
+    w.reconcile_bus("amoskys").await;
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-rules").unwrap();
+    assert!(cm.data.unwrap()["rules.yaml"].contains("name: syntax"));
 }

@@ -43,6 +43,9 @@ pub const PEER_TLS_DIR: &str = "/etc/amoskys/peer";
 /// Where the shard map ConfigMap is mounted; kubelet refreshes the file in
 /// place, and the bus re-reads it without restarting.
 pub const SHARDS_DIR: &str = "/etc/amoskys/shards";
+/// Where the rules ConfigMap is mounted: the bus's `detection.rulesDir`,
+/// re-read when kubelet updates the file.
+pub const RULES_DIR: &str = "/etc/amoskys/rules";
 /// The pod label the StatefulSet controller sets to the pod's ordinal.
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// The NATS export's TLS Secret's mount.
@@ -97,6 +100,9 @@ pub struct Names {
     pub peer_secret: String,
     /// The ConfigMap with the shard map.
     pub shards: String,
+    /// The ConfigMap with the detection rules that compiled and passed
+    /// their tests.
+    pub rules: String,
 }
 
 impl Names {
@@ -114,6 +120,7 @@ impl Names {
             dashboard_secret: format!("{bus}-dashboard"),
             peer_secret: format!("{bus}-peer-tls"),
             shards: format!("{bus}-shards"),
+            rules: format!("{bus}-rules"),
         }
     }
 }
@@ -264,6 +271,13 @@ struct BusFile<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     export: Option<ExportFile<'a>>,
     sharding: ShardingFile,
+    detection: DetectionFile,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DetectionFile {
+    rules_dir: &'static str,
 }
 
 #[derive(Serialize)]
@@ -359,6 +373,11 @@ pub fn bus_config(bus: &EventBus) -> String {
             map_file: format!("{SHARDS_DIR}/map.yaml"),
             peer_tls_dir: PEER_TLS_DIR,
         },
+        // The rules come in their own ConfigMap (the operator's checked
+        // rule set), so a rule change restarts no pod.
+        detection: DetectionFile {
+            rules_dir: RULES_DIR,
+        },
     };
     rendered(bus, &f)
 }
@@ -371,6 +390,13 @@ fn meta(bus: &EventBus, name: &str) -> ObjectMeta {
 pub fn config_map(bus: &EventBus) -> ConfigMap {
     let name = Names::of(&bus.name_any()).config;
     crate::labels::config_map(bus, COMPONENT, &name, "bus.yaml", bus_config(bus))
+}
+
+/// The ConfigMap with the rule set (`rules.yaml`): every detection rule in
+/// the cluster that compiled and passed its inline tests.
+pub fn rules_config_map(bus: &EventBus, rules_yaml: String) -> ConfigMap {
+    let name = Names::of(&bus.name_any()).rules;
+    crate::labels::config_map(bus, COMPONENT, &name, "rules.yaml", rules_yaml)
 }
 
 /// Every pod's stable address, by ordinal: the headless Service names the
@@ -644,6 +670,7 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                 mount("dashboard", TOKEN_DIR),
                 mount("peer", PEER_TLS_DIR),
                 mount("shards", SHARDS_DIR),
+                mount("rules", RULES_DIR),
             ]
             .into_iter()
             .chain(s.backup.as_ref().map(|_| mount("backup", BACKUP_DIR)))
@@ -695,6 +722,16 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                     name: "shards".into(),
                     config_map: Some(ConfigMapVolumeSource {
                         name: n.shards.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "rules".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: n.rules.clone(),
+                        // A pod starts before the first rule set is written.
+                        optional: Some(true),
                         ..Default::default()
                     }),
                     ..Default::default()

@@ -5,3 +5,4 @@
 
 pub mod agentset;
 pub mod eventbus;
+pub mod rules;

@@ -11,6 +11,7 @@ pub mod agents;
 pub mod agentset;
 pub mod eventbus;
 pub mod metrics;
+pub mod rules;
 
 use amoskys_proto::StatsResponse;
 use std::collections::{BTreeMap, HashMap};
@@ -68,6 +69,14 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An object could not be written as YAML.
+    #[error("writing {what} as YAML: {message}")]
+    Yaml {
+        /// What was being written.
+        what: &'static str,
+        /// Why it failed.
+        message: String,
+    },
     /// The leader lease could not be taken or kept.
     #[error("leader election: {0}")]
     Lease(#[from] kube_lease_manager::LeaseManagerError),
@@ -98,6 +107,7 @@ impl Error {
             Error::Pki(_) => "pki",
             Error::NoNamespace { .. } => "no_namespace",
             Error::Json { .. } => "json",
+            Error::Yaml { .. } => "yaml",
             Error::Lease(_) | Error::LeaseLost => "lease",
             Error::Io(_) => "io",
         }

@@ -28,8 +28,8 @@ use super::{
 };
 use crate::build::eventbus::{
     COMPONENT, InvalidSpec, NATS_CREDS_KEY, Names, config_map, endpoint, invalid, nats_export, pdb,
-    removable_after, retained_pods, services, shard_map, shard_map_config, shard_map_of,
-    statefulset, validate,
+    removable_after, retained_pods, rules_config_map, services, shard_map, shard_map_config,
+    shard_map_of, statefulset, validate,
 };
 use crate::crd::{AgentSet, EventBus, EventBusStatus, ShardStatus};
 use crate::labels::{owned_meta, selector, selector_query};
@@ -116,6 +116,8 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
 
     let image = ctx.image.as_deref();
     apply(&ctx.client, &ns, &config_map(bus)).await?;
+    let rules = super::rules::rule_set(&ctx.client).await?;
+    apply(&ctx.client, &ns, &rules_config_map(bus, rules)).await?;
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let held_map = maps
         .get_opt(&Names::of(&name).shards)

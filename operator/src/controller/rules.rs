@@ -1,0 +1,94 @@
+//! The detection rules reconciler: checks each `DetectionRule` and
+//! `ClusterDetectionRule` (compiled against the event fields, inline tests
+//! run, as the bus does before it loads a rule) and writes what it found in
+//! the rule's status. The rule set the buses run is written by the EventBus
+//! reconciler ([`rule_set`]): only rules that passed both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Client, ResourceExt};
+
+use super::{Context, Error, observed, write_status};
+use crate::build::rules::{check, document, documents, rule_set_yaml, status};
+use crate::crd::{ClusterDetectionRule, DetectionRule, EventBus};
+
+/// How often a rule is looked at again without a change: its Loaded
+/// condition follows EventBuses coming and going.
+const RECHECK: Duration = Duration::from_secs(300);
+
+/// EventBuses in the cluster: each runs every rule.
+async fn buses(client: &Client) -> Result<usize, Error> {
+    let api: Api<EventBus> = Api::all(client.clone());
+    Ok(api.list(&ListParams::default()).await?.items.len())
+}
+
+/// Reconciles one `DetectionRule`.
+pub async fn reconcile_rule(rule: Arc<DetectionRule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = rule.namespace().unwrap_or_default();
+    observed(&ctx, "detectionrule", &ns, &rule.name_any(), async {
+        let doc = document("DetectionRule", &rule.metadata, &rule.spec.rule);
+        let verdict = check(&doc);
+        let n = buses(&ctx.client).await?;
+        let st = status(
+            &verdict,
+            rule.status.as_ref(),
+            rule.metadata.generation,
+            n,
+            ctx.now(),
+        );
+        write_status(&ctx.client, rule.as_ref(), rule.status.as_ref(), &st).await?;
+        Ok(Action::requeue(RECHECK))
+    })
+    .await
+}
+
+/// Reconciles one `ClusterDetectionRule`.
+pub async fn reconcile_cluster_rule(
+    rule: Arc<ClusterDetectionRule>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    observed(&ctx, "clusterdetectionrule", "", &rule.name_any(), async {
+        let doc = document("ClusterDetectionRule", &rule.metadata, &rule.spec.rule);
+        let verdict = check(&doc);
+        let n = buses(&ctx.client).await?;
+        let st = status(
+            &verdict,
+            rule.status.as_ref(),
+            rule.metadata.generation,
+            n,
+            ctx.now(),
+        );
+        if rule.status.as_ref() != Some(&st) {
+            let api: Api<ClusterDetectionRule> = Api::all(ctx.client.clone());
+            let body = serde_json::json!({ "status": st });
+            api.patch_status(
+                &rule.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&body),
+            )
+            .await?;
+        }
+        Ok(Action::requeue(RECHECK))
+    })
+    .await
+}
+
+/// The rule set every bus runs: the cluster's rules that compile and pass
+/// their tests, as one YAML file.
+pub async fn rule_set(client: &Client) -> Result<String, Error> {
+    let ns_rules = Api::<DetectionRule>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let cluster_rules = Api::<ClusterDetectionRule>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    rule_set_yaml(&documents(&ns_rules, &cluster_rules)).map_err(|e| Error::Yaml {
+        what: "the rule set",
+        message: e.to_string(),
+    })
+}
