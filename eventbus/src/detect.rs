@@ -27,6 +27,7 @@ use amoskys_detect::{
     detector_agent_id, parse_rule_file, run_tests,
 };
 use amoskys_proto::Event;
+use amoskys_proto::event::Payload;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{info, warn};
@@ -410,8 +411,24 @@ impl Detector {
         };
         if !alerts.is_empty() {
             let n = alerts.len() as u64;
+            // A new alert's last_seen is its source event's stored time;
+            // an update is written when its window closes, by design later.
+            let sources: Vec<i64> = alerts
+                .iter()
+                .filter_map(|a| match &a.payload {
+                    Some(Payload::Alert(x)) if x.kind != "update" => Some(x.last_seen),
+                    _ => None,
+                })
+                .collect();
             self.write(alerts)?;
             self.state.metrics.detect_alerts.inc_by(n);
+            let now = now_ns();
+            for t in sources {
+                self.state
+                    .metrics
+                    .detect_alert_seconds
+                    .observe((now - t).max(0) as f64 / 1e9);
+            }
         }
         self.cursor = offset + 1;
         self.newest = stored_at;

@@ -128,6 +128,7 @@ pub struct BusMetrics {
     pub detect_errors: Family<RuleLabel, Counter>,
     pub detect_rule_degraded: Family<RuleLabel, Gauge>,
     pub detect_alerts: Counter,
+    pub detect_alert_seconds: Histogram,
     pub detect_lag_events: Gauge,
     pub detect_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub sink_sent: Family<SinkLabel, Counter>,
@@ -197,6 +198,7 @@ impl BusMetrics {
             detect_errors: Family::default(),
             detect_rule_degraded: Family::default(),
             detect_alerts: Counter::default(),
+            detect_alert_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             detect_lag_events: Gauge::default(),
             detect_lag_seconds: Gauge::default(),
             sink_sent: Family::default(),
@@ -523,6 +525,11 @@ impl BusMetrics {
             "detect_alerts",
             "Alert events the detector wrote (new alerts and window updates)",
             m.detect_alerts.clone(),
+        );
+        registry.register(
+            "detect_alert_seconds",
+            "From a matching event stored to its new alert durable in the store",
+            m.detect_alert_seconds.clone(),
         );
         registry.register(
             "detect_lag_events",

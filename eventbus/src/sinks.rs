@@ -32,6 +32,8 @@ use crate::service::BusState;
 use crate::store::{Hold, QuerySpec};
 use crate::writer::now_ns;
 
+/// What every detector's agent id starts with (`amoskys:detect/<shard>`).
+const DETECTOR_ID_PREFIX: &str = "amoskys:detect/";
 /// How often an idle sink looks for new alerts.
 const IDLE: Duration = Duration::from_millis(50);
 /// Offsets looked through per read, so a store with few alerts is passed
@@ -148,10 +150,12 @@ async fn run(state: &Arc<BusState>, cfg: &AlertSinkConfig, base_url: &str, mut c
                 continue;
             }
         };
+        // A full read stops at its last event; anything else read to `to`.
         let upto = match alerts.last() {
             Some(last) if alerts.len() == cfg.max_batch => last.offset + 1,
             _ => to + 1,
         };
+        let alerts: Vec<Event> = alerts.into_iter().filter(is_detector_alert).collect();
         if !alerts.is_empty() {
             let body = match cfg.kind {
                 SinkKind::Alertmanager => alertmanager_body(&alerts, base_url, cfg.resolve_after),
@@ -203,6 +207,7 @@ async fn run(state: &Arc<BusState>, cfg: &AlertSinkConfig, base_url: &str, mut c
     }
 }
 
+/// The detector's events of `[from, to]` (at most `max`), in offset order.
 async fn read_alerts(
     state: &BusState,
     from: u64,
@@ -224,13 +229,14 @@ async fn read_alerts(
     tokio::task::spawn_blocking(move || store.query(&q))
         .await
         .map_err(|e| e.to_string())?
-        .map(|events| {
-            events
-                .into_iter()
-                .filter(|e| matches!(e.payload, Some(Payload::Alert(_))))
-                .collect()
-        })
         .map_err(|e| e.to_string())
+}
+
+/// An alert the detector wrote: its collector, its reserved agent id (no
+/// agent can publish under it) and an Alert payload. Events an agent sends
+/// with the same collector are not routed.
+fn is_detector_alert(e: &Event) -> bool {
+    e.agent_id.starts_with(DETECTOR_ID_PREFIX) && matches!(e.payload, Some(Payload::Alert(_)))
 }
 
 async fn save(state: &BusState, kind: SinkKind, cursor: u64) {
@@ -454,6 +460,25 @@ mod tests {
             ..alert(18)
         };
         assert_eq!(alertmanager_body(&[other], "x", Duration::ZERO), json!([]));
+    }
+
+    #[test]
+    fn only_the_detector_s_alerts_are_routed() {
+        assert_eq!(
+            amoskys_detect::detector_agent_id(3),
+            format!("{DETECTOR_ID_PREFIX}3")
+        );
+        assert!(is_detector_alert(&alert(1)));
+        let forged = Event {
+            agent_id: "node-7".into(),
+            ..alert(1)
+        };
+        assert!(!is_detector_alert(&forged));
+        let not_an_alert = Event {
+            payload: None,
+            ..alert(1)
+        };
+        assert!(!is_detector_alert(&not_an_alert));
     }
 
     #[test]

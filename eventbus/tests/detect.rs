@@ -191,6 +191,11 @@ async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
     assert_eq!(metric(&text, "amoskys_bus_detect_rules_failed"), 0.0);
     assert!(metric(&text, "amoskys_bus_detect_events_total") >= 37.0);
     assert!(metric(&text, "amoskys_bus_detect_events_without_cel_total") > 0.0);
+    // Every new alert's time from its source stored to itself durable.
+    assert_eq!(
+        metric(&text, "amoskys_bus_detect_alert_seconds_count"),
+        got.len() as f64
+    );
 
     // The detector is not an agent.
     let mut admin = client(&bus, &env.pki("admin")).await;
