@@ -70,6 +70,56 @@ pub struct EventBusSpec {
     /// Where the bus hands its events on; nothing leaves it when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<ExportSpec>,
+    /// Where the detector's alerts are delivered; they stay in the store
+    /// (and the dashboard) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerting: Option<AlertingSpec>,
+}
+
+/// Alert receivers, each fed from its own durable cursor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AlertingSpec {
+    /// The dashboard's address as users reach it (an Ingress); each alert
+    /// links to its event there. The bus's own address when empty.
+    pub external_url: String,
+    /// Alertmanager's API v2, e.g. http://alertmanager.monitoring:9093.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alertmanager: Option<AlertReceiverSpec>,
+    /// A generic JSON webhook.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<AlertReceiverSpec>,
+}
+
+/// One alert receiver.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AlertReceiverSpec {
+    /// Alertmanager's base address, or the webhook's full address.
+    pub url: String,
+    /// A Secret in the bus's namespace whose `ca.crt` verifies an https
+    /// receiver (added to the system's roots); none when empty.
+    pub ca_secret_name: String,
+    /// A Secret in the bus's namespace whose `token` is sent as
+    /// `Authorization: Bearer`; none when empty.
+    pub token_secret_name: String,
+    /// How long one delivery may take.
+    pub timeout: String,
+    /// Alerts per request at most.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_batch: u32,
+}
+
+impl Default for AlertReceiverSpec {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            ca_secret_name: String::new(),
+            token_secret_name: String::new(),
+            timeout: "10s".into(),
+            max_batch: 64,
+        }
+    }
 }
 
 /// Exports of the stored events.

@@ -436,6 +436,33 @@ async fn snmp_credentials_must_exist_with_the_right_keys() {
     );
 }
 
+/// A Secret in the test namespace holding `key`.
+fn secret(name: &str, key: &str) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some([(key.to_string(), k8s_openapi::ByteString(b"x".to_vec()))].into()),
+        ..Default::default()
+    }
+}
+
+/// The bus is refused naming `field` because its Secret lacks `key`.
+async fn assert_missing_key(w: &World, field: &str, key: &str) {
+    w.reconcile_bus("amoskys").await;
+    let (_, reason, message) = condition(
+        &w.bus("amoskys").status.clone().unwrap().conditions,
+        "Ready",
+    );
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.starts_with(field) && message.contains(&format!("has no key {key:?}")),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn the_nats_export_needs_its_secrets_and_reaches_the_bus_config_and_pods() {
     let w = world();
@@ -452,28 +479,9 @@ async fn the_nats_export_needs_its_secrets_and_reaches_the_bus_config_and_pods()
     w.api.insert(&bus);
     assert_invalid(&w, "EventBus", "amoskys", "spec.export.nats.tlsSecretName").await;
 
-    let secret = |name: &str, key: &str| Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        data: Some([(key.to_string(), k8s_openapi::ByteString(b"x".to_vec()))].into()),
-        ..Default::default()
-    };
     w.api.insert(&secret("nats-client", "ca.crt"));
     w.api.insert(&secret("nats-user", "password"));
-    w.reconcile_bus("amoskys").await;
-    let (_, reason, message) = condition(
-        &w.bus("amoskys").status.clone().unwrap().conditions,
-        "Ready",
-    );
-    assert_eq!(reason, "InvalidSpec");
-    assert!(
-        message.starts_with("spec.export.nats.credentialsSecretName")
-            && message.contains("has no key \"nats.creds\""),
-        "{message}"
-    );
+    assert_missing_key(&w, "spec.export.nats.credentialsSecretName", "nats.creds").await;
 
     w.api.patch::<Secret>(
         Some(NS),
@@ -539,6 +547,103 @@ async fn the_nats_export_needs_its_secrets_and_reaches_the_bus_config_and_pods()
     );
     assert_eq!(reason, "InvalidSpec");
     assert!(message.starts_with("spec.export.nats.stream"), "{message}");
+}
+
+#[tokio::test]
+async fn alert_receivers_need_their_secrets_and_reach_the_bus_config_and_pods() {
+    use amoskys_operator::build::eventbus::{AM_CA_DIR, WEBHOOK_TOKEN_DIR};
+    use amoskys_operator::crd::{AlertReceiverSpec, AlertingSpec};
+    let w = world();
+    let mut bus = sample_bus();
+    bus.spec.alerting = Some(AlertingSpec {
+        external_url: "https://amoskys.example.com".into(),
+        alertmanager: Some(AlertReceiverSpec {
+            url: "https://alertmanager.monitoring:9093".into(),
+            ca_secret_name: "am-ca".into(),
+            ..Default::default()
+        }),
+        webhook: Some(AlertReceiverSpec {
+            url: "https://hooks.example.com/amoskys".into(),
+            token_secret_name: "hook-token".into(),
+            max_batch: 10,
+            ..Default::default()
+        }),
+    });
+    w.api.insert(&bus);
+    assert_invalid(
+        &w,
+        "EventBus",
+        "amoskys",
+        "spec.alerting.alertmanager.caSecretName",
+    )
+    .await;
+
+    w.api.insert(&secret("am-ca", "ca.crt"));
+    w.api.insert(&secret("hook-token", "password"));
+    assert_missing_key(&w, "spec.alerting.webhook.tokenSecretName", "token").await;
+    w.api
+        .patch::<Secret>(Some(NS), "hook-token", json!({"data": {"token": "eA=="}}));
+    w.reconcile_bus("amoskys").await;
+
+    // The bus reads the alerting section the operator wrote.
+    let cm: ConfigMap = w.api.get(Some(NS), "amoskys-config").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("bus.yaml"), &cm.data.unwrap()["bus.yaml"]).unwrap();
+    let file = amoskys_eventbus::config::read_config_file(&tmp.path().join("bus.yaml")).unwrap();
+    let c = amoskys_eventbus::config::resolve(file, Default::default()).unwrap();
+    assert_eq!(
+        c.alerting.external_url.as_deref(),
+        Some("https://amoskys.example.com")
+    );
+    assert_eq!(c.alerting.sinks.len(), 2);
+    let (am, hook) = (&c.alerting.sinks[0], &c.alerting.sinks[1]);
+    assert_eq!(am.url, "https://alertmanager.monitoring:9093");
+    assert_eq!(
+        am.ca_file,
+        Some(std::path::Path::new(AM_CA_DIR).join("ca.crt"))
+    );
+    assert_eq!(am.bearer_token_file, None);
+    assert_eq!(
+        (hook.max_batch, hook.timeout),
+        (10, Duration::from_secs(10))
+    );
+    assert_eq!(
+        hook.bearer_token_file,
+        Some(std::path::Path::new(WEBHOOK_TOKEN_DIR).join("token"))
+    );
+    assert!(c.detection.is_some(), "every bus runs the cluster's rules");
+
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let pod = sts.spec.template.spec.unwrap();
+    for (vol, secret) in [("am-ca", "am-ca"), ("webhook-token", "hook-token")] {
+        assert!(pod.volumes.as_ref().unwrap().iter().any(|v| v.name == vol
+            && v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret)));
+        assert!(
+            pod.containers[0]
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == vol)
+        );
+    }
+
+    // A bad address is named without a round trip to the API.
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"alerting": {"webhook": {"url": "hooks.example.com"}}}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let (_, reason, message) = condition(
+        &w.bus("amoskys").status.clone().unwrap().conditions,
+        "Ready",
+    );
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.starts_with("spec.alerting.webhook.url"),
+        "{message}"
+    );
 }
 
 fn wal_claim(name: &str, size: &str) -> PersistentVolumeClaim {

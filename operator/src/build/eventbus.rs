@@ -23,7 +23,7 @@ use serde::Serialize;
 use amoskys_client::shard::{MAX_SHARDS, ShardMap};
 use amoskys_proto::StatsResponse;
 
-use crate::crd::EventBus;
+use crate::crd::{AlertReceiverSpec, EventBus};
 use crate::labels::{CONFIG_HASH, hash, labels, owned_meta, rendered, selector};
 
 /// The `app.kubernetes.io/component` of bus objects.
@@ -52,6 +52,14 @@ pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 pub const NATS_TLS_DIR: &str = "/etc/amoskys/nats-tls";
 /// The NATS export's credentials Secret's mount.
 pub const NATS_CREDS_DIR: &str = "/etc/amoskys/nats-creds";
+/// Alertmanager's CA Secret's mount.
+pub const AM_CA_DIR: &str = "/etc/amoskys/alertmanager-ca";
+/// Alertmanager's bearer token Secret's mount.
+pub const AM_TOKEN_DIR: &str = "/etc/amoskys/alertmanager-token";
+/// The webhook's CA Secret's mount.
+pub const WEBHOOK_CA_DIR: &str = "/etc/amoskys/webhook-ca";
+/// The webhook's bearer token Secret's mount.
+pub const WEBHOOK_TOKEN_DIR: &str = "/etc/amoskys/webhook-token";
 /// The key of the credentials Secret that holds the `.creds` file.
 pub const NATS_CREDS_KEY: &str = "nats.creds";
 /// The bus drains for up to its shutdown grace (20 s) on SIGTERM; the pod
@@ -222,6 +230,39 @@ pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
             ));
         }
     }
+    if let Some(a) = &s.alerting {
+        let http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !a.external_url.trim().is_empty() && !http(a.external_url.trim()) {
+            return Err(invalid(
+                "spec.alerting.externalUrl",
+                format!("{:?} is not an http:// or https:// address", a.external_url),
+            ));
+        }
+        for (field, r) in [
+            ("spec.alerting.alertmanager", &a.alertmanager),
+            ("spec.alerting.webhook", &a.webhook),
+        ] {
+            let Some(r) = r else { continue };
+            if !http(r.url.trim()) {
+                return Err(invalid(
+                    format!("{field}.url"),
+                    format!("{:?} is not an http:// or https:// address", r.url),
+                ));
+            }
+            if duration(&format!("{field}.timeout"), &r.timeout)?.is_zero() {
+                return Err(invalid(
+                    format!("{field}.timeout"),
+                    "must be longer than 0s",
+                ));
+            }
+            if !(1..=1000).contains(&r.max_batch) {
+                return Err(invalid(
+                    format!("{field}.maxBatch"),
+                    format!("{} is outside 1..=1000", r.max_batch),
+                ));
+            }
+        }
+    }
     tls_lifetimes(bus)?;
     if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&s.service.r#type.as_str()) {
         return Err(invalid(
@@ -272,6 +313,41 @@ struct BusFile<'a> {
     export: Option<ExportFile<'a>>,
     sharding: ShardingFile,
     detection: DetectionFile,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alerting: Option<AlertingFile<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AlertingFile<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    external_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alertmanager: Option<ReceiverFile<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<ReceiverFile<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReceiverFile<'a> {
+    url: &'a str,
+    timeout: &'a str,
+    max_batch: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bearer_token_file: Option<String>,
+}
+
+fn receiver_file<'a>(r: &'a AlertReceiverSpec, ca_dir: &str, token_dir: &str) -> ReceiverFile<'a> {
+    ReceiverFile {
+        url: r.url.trim(),
+        timeout: &r.timeout,
+        max_batch: r.max_batch,
+        ca_file: (!r.ca_secret_name.is_empty()).then(|| format!("{ca_dir}/ca.crt")),
+        bearer_token_file: (!r.token_secret_name.is_empty()).then(|| format!("{token_dir}/token")),
+    }
 }
 
 #[derive(Serialize)]
@@ -313,22 +389,87 @@ struct BackupFile<'a> {
     keep: u32,
 }
 
-/// The NATS export's Secrets the pods mount: (volume, Secret, mount path).
-pub fn nats_secrets(bus: &EventBus) -> impl Iterator<Item = (&'static str, &str, &'static str)> {
-    let n = nats_export(bus);
-    let tls = n
-        .filter(|n| !n.tls_secret_name.is_empty())
-        .map(|n| ("nats-tls", n.tls_secret_name.as_str(), NATS_TLS_DIR));
-    let creds = n
-        .filter(|n| !n.credentials_secret_name.is_empty())
-        .map(|n| {
-            (
-                "nats-creds",
-                n.credentials_secret_name.as_str(),
-                NATS_CREDS_DIR,
-            )
-        });
-    tls.into_iter().chain(creds)
+/// A Secret the bus pods mount for a part of the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretMount {
+    /// The spec field that names it.
+    pub field: String,
+    /// The Secret.
+    pub secret: String,
+    /// The key the bus reads from it.
+    pub key: &'static str,
+    /// The pod volume's name.
+    pub volume: &'static str,
+    /// Where it is mounted.
+    pub dir: &'static str,
+}
+
+/// The Secrets the spec names (NATS export, alert receivers), each with
+/// its mount: checked to exist before anything is written.
+pub fn secret_mounts(bus: &EventBus) -> Vec<SecretMount> {
+    let mut out = Vec::new();
+    let mut add = |field: &str, secret: &str, key, volume, dir| {
+        if !secret.is_empty() {
+            out.push(SecretMount {
+                field: field.into(),
+                secret: secret.into(),
+                key,
+                volume,
+                dir,
+            });
+        }
+    };
+    if let Some(n) = nats_export(bus) {
+        add(
+            "spec.export.nats.tlsSecretName",
+            &n.tls_secret_name,
+            "ca.crt",
+            "nats-tls",
+            NATS_TLS_DIR,
+        );
+        add(
+            "spec.export.nats.credentialsSecretName",
+            &n.credentials_secret_name,
+            NATS_CREDS_KEY,
+            "nats-creds",
+            NATS_CREDS_DIR,
+        );
+    }
+    if let Some(a) = &bus.spec.alerting {
+        if let Some(r) = &a.alertmanager {
+            add(
+                "spec.alerting.alertmanager.caSecretName",
+                &r.ca_secret_name,
+                "ca.crt",
+                "am-ca",
+                AM_CA_DIR,
+            );
+            add(
+                "spec.alerting.alertmanager.tokenSecretName",
+                &r.token_secret_name,
+                "token",
+                "am-token",
+                AM_TOKEN_DIR,
+            );
+        }
+        if let Some(r) = &a.webhook {
+            add(
+                "spec.alerting.webhook.caSecretName",
+                &r.ca_secret_name,
+                "ca.crt",
+                "webhook-ca",
+                WEBHOOK_CA_DIR,
+            );
+            add(
+                "spec.alerting.webhook.tokenSecretName",
+                &r.token_secret_name,
+                "token",
+                "webhook-token",
+                WEBHOOK_TOKEN_DIR,
+            );
+        }
+    }
+    out
 }
 
 /// The spec's NATS export, if it has one.
@@ -378,6 +519,17 @@ pub fn bus_config(bus: &EventBus) -> String {
         detection: DetectionFile {
             rules_dir: RULES_DIR,
         },
+        alerting: s.alerting.as_ref().map(|a| AlertingFile {
+            external_url: a.external_url.trim(),
+            alertmanager: a
+                .alertmanager
+                .as_ref()
+                .map(|r| receiver_file(r, AM_CA_DIR, AM_TOKEN_DIR)),
+            webhook: a
+                .webhook
+                .as_ref()
+                .map(|r| receiver_file(r, WEBHOOK_CA_DIR, WEBHOOK_TOKEN_DIR)),
+        }),
     };
     rendered(bus, &f)
 }
@@ -674,7 +826,7 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
             ]
             .into_iter()
             .chain(s.backup.as_ref().map(|_| mount("backup", BACKUP_DIR)))
-            .chain(nats_secrets(bus).map(|(vol, _, dir)| mount(vol, dir)))
+            .chain(secret_mounts(bus).iter().map(|m| mount(m.volume, m.dir)))
             .collect(),
         ),
         ..Default::default()
@@ -741,7 +893,11 @@ pub fn statefulset(bus: &EventBus, operator_image: Option<&str>) -> StatefulSet 
                 secret("peer", &n.peer_secret),
             ]
             .into_iter()
-            .chain(nats_secrets(bus).map(|(vol, name, _)| secret(vol, name)))
+            .chain(
+                secret_mounts(bus)
+                    .iter()
+                    .map(|m| secret(m.volume, &m.secret)),
+            )
             .collect(),
         ),
         ..Default::default()

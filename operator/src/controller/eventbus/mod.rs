@@ -27,8 +27,8 @@ use super::{
     write_status,
 };
 use crate::build::eventbus::{
-    COMPONENT, InvalidSpec, NATS_CREDS_KEY, Names, config_map, endpoint, invalid, nats_export, pdb,
-    removable_after, retained_pods, rules_config_map, services, shard_map, shard_map_config,
+    COMPONENT, InvalidSpec, Names, config_map, endpoint, invalid, pdb, removable_after,
+    retained_pods, rules_config_map, secret_mounts, services, shard_map, shard_map_config,
     shard_map_of, statefulset, validate,
 };
 use crate::crd::{AgentSet, EventBus, EventBusStatus, ShardStatus};
@@ -93,7 +93,7 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or_default();
 
     let claims = bus_claims(ctx, &ns, &name).await?;
-    let secrets = check_export_secrets(bus, ctx, &ns).await?;
+    let secrets = check_secrets(bus, ctx, &ns).await?;
     let checked = validate(bus)
         .and(secrets)
         .and_then(|_| check_claim_sizes(bus, &claims))
@@ -217,33 +217,17 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(wait))
 }
 
-/// The Secrets the NATS export names must exist with the keys the bus
-/// reads, or the pods would start without them.
-async fn check_export_secrets(
+/// The Secrets the spec names (NATS export, alert receivers) must exist
+/// with the keys the bus reads, or the pods would not start.
+async fn check_secrets(
     bus: &EventBus,
     ctx: &Context,
     ns: &str,
 ) -> Result<Result<(), InvalidSpec>, Error> {
-    let Some(n) = nats_export(bus) else {
-        return Ok(Ok(()));
-    };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    for (field, name, key) in [
-        (
-            "spec.export.nats.tlsSecretName",
-            &n.tls_secret_name,
-            "ca.crt",
-        ),
-        (
-            "spec.export.nats.credentialsSecretName",
-            &n.credentials_secret_name,
-            NATS_CREDS_KEY,
-        ),
-    ] {
-        if name.is_empty() {
-            continue;
-        }
-        let Some(secret) = api.get_opt(name).await? else {
+    for m in secret_mounts(bus) {
+        let (field, name, key) = (m.field, m.secret, m.key);
+        let Some(secret) = api.get_opt(&name).await? else {
             return Ok(Err(invalid(
                 field,
                 format!("Secret {name:?} does not exist in namespace {ns:?}"),
