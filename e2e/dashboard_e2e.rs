@@ -319,6 +319,32 @@ async fn dashboard_in_a_real_browser() {
     )
     .await;
     shot(&c, "04-events").await;
+    // Summaries take one line in tables (whole on hover and in the detail).
+    let one_line = c
+        .execute(
+            "return [...document.querySelectorAll('#results td.summary')].map(td => [getComputedStyle(td).whiteSpace, getComputedStyle(td).textOverflow, td.title === td.textContent]);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let cells = one_line.as_array().unwrap();
+    assert!(!cells.is_empty());
+    assert!(
+        cells
+            .iter()
+            .all(|c| c == &json!(["nowrap", "ellipsis", true])),
+        "{one_line}"
+    );
+    // An alert's link opens its event: /events?offset=N (Alertmanager's
+    // generatorURL, the webhook's link).
+    c.goto(&format!("{base}/events?offset=1")).await.unwrap();
+    until(
+        &c,
+        "the linked event's detail",
+        "return document.getElementById('event-detail').textContent;",
+        |v| v.as_str().is_some_and(|s| s.contains("\"offset\": 1,")),
+    )
+    .await;
 
     // Pausing the synthetic collector stops its events; resuming restarts them.
     control(&c, &base, "pause").await;

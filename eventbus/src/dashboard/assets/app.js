@@ -91,7 +91,7 @@ function eventRow(e, onclick) {
   return el("tr", { class: "clickable", "data-offset": e.offset, "data-collector": e.collector, "data-agent": e.agent_id, onclick },
     el("td", { class: "num" }, e.offset), el("td", {}, e.observed_at.replace("T", " ").replace("Z", "")),
     el("td", {}, e.agent_id), el("td", { class: "collector" }, e.collector), el("td", { class: "sev-" + e.severity }, e.severity),
-    el("td", {}, e.summary));
+    el("td", { class: "summary", title: e.summary }, e.summary));
 }
 
 function eventTable(id) {
