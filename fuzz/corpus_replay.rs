@@ -34,7 +34,7 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 type Entry = fn(&[u8]);
 
 /// Every target of `fuzz/Cargo.toml`, with its entry point.
-const TARGETS: [(&str, Entry); 9] = [
+const TARGETS: [(&str, Entry); 10] = [
     ("flow", agent::flow),
     ("netlink", agent::netlink),
     ("procfs", agent::procfs),
@@ -44,6 +44,7 @@ const TARGETS: [(&str, Entry); 9] = [
     ("publish", bus::publish),
     ("dashboard_query", bus::dashboard_query),
     ("bus_config", bus::bus_config),
+    ("rule_file", bus::rule_file),
 ];
 
 #[test]

@@ -1,7 +1,7 @@
 //! Entry points for the cargo-fuzz targets in `fuzz/`, one per parser of
 //! bytes the bus does not control: Publish messages (decode and batch
-//! validation), the dashboard's query strings and filters, and its config
-//! file.
+//! validation), the dashboard's query strings and filters, its config
+//! file, and detection rule files.
 //!
 //! They live in the crate so that `fuzz/corpus_replay.rs` replays every
 //! corpus and every crash found through exactly this code on each
@@ -84,4 +84,70 @@ pub fn bus_config(data: &[u8]) {
         ..Default::default()
     };
     let _ = crate::config::resolve(file, flags);
+}
+
+/// A detection rule file, as the detector and `amoskys rules test` read it:
+/// parsed, each rule compiled and its inline tests run, and the rules that
+/// compiled evaluated over a process and a flow event.
+pub fn rule_file(data: &[u8]) {
+    use amoskys_detect::{Engine, RuleSet, compile, parse_rule_file, run_tests};
+    use amoskys_proto::event::Payload;
+    use amoskys_proto::{FlowEvent, K8sIdentity, ProcessEvent};
+    use std::sync::Arc;
+
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(docs) = parse_rule_file("fuzz.yaml", text) else {
+        return;
+    };
+    let env = amoskys_detect::compile::env();
+    let mut rules = Vec::new();
+    for d in &docs {
+        if let Ok(rule) = compile(d, &env) {
+            let rule = Arc::new(rule);
+            let _ = run_tests(d, &rule, &env);
+            rules.push(rule);
+        }
+    }
+    let mut engine = Engine::new(Arc::new(RuleSet::new(rules, env)), 0, Default::default());
+    let k8s = Some(K8sIdentity {
+        namespace: "shop".into(),
+        pod: "web-1".into(),
+        ..Default::default()
+    });
+    let events = [
+        Event {
+            agent_id: "n1".into(),
+            node: "n1".into(),
+            collector: "process".into(),
+            offset: 1,
+            stored_at: 1_700_000_000_000_000_000,
+            k8s: k8s.clone(),
+            payload: Some(Payload::Process(ProcessEvent {
+                name: "sh".into(),
+                exe: "/bin/sh".into(),
+                container_id: "c0ffee".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        Event {
+            agent_id: "n1".into(),
+            collector: "flow".into(),
+            offset: 2,
+            stored_at: 1_700_000_001_000_000_000,
+            k8s,
+            payload: Some(Payload::Flow(FlowEvent {
+                src_ip: "10.0.0.1".into(),
+                dst_ip: "169.254.169.254".into(),
+                dst_port: 80,
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+    ];
+    for e in &events {
+        let _ = engine.evaluate(e);
+    }
 }
