@@ -302,7 +302,11 @@ async fn dashboard_in_a_real_browser() {
     })
     .await;
     // Search finds stored events; a row opens its detail.
-    click(&c, "#search").await;
+    // Clicked in the page: rows streaming into the tail above move these
+    // while a pointer click is on its way.
+    c.execute("document.getElementById('search').click();", vec![])
+        .await
+        .unwrap();
     until(
         &c,
         "search results",
@@ -310,7 +314,12 @@ async fn dashboard_in_a_real_browser() {
         |v| v.as_u64().is_some_and(|n| n > 0),
     )
     .await;
-    click(&c, "#results tbody tr").await;
+    c.execute(
+        "document.querySelector('#results tbody tr').click();",
+        vec![],
+    )
+    .await
+    .unwrap();
     until(
         &c,
         "event detail",

@@ -273,7 +273,7 @@ function events() {
   app.replaceChildren(el("h1", {}, "Events"),
     el("div", { class: "filters" }, f.collector, f.agent, f.severity, f.text, el("button", { id: "apply", onclick: () => { openTail(); } }, "Apply filter")),
     el("div", { class: "split" },
-      el("div", {}, el("h2", {}, "Live tail ", toggle, " ", status), tail,
+      el("div", {}, el("h2", {}, "Live tail ", toggle, " ", status), el("div", { class: "tail-box" }, tail),
         el("h2", {}, "Search"), el("div", { class: "filters" }, "from", from, "to", to,
           el("button", { id: "search", onclick: () => search(null) }, "Search"), older, searchInfo), results),
       el("div", {}, el("h2", {}, "Detail"), detail)));
