@@ -356,6 +356,67 @@ fn check_path(field: &str, payload: &str, path: &str) -> Result<Ty, CompileError
     })
 }
 
+/// The longest condition taken, in bytes.
+pub const MAX_CONDITION_BYTES: usize = 4096;
+/// The deepest nesting of brackets a condition may have. CEL's parser
+/// recurses through a dozen grammar rules per bracket: a few dozen levels
+/// overflowed a 2 MiB thread stack (found by fuzzing), and a rule must
+/// never take the bus or the operator down.
+pub const MAX_CONDITION_NESTING: usize = 12;
+
+/// Refuses a condition too long or too deeply nested for the parser,
+/// naming the line and column where it goes too deep.
+fn check_shape(condition: &str) -> Result<(), CompileError> {
+    if condition.len() > MAX_CONDITION_BYTES {
+        return Err(err(
+            "spec.condition",
+            format!(
+                "{} bytes; a condition has at most {MAX_CONDITION_BYTES} (put long lists in spec.lists)",
+                condition.len()
+            ),
+        ));
+    }
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in condition.chars() {
+        column += 1;
+        if c == '\n' {
+            line += 1;
+            column = 0;
+        }
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                if depth > MAX_CONDITION_NESTING {
+                    return Err(CompileError {
+                        field: "spec.condition".into(),
+                        line,
+                        column,
+                        message: format!(
+                            "nested more than {MAX_CONDITION_NESTING} brackets deep; split it with lists or simpler terms"
+                        ),
+                    });
+                }
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Compiles one rule document: every error names the field and, in the
 /// condition, the position.
 pub fn compile(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, CompileError> {
@@ -427,6 +488,7 @@ pub fn compile(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, Compi
     if condition.is_empty() {
         return Err(err("spec.condition", "missing"));
     }
+    check_shape(condition)?;
     let program = env.compile(condition).map_err(|e| {
         let first = e.errors.first();
         CompileError {
@@ -956,6 +1018,32 @@ mod tests {
 
     fn compile_err(spec: &str) -> CompileError {
         compile(&doc(spec), &env()).unwrap_err()
+    }
+
+    #[test]
+    fn conditions_too_deep_or_too_long_are_refused_before_the_parser() {
+        let nested = |n: usize| format!("{}process.name == 'sh'{}", "(".repeat(n), ")".repeat(n));
+        let ok = format!(
+            "match: {{event: process}}\ncondition: \"{}\"\nsummary: s",
+            nested(MAX_CONDITION_NESTING)
+        );
+        assert!(compile(&doc(&ok), &env()).is_ok());
+        // Brackets inside string literals do not count.
+        let quoted = "match: {event: process}\ncondition: \"process.name == '((((((((((((((((((((('\"\nsummary: s";
+        assert!(compile(&doc(quoted), &env()).is_ok());
+        let e = compile_err(&format!(
+            "match: {{event: process}}\ncondition: \"{}\"\nsummary: s",
+            nested(200)
+        ));
+        assert_eq!(e.field, "spec.condition");
+        assert_eq!((e.line, e.column), (1, MAX_CONDITION_NESTING + 1), "{e}");
+        assert!(e.message.contains("nested more than"), "{e}");
+        let long = format!(
+            "match: {{event: process}}\ncondition: \"{}true\"\nsummary: s",
+            "true && ".repeat(600)
+        );
+        let e = compile_err(&long);
+        assert!(e.message.contains("at most 4096"), "{e}");
     }
 
     #[test]
