@@ -13,7 +13,8 @@ use kube::{Api, Client, ResourceExt};
 
 use super::{Context, Error, observed, write_status};
 use crate::build::rules::{check, document, documents, rule_set_yaml, status};
-use crate::crd::{ClusterDetectionRule, DetectionRule, EventBus};
+use crate::crd::{ClusterDetectionRule, DetectionRule, DetectionRuleStatus, EventBus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// How often a rule is looked at again without a change: its Loaded
 /// condition follows EventBuses coming and going.
@@ -25,43 +26,49 @@ async fn buses(client: &Client) -> Result<usize, Error> {
     Ok(api.list(&ListParams::default()).await?.items.len())
 }
 
+/// A rule's status as it should be: checked as the bus would check it,
+/// Loaded against the EventBuses there are now.
+async fn checked(
+    kind: &str,
+    meta: &ObjectMeta,
+    spec: &amoskys_detect::RuleSpec,
+    previous: Option<&DetectionRuleStatus>,
+    ctx: &Context,
+) -> Result<DetectionRuleStatus, Error> {
+    let verdict = check(&document(kind, meta, spec));
+    let n = buses(&ctx.client).await?;
+    Ok(status(&verdict, previous, meta.generation, n, ctx.now()))
+}
+
 /// Reconciles one `DetectionRule`.
 pub async fn reconcile_rule(rule: Arc<DetectionRule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = rule.namespace().unwrap_or_default();
     observed(&ctx, "detectionrule", &ns, &rule.name_any(), async {
-        let doc = document("DetectionRule", &rule.metadata, &rule.spec.rule);
-        let verdict = check(&doc);
-        let n = buses(&ctx.client).await?;
-        let st = status(
-            &verdict,
-            rule.status.as_ref(),
-            rule.metadata.generation,
-            n,
-            ctx.now(),
-        );
-        write_status(&ctx.client, rule.as_ref(), rule.status.as_ref(), &st).await?;
+        let prev = rule.status.as_ref();
+        let st = checked("DetectionRule", &rule.metadata, &rule.spec.rule, prev, &ctx).await?;
+        write_status(&ctx.client, rule.as_ref(), prev, &st).await?;
         Ok(Action::requeue(RECHECK))
     })
     .await
 }
 
-/// Reconciles one `ClusterDetectionRule`.
+/// Reconciles one `ClusterDetectionRule` (cluster-scoped, so its status is
+/// written here rather than by the namespaced `write_status`).
 pub async fn reconcile_cluster_rule(
     rule: Arc<ClusterDetectionRule>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     observed(&ctx, "clusterdetectionrule", "", &rule.name_any(), async {
-        let doc = document("ClusterDetectionRule", &rule.metadata, &rule.spec.rule);
-        let verdict = check(&doc);
-        let n = buses(&ctx.client).await?;
-        let st = status(
-            &verdict,
-            rule.status.as_ref(),
-            rule.metadata.generation,
-            n,
-            ctx.now(),
-        );
-        if rule.status.as_ref() != Some(&st) {
+        let prev = rule.status.as_ref();
+        let st = checked(
+            "ClusterDetectionRule",
+            &rule.metadata,
+            &rule.spec.rule,
+            prev,
+            &ctx,
+        )
+        .await?;
+        if prev != Some(&st) {
             let api: Api<ClusterDetectionRule> = Api::all(ctx.client.clone());
             let body = serde_json::json!({ "status": st });
             api.patch_status(
