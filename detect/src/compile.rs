@@ -359,10 +359,31 @@ fn check_path(field: &str, payload: &str, path: &str) -> Result<Ty, CompileError
 /// The longest condition taken, in bytes.
 pub const MAX_CONDITION_BYTES: usize = 4096;
 /// The deepest nesting of brackets a condition may have. CEL's parser
-/// recurses through a dozen grammar rules per bracket: a few dozen levels
-/// overflowed a 2 MiB thread stack (found by fuzzing), and a rule must
-/// never take the bus or the operator down.
+/// recurses through a dozen grammar rules per bracket, about 150 KiB of
+/// stack per level in a debug build (55 levels aborted the fuzzer), and a
+/// rule must never take the bus or the operator down.
 pub const MAX_CONDITION_NESTING: usize = 12;
+/// The deepest expression tree a condition may have. Evaluation recurses
+/// once per level, so this bounds the stack a rule needs when it runs;
+/// `!!!…` or `a.b.c…` chains are deep without a bracket.
+pub const MAX_EXPRESSION_DEPTH: usize = 48;
+/// The stack of the threads that parse, check and run rules. Parsing at
+/// the nesting limit needs about 3 MiB in a debug build, and a default
+/// thread (2 MiB, tokio's workers and the test harness) is not enough;
+/// the pages are only committed as they are touched.
+pub const RULE_STACK_BYTES: usize = 32 << 20;
+
+/// Runs `f` on a thread with [`RULE_STACK_BYTES`] of stack and waits for it.
+pub fn on_rule_stack<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("amoskys-rule".into())
+            .stack_size(RULE_STACK_BYTES)
+            .spawn_scoped(s, f)?;
+        h.join()
+            .map_err(|_| std::io::Error::other("the rule thread panicked"))
+    })
+}
 
 /// Refuses a condition too long or too deeply nested for the parser,
 /// naming the line and column where it goes too deep.
@@ -418,8 +439,14 @@ fn check_shape(condition: &str) -> Result<(), CompileError> {
 }
 
 /// Compiles one rule document: every error names the field and, in the
-/// condition, the position.
+/// condition, the position. The work runs on a thread of its own, with
+/// the stack the parser needs whatever thread calls this.
 pub fn compile(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, CompileError> {
+    on_rule_stack(|| compile_here(doc, env))
+        .unwrap_or_else(|e| Err(err("spec.condition", format!("not compiled: {e}"))))
+}
+
+fn compile_here(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, CompileError> {
     let spec = &doc.spec;
     let scope = doc
         .scope()
@@ -504,6 +531,7 @@ pub fn compile(doc: &RuleDocument, env: &Arc<Env>) -> Result<CompiledRule, Compi
         source: condition,
         program: &program,
         bound: Vec::new(),
+        depth: 0,
     };
     checker.walk(program.expression())?;
     let mut prefilters = Vec::new();
@@ -627,6 +655,8 @@ struct Checker<'a> {
     program: &'a Program,
     /// Comprehension variables in scope.
     bound: Vec<String>,
+    /// Levels of the tree above the node being walked.
+    depth: usize,
 }
 
 impl Checker<'_> {
@@ -645,6 +675,19 @@ impl Checker<'_> {
     }
 
     fn walk(&mut self, e: &IdedExpr) -> Result<(), CompileError> {
+        if self.depth >= MAX_EXPRESSION_DEPTH {
+            return Err(self.fail(
+                e.id,
+                format!("more than {MAX_EXPRESSION_DEPTH} levels deep; split it with lists or simpler terms"),
+            ));
+        }
+        self.depth += 1;
+        let r = self.walk_node(e);
+        self.depth -= 1;
+        r
+    }
+
+    fn walk_node(&mut self, e: &IdedExpr) -> Result<(), CompileError> {
         match &e.expr {
             Expr::Ident(name) => {
                 if self.bound.iter().any(|b| b == name) {
@@ -660,6 +703,12 @@ impl Checker<'_> {
                     && let Some(root) = path.split('.').next()
                     && !self.bound.iter().any(|b| b == root)
                 {
+                    if self.depth + path.split('.').count() - 1 > MAX_EXPRESSION_DEPTH {
+                        return Err(self.fail(
+                            e.id,
+                            format!("more than {MAX_EXPRESSION_DEPTH} levels deep; split it with lists or simpler terms"),
+                        ));
+                    }
                     return self.check_select(root_id(e), &path);
                 }
                 self.walk(&sel.operand)
@@ -1044,6 +1093,56 @@ mod tests {
         );
         let e = compile_err(&long);
         assert!(e.message.contains("at most 4096"), "{e}");
+    }
+
+    #[test]
+    fn conditions_too_deep_without_brackets_are_refused_with_the_position() {
+        // Each `c ? x :` nests the rest one level deeper; `==` and
+        // `process.name` (a select over an identifier) add three.
+        let ternaries = |n: usize| {
+            format!(
+                "match: {{event: process}}\ncondition: \"{}process.name == 'sh'\"\nsummary: s",
+                "false ? true : ".repeat(n)
+            )
+        };
+        let r = compile(&doc(&ternaries(MAX_EXPRESSION_DEPTH - 3)), &env()).map(|_| ());
+        assert!(r.is_ok(), "{r:?}");
+        let e = compile_err(&ternaries(60));
+        assert_eq!(e.field, "spec.condition");
+        assert!(e.message.contains("more than 48 levels deep"), "{e}");
+        // The first node past the limit: the 48th ternary's condition.
+        assert_eq!(
+            (e.line, e.column),
+            (1, 15 * (MAX_EXPRESSION_DEPTH - 1) + 1),
+            "{e}"
+        );
+        // A select chain past a labels map passes the field check but is
+        // as deep as it is long.
+        let chain = format!(
+            "match: {{event: process}}\ncondition: \"k8s.labels{} == 'x'\"\nsummary: s",
+            ".x".repeat(60)
+        );
+        let e = compile_err(&chain);
+        assert!(e.message.contains("more than 48 levels deep"), "{e}");
+    }
+
+    #[test]
+    fn compiling_at_the_nesting_limit_needs_no_stack_from_the_caller() {
+        // A thread smaller than the parser needs at the limit: compile must
+        // not run the parser on it.
+        let nested = format!(
+            "match: {{event: process}}\ncondition: \"{}[process.name]{} == ['sh']\"\nsummary: s",
+            "[".repeat(MAX_CONDITION_NESTING - 2),
+            "]".repeat(MAX_CONDITION_NESTING - 2),
+        );
+        let d = doc(&nested);
+        let r = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || compile(&d, &env()).map(|_| ()))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[test]

@@ -50,6 +50,20 @@ fn in_rule_namespace(doc: &RuleDocument, e: &serde_json::Value) -> serde_json::V
 /// they have the first of the rule's `match.kinds`; a DetectionRule's
 /// events without `k8s.namespace` are in the rule's namespace.
 pub fn run_tests(doc: &RuleDocument, rule: &Arc<CompiledRule>, env: &Arc<Env>) -> Vec<TestOutcome> {
+    crate::compile::on_rule_stack(|| run_tests_here(doc, rule, env)).unwrap_or_else(|e| {
+        vec![TestOutcome {
+            name: "spec.tests".into(),
+            passed: false,
+            message: format!("not run: {e}"),
+        }]
+    })
+}
+
+fn run_tests_here(
+    doc: &RuleDocument,
+    rule: &Arc<CompiledRule>,
+    env: &Arc<Env>,
+) -> Vec<TestOutcome> {
     doc.spec
         .tests
         .iter()

@@ -176,6 +176,7 @@ pub fn spawn(
     let detector = Detector::start(state, cfg, handle, live);
     std::thread::Builder::new()
         .name("amoskys-detect".into())
+        .stack_size(amoskys_detect::compile::RULE_STACK_BYTES)
         .spawn(move || detector.run())
 }
 
