@@ -2,7 +2,7 @@
 //! a clock the test moves, and the checked-in samples.
 #![allow(dead_code)]
 
-pub mod fakeapi;
+pub use amoskys_testkit::fakeapi;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -1,11 +1,14 @@
 //! An in-memory Kubernetes API behind `kube::Client::new`, served through a
 //! tower-test mock service (the pattern of kube-rs's controller-rs), but
 //! answering from a store instead of a script: GET, LIST (equality label
-//! selectors), POST, PATCH (server-side apply as one field manager sees it,
-//! and JSON merge patch, on objects and their `status`) and DELETE.
+//! and field selectors), WATCH (every change after the asked
+//! resourceVersion, deletions included, then the stream ends as a real
+//! one times out), POST, PATCH (server-side apply as one field manager
+//! sees it, and JSON merge patch, on objects and their `status`) and DELETE.
 //!
 //! It counts writes that changed something, which is how tests show a
 //! second reconcile is a no-op.
+#![allow(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,9 @@ type Key = (String, String, String, String);
 #[derive(Default)]
 struct Store {
     objects: BTreeMap<Key, Value>,
+    /// Deleted objects, with the resourceVersion of their deletion, for
+    /// watches that started before it.
+    deleted: Vec<(Key, Value)>,
     version: u64,
     /// "VERB plural/name" of every write that changed stored content.
     changes: Vec<String>,
@@ -114,6 +120,32 @@ fn labels_match(obj: &Value, selector: &str) -> bool {
     })
 }
 
+/// `spec.nodeName=n,metadata.name!=x`: equality and inequality on fields.
+fn fields_match(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        let (path, want, equal) = match term.split_once("!=") {
+            Some((p, v)) => (p, v, false),
+            None => {
+                let (p, v) = term.split_once('=').unwrap_or((term, ""));
+                (p, v.trim_start_matches('='), true)
+            }
+        };
+        let got = path
+            .split('.')
+            .fold(obj, |v, k| &v[k])
+            .as_str()
+            .unwrap_or("");
+        (got == want) == equal
+    })
+}
+
+fn version_of(obj: &Value) -> u64 {
+    obj["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The content that matters for "did this write change anything".
 fn content(v: &Value) -> Value {
     let mut v = v.clone();
@@ -125,6 +157,53 @@ fn content(v: &Value) -> Value {
 }
 
 impl Store {
+    /// The watch events after `query`'s resourceVersion for the objects at
+    /// `path`, as newline-separated JSON.
+    fn watch_events(&self, path: &str, query: &str) -> Vec<u8> {
+        let Some(p) = parse_path(path) else {
+            return Vec::new();
+        };
+        let q: BTreeMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+        let since: u64 = q
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let labels = q.get("labelSelector").cloned().unwrap_or_default();
+        let fields = q.get("fieldSelector").cloned().unwrap_or_default();
+        let here = |k: &Key| {
+            k.0 == p.prefix && k.1 == p.plural && (p.namespace.is_empty() || k.2 == p.namespace)
+        };
+        let mut events: Vec<(u64, &str, &Value)> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| here(k))
+            .map(|(_, v)| (version_of(v), "MODIFIED", v))
+            .chain(
+                self.deleted
+                    .iter()
+                    .filter(|(k, _)| here(k))
+                    .map(|(_, v)| (version_of(v), "DELETED", v)),
+            )
+            .filter(|(rv, _, v)| {
+                *rv > since && labels_match(v, &labels) && fields_match(v, &fields)
+            })
+            .collect();
+        events.sort_by_key(|e| e.0);
+        let mut out = Vec::new();
+        for (_, kind, v) in events {
+            out.extend(json!({"type": kind, "object": v}).to_string().into_bytes());
+            out.push(b'\n');
+        }
+        out
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Value> {
+        let mut v = self.objects.remove(key)?;
+        self.bump(&mut v);
+        self.deleted.push((key.clone(), v.clone()));
+        Some(v)
+    }
+
     fn bump(&mut self, obj: &mut Value) {
         self.version += 1;
         obj["metadata"]["resourceVersion"] = json!(self.version.to_string());
@@ -210,6 +289,7 @@ impl Store {
         match (method.clone(), &p.name) {
             (Method::GET, None) => {
                 let selector = q.get("labelSelector").cloned().unwrap_or_default();
+                let fields = q.get("fieldSelector").cloned().unwrap_or_default();
                 let items: Vec<Value> = self
                     .objects
                     .iter()
@@ -219,7 +299,7 @@ impl Store {
                             && (p.namespace.is_empty() || k.2 == p.namespace)
                     })
                     .map(|(_, v)| v.clone())
-                    .filter(|v| labels_match(v, &selector))
+                    .filter(|v| labels_match(v, &selector) && fields_match(v, &fields))
                     .collect();
                 // A metadata-only list carries each item's metadata alone,
                 // as the API server answers it.
@@ -333,7 +413,7 @@ impl Store {
                 }
                 ok(&self.update(key, body, "PUT"))
             }
-            (Method::DELETE, Some(name)) => match self.objects.remove(&key_of(name)) {
+            (Method::DELETE, Some(name)) => match self.remove(&key_of(name)) {
                 Some(v) => {
                     let how = body
                         .get("propagationPolicy")
@@ -384,15 +464,19 @@ impl FakeApi {
                         .to_string()
                 };
                 let (ctype, accept) = (header("content-type"), header("accept"));
-                // A watch gets an empty stream after a pause, as if the
-                // server had closed it with nothing new; watchers re-list.
-                if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
+                // A watch gets what changed since its resourceVersion at
+                // once, or, with nothing new, an empty stream after a pause,
+                // as if the server had timed it out; watchers watch again.
+                if let Some(q) = parts.uri.query().filter(|q| q.contains("watch=true")) {
+                    let events = store.lock().unwrap().watch_events(parts.uri.path(), q);
                     tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        if events.is_empty() {
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        }
                         send.send_response(
                             Response::builder()
                                 .status(StatusCode::OK)
-                                .body(Body::from(Vec::new()))
+                                .body(Body::from(events))
                                 .unwrap(),
                         );
                     });
@@ -485,7 +569,7 @@ impl FakeApi {
 
     pub fn delete<K: Resource<DynamicType = ()>>(&self, ns: Option<&str>, name: &str) {
         let key = key_for::<K>(ns, name);
-        self.store.lock().unwrap().objects.remove(&key);
+        self.store.lock().unwrap().remove(&key);
     }
 
     /// Writes so far that changed something ("VERB plural/name").
