@@ -8,6 +8,7 @@ pub mod collectors;
 pub mod config;
 pub mod fuzzing;
 pub mod metrics;
+pub mod pods;
 pub mod runtime;
 pub mod sender;
 pub mod spool;

@@ -125,6 +125,10 @@ pub struct AgentMetrics {
     pub snmp_up: Family<TargetLabel, Gauge>,
     /// `amoskys_agent_discovery_probes_total`: TCP connect probes made by active discovery.
     pub discovery_probes: Counter,
+    /// `amoskys_agent_pods_known`: Pods on this node the agent knows (kubernetes.pods).
+    pub pods_known: Gauge,
+    /// `amoskys_agent_pod_watch_errors_total`: Failed lists or watches of this node's pods.
+    pub pod_watch_errors: Counter,
 }
 
 impl AgentMetrics {
@@ -160,6 +164,8 @@ impl AgentMetrics {
             snmp_polls: Family::default(),
             snmp_up: Family::default(),
             discovery_probes: Counter::default(),
+            pods_known: Gauge::default(),
+            pod_watch_errors: Counter::default(),
         };
         let r = &mut registry;
         r.register(
@@ -296,6 +302,16 @@ impl AgentMetrics {
             "discovery_probes",
             "TCP connect probes made by active discovery",
             m.discovery_probes.clone(),
+        );
+        r.register(
+            "pods_known",
+            "Pods on this node the agent knows (kubernetes.pods)",
+            m.pods_known.clone(),
+        );
+        r.register(
+            "pod_watch_errors",
+            "Failed lists or watches of this node's pods",
+            m.pod_watch_errors.clone(),
         );
         Self { registry, ..m }
     }

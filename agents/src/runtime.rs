@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 use crate::collectors::context::Registry;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
+use crate::pods::Pods;
 use crate::sender::{SendCounters, Sender, SenderConfig};
 use crate::spool::{Draft, Spool, SpoolError};
 
@@ -136,6 +137,7 @@ fn spool_writer(
     mut rx: mpsc::Receiver<Draft>,
     started: Instant,
     give_up: Arc<std::sync::atomic::AtomicBool>,
+    pods: Option<Arc<Pods>>,
 ) {
     let mut first = true;
     while let Some(d) = rx.blocking_recv() {
@@ -145,6 +147,9 @@ fn spool_writer(
                 Ok(d) => batch.push(d),
                 Err(_) => break,
             }
+        }
+        if let Some(pods) = &pods {
+            batch.iter_mut().for_each(|d| pods.enrich(d));
         }
         // The first collector event, not the start-up heartbeat: what a
         // user waits for.
@@ -238,6 +243,33 @@ fn watch_tls(
     });
 }
 
+/// Starts the watch of this node's pods. Without in-cluster credentials
+/// the agent still runs: events then carry no pod identity, and the
+/// error is logged and counted.
+async fn watch_pods(
+    node: &str,
+    metrics: &Arc<AgentMetrics>,
+    stop: &CancellationToken,
+) -> Arc<Pods> {
+    let pods = Arc::new(Pods::default());
+    match kube::Client::try_default().await {
+        Ok(client) => {
+            tokio::spawn(crate::pods::watch(
+                client,
+                node.to_string(),
+                pods.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        Err(e) => {
+            metrics.pod_watch_errors.inc();
+            error!(error = %e, "kubernetes.pods is on but there are no Kubernetes credentials; events carry no pod identity");
+        }
+    }
+    pods
+}
+
 /// Starts the agent. Errors here are configuration or environment problems
 /// the caller should report and exit on.
 pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
@@ -295,12 +327,17 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let hard_stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<Draft>(8192);
 
+    let pods = if cfg.watch_pods {
+        Some(watch_pods(&cfg.node, &metrics, &hard_stop).await)
+    } else {
+        None
+    };
     let writer_give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (spool, metrics, give_up) = (spool.clone(), metrics.clone(), writer_give_up.clone());
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || spool_writer(spool, metrics, rx, started, give_up))
+            .spawn(move || spool_writer(spool, metrics, rx, started, give_up, pods))
             .map_err(|e| {
                 AgentError::Spool(SpoolError::Corrupt {
                     seq: 0,

@@ -101,6 +101,8 @@ pub struct Draft {
     pub labels: HashMap<String, String>,
     /// What was seen.
     pub payload: Payload,
+    /// The pod it is about, added by the runtime where it knows the pod.
+    pub k8s: Option<amoskys_proto::K8sIdentity>,
 }
 
 impl Draft {
@@ -112,6 +114,7 @@ impl Draft {
             severity,
             labels: HashMap::new(),
             payload,
+            k8s: None,
         }
     }
 }
@@ -418,8 +421,7 @@ impl Spool {
             stored_at: 0,
             incarnation: self.incarnation,
             shard: 0,
-            // Pod identity is added where the agent knows the pod.
-            k8s: None,
+            k8s: d.k8s,
             payload: Some(d.payload),
         }
     }

@@ -420,6 +420,14 @@ pub struct AgentSetSpec {
     /// Stops the agents (the DaemonSet schedules no pods) without deleting anything.
     #[serde(default)]
     pub paused: bool,
+    /// The ServiceAccount the agents run as. With one, each agent watches
+    /// the pods on its node (it needs `get`, `list` and `watch` on pods: the
+    /// chart's `RELEASE-agent` ClusterRole) and gives process and flow
+    /// events their namespace, pod, labels, service account, container and
+    /// image. Without one the agents get no API token and events carry no
+    /// pod identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }
 
 fn spool_size() -> String {

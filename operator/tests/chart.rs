@@ -79,6 +79,13 @@ fn kinds(docs: &[Value]) -> Vec<String> {
     k
 }
 
+/// The `kind` document named `name`.
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
 fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let mut it = docs.iter().filter(|d| d["kind"] == kind);
     let d = it.next().unwrap_or_else(|| panic!("no {kind}"));
@@ -97,11 +104,14 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
         kinds(&docs),
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Deployment",
             "Role",
             "RoleBinding",
             "Service",
+            "ServiceAccount",
             "ServiceAccount"
         ]
     );
@@ -124,11 +134,25 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
     for want in ["POD_NAME", "POD_NAMESPACE", "AMOSKYS_IMAGE", "AMOSKYS_LOG"] {
         assert!(env.contains(&want), "{want} missing from {env:?}");
     }
-    let sa = one(&docs, "ServiceAccount");
+    let sa = named(&docs, "ServiceAccount", "amoskys");
     assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
 
+    // The agents' account may read pods, and nothing else.
+    let agent_rules = &named(&docs, "ClusterRole", "amoskys-agent")["rules"];
+    assert_eq!(
+        agent_rules,
+        &serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
+    let binding = named(&docs, "ClusterRoleBinding", "amoskys-agent");
+    assert_eq!(binding["roleRef"]["name"], "amoskys-agent");
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "amoskys-agent", "namespace": "amoskys-system"}])
+    );
+    named(&docs, "ServiceAccount", "amoskys-agent");
+
     // Every API call the reconcilers make is granted, and nothing broader.
-    let rules = one(&docs, "ClusterRole")["rules"]
+    let rules = named(&docs, "ClusterRole", "amoskys")["rules"]
         .as_array()
         .unwrap()
         .clone();
@@ -227,7 +251,12 @@ fn every_optional_part_renders_what_it_promises() {
         .map(|c| c.metadata.name.clone().unwrap())
         .collect();
     assert_eq!(crds, want);
-    assert!(!kinds(&docs).contains(&"ServiceAccount".to_string()));
+    let accounts: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceAccount")
+        .map(|d| &d["metadata"]["name"])
+        .collect();
+    assert_eq!(accounts, ["amoskys-agent"], "only the agents' account");
     assert_eq!(
         one(&docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
         "existing"
@@ -242,6 +271,17 @@ fn every_optional_part_renders_what_it_promises() {
     let set: AgentSet = serde_json::from_value(one(&docs, "AgentSet").clone()).unwrap();
     agentset::validate(&set).unwrap();
     assert_eq!(set.spec.bus_ref.name, bus.metadata.name.clone().unwrap());
+    // The chart's AgentSet runs as the chart's agent account, so its agents
+    // watch their node's pods.
+    assert_eq!(
+        set.spec.service_account_name.as_deref(),
+        Some("amoskys-agent")
+    );
+    let ds = agentset::daemonset(&set, &bus, None);
+    let pod = ds.spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("amoskys-agent"));
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    assert!(agentset::agent_config(&set).contains("pods: true"));
     assert_eq!(EventBus::crd().spec.names.kind, "EventBus");
 }
 

@@ -246,7 +246,16 @@ async fn agentset_sample_becomes_a_daemonset_and_a_second_pass_changes_nothing()
         .api
         .get(Some(NS), "nodes-agent-config")
         .expect("agent ConfigMap");
-    assert!(cm.data.unwrap()["agent.yaml"].contains("flow"));
+    let agent_yaml = cm.data.unwrap()["agent.yaml"].clone();
+    assert!(agent_yaml.contains("flow"));
+    // The sample runs as the chart's agent account: a token, and the
+    // agents watch their node's pods.
+    assert_eq!(pod.service_account_name.as_deref(), Some("amoskys-agent"));
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    assert!(
+        agent_yaml.contains("kubernetes:\n  pods: true"),
+        "{agent_yaml}"
+    );
 
     let before = w.api.changes().len();
     w.reconcile_set("nodes").await;
@@ -276,6 +285,20 @@ async fn agentset_sample_becomes_a_daemonset_and_a_second_pass_changes_nothing()
     );
     let st = w.set("nodes").status.clone().unwrap();
     assert_eq!(condition(&st.conditions, "Ready").1, "Paused");
+
+    // Without an account: no token, no pods watch.
+    w.api.patch::<AgentSet>(
+        Some(NS),
+        "nodes",
+        json!({"spec": {"serviceAccountName": null}}),
+    );
+    w.reconcile_set("nodes").await;
+    let ds: DaemonSet = w.api.get(Some(NS), "nodes-agent").unwrap();
+    let pod = ds.spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name, None);
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let cm: ConfigMap = w.api.get(Some(NS), "nodes-agent-config").unwrap();
+    assert!(cm.data.unwrap()["agent.yaml"].contains("kubernetes:\n  pods: false"));
 }
 
 /// Reconciles an invalid resource and checks the condition, the event and

@@ -55,8 +55,20 @@ pub struct AgentConfigFile {
     pub shutdown_grace: Option<String>,
     /// `tlsReloadInterval`: how often the TLS files are checked (`2s`).
     pub tls_reload_interval: Option<String>,
+    /// `kubernetes:` what the agent learns from the Kubernetes API.
+    pub kubernetes: KubernetesFile,
     /// `collectors:` one section per collector.
     pub collectors: Collectors,
+}
+
+/// `kubernetes:` in the file.
+#[derive(Debug, Default, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KubernetesFile {
+    /// `pods`: watch this node's pods (in-cluster credentials, `get`,
+    /// `list` and `watch` on pods) and add namespace, pod, labels, service
+    /// account, container and image to process and flow events (false).
+    pub pods: bool,
 }
 
 /// `spool:` in the file.
@@ -155,6 +167,8 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// How often the TLS files are checked for a change.
     pub tls_reload_interval: Duration,
+    /// Whether this node's pods are watched to give events their identity.
+    pub watch_pods: bool,
     /// The collectors that run, each checked.
     pub collectors: ResolvedCollectors,
 }
@@ -294,6 +308,7 @@ pub fn resolve(file: AgentConfigFile, flags: AgentOverrides) -> Result<AgentConf
             "tlsReloadInterval",
             file.tls_reload_interval.as_deref().unwrap_or("2s"),
         )?,
+        watch_pods: file.kubernetes.pods,
     })
 }
 

@@ -24,6 +24,10 @@ app.kubernetes.io/component: operator
 {{- default (include "amoskys.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
+{{- define "amoskys.agentServiceAccount" -}}
+{{- default (printf "%s-agent" (include "amoskys.fullname" .)) .Values.agentServiceAccount.name -}}
+{{- end -}}
+
 {{- define "amoskys.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}

@@ -211,6 +211,7 @@ pub fn validate(set: &AgentSet) -> Result<(), InvalidSpec> {
 #[serde(rename_all = "camelCase")]
 struct AgentFile {
     spool: amoskys_agents::config::SpoolFile,
+    kubernetes: amoskys_agents::config::KubernetesFile,
     collectors: Collectors,
 }
 
@@ -220,9 +221,20 @@ pub fn agent_config(set: &AgentSet) -> String {
         spool: amoskys_agents::config::SpoolFile {
             max_bytes: Some(set.spec.spool_size.clone()),
         },
+        kubernetes: amoskys_agents::config::KubernetesFile {
+            pods: watches_pods(set),
+        },
         collectors: agent_collectors(&set.spec.collectors),
     };
     rendered(set, &f)
+}
+
+/// Whether the agents run as a ServiceAccount, and so watch their node's pods.
+fn watches_pods(set: &AgentSet) -> bool {
+    set.spec
+        .service_account_name
+        .as_deref()
+        .is_some_and(|s| !s.is_empty())
 }
 
 fn meta(set: &AgentSet, name: &str) -> ObjectMeta {
@@ -393,7 +405,12 @@ pub fn daemonset(set: &AgentSet, bus: &EventBus, operator_image: Option<&str>) -
                     dns_policy: p.host_network.then(|| "ClusterFirstWithHostNet".into()),
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
                     tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
-                    automount_service_account_token: Some(false),
+                    // A token only for the pods watch; none otherwise.
+                    service_account_name: s
+                        .service_account_name
+                        .clone()
+                        .filter(|_| watches_pods(set)),
+                    automount_service_account_token: Some(watches_pods(set)),
                     // The agent drains its spool to the bus on SIGTERM.
                     termination_grace_period_seconds: Some(30),
                     volumes: Some(volumes),
