@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 
 const AGENT: &str = "dash-agent";
 const TOKEN: &str = "dashboard-e2e-token-0123456789abcdef";
-const AGENT_CONFIG: &str = "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: false\n  synthetic:\n    enabled: true\n    rate: 20\n";
+const AGENT_CONFIG: &str = "heartbeatInterval: 1s\nbatch:\n  maxDelay: 20ms\ncollectors:\n  process:\n    enabled: false\n  inventory:\n    enabled: true\n    interval: 1h\n  synthetic:\n    enabled: true\n    rate: 20\n";
+/// One alert per node, from the inventory's host snapshot at agent start.
+const RULE: &str = "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: host-seen}\nspec:\n  match: {event: inventory}\n  condition: \"inventory.host.hostname != ''\"\n  summary: 'host {inventory.host.hostname} reported'\n  dedup: {by: [event.node], window: 1h}\n";
 
 struct Driver(Child);
 
@@ -180,6 +182,9 @@ async fn dashboard_in_a_real_browser() {
     let ports = (free_port(), free_port());
     // With a backup dir and no backup in it yet, the bus takes one at start.
     let backup_dir = root.join("backup");
+    let rules_dir = root.join("rules");
+    std::fs::create_dir_all(&rules_dir).unwrap();
+    std::fs::write(rules_dir.join("host.yaml"), RULE).unwrap();
     let _bus = start_bus_with(
         root,
         "batch",
@@ -189,6 +194,8 @@ async fn dashboard_in_a_real_browser() {
             token_file.to_str().unwrap(),
             "--backup-dir",
             backup_dir.to_str().unwrap(),
+            "--rules-dir",
+            rules_dir.to_str().unwrap(),
         ],
     );
     let _agent = start_agent(root, ports.0, AGENT, AGENT_CONFIG);
@@ -355,9 +362,90 @@ async fn dashboard_in_a_real_browser() {
     )
     .await;
 
+    // The Alerts page: the rule's alert, its facets, and a link to what the
+    // agent sent around it.
+    c.goto(&format!("{base}/alerts")).await.unwrap();
+    let row = until(
+        &c,
+        "the host-seen alert",
+        "const r = document.querySelector(\"#alerts-table tr[data-rule='host-seen']\"); return r ? r.innerText : null;",
+        |v| v.as_str().is_some_and(|s| s.contains("host") && s.contains("reported")),
+    )
+    .await;
+    println!("alert row: {row}");
+    let chips = c
+        .execute(
+            "return [...document.querySelectorAll('#a-facets .chip')].map(b => b.dataset.facet + '=' + b.dataset.value);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        chips,
+        json!(["severity=warning", "rule=host-seen", "namespace="]),
+        "facets"
+    );
+    // Choosing a rule's chip keeps its alert and puts the choice in the URL.
+    c.execute(
+        "document.querySelector(\"#a-facets .chip[data-value='host-seen']\").click();",
+        vec![],
+    )
+    .await
+    .unwrap();
+    until(
+        &c,
+        "the chosen rule",
+        "const on = document.querySelector('#a-facets .chip.on'); return on && location.search.includes('rule=host-seen') ? document.querySelectorAll('#alerts-table tbody tr').length : null;",
+        |v| v == &json!(1),
+    )
+    .await;
+    shot(&c, "05-alerts").await;
+    // A severity the alert is below empties the table; clearing it brings
+    // the row back.
+    c.goto(&format!("{base}/alerts?severity=critical"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "an empty table at critical",
+        "return document.getElementById('a-info').textContent.startsWith('0 alerts') ? document.querySelectorAll('#alerts-table tbody tr').length : null;",
+        |v| v == &json!(0),
+    )
+    .await;
+    c.goto(&format!("{base}/alerts")).await.unwrap();
+    until(
+        &c,
+        "the neighbours link",
+        "const a = document.querySelector('#alerts-table a.neighbours'); return a ? a.href : null;",
+        |v| v.as_str().is_some_and(|s| s.contains("agent=")),
+    )
+    .await;
+    c.execute(
+        "document.querySelector('#alerts-table a.neighbours').click();",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let around = until(
+        &c,
+        "the agent's events around the alert",
+        "const rows = [...document.querySelectorAll('#results tbody tr')]; return rows.length ? rows.map(r => r.dataset.agent) : null;",
+        |v| v.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    assert!(
+        around.as_array().unwrap().iter().all(|a| a == AGENT),
+        "only the alert's agent: {around}"
+    );
+    let agent_filter = c
+        .execute("return document.getElementById('f-agent').value;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(agent_filter, json!(AGENT));
+
     // Pausing the synthetic collector stops its events; resuming restarts them.
     control(&c, &base, "pause").await;
-    shot(&c, "05-agent-paused").await;
+    shot(&c, "06-agent-paused").await;
     // Let what was produced before the pause drain to the bus first.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let while_paused = synthetic_rows_over(&c, &base, Duration::from_secs(3)).await;
@@ -368,7 +456,7 @@ async fn dashboard_in_a_real_browser() {
         resumed >= 10,
         "synthetic events flow again after resume: {resumed}"
     );
-    shot(&c, "06-events-after-resume").await;
+    shot(&c, "07-events-after-resume").await;
 
     // Signing out returns to the sign-in page.
     c.goto(&format!("{base}/")).await.unwrap();

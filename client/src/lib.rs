@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alerts;
 pub mod bus;
 pub mod identity;
 pub mod parse;

@@ -352,3 +352,148 @@ async fn namespaced_rules_never_see_other_namespaces() {
     assert_eq!(a[0].0.k8s.as_ref().unwrap().namespace, "shop");
     bus.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_page_folds_repeats_and_filters_by_facet() {
+    let env = Env::new();
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("rules.yaml"),
+        "apiVersion: amoskys.io/v1alpha1\nkind: DetectionRule\nmetadata: {name: curl, namespace: shop}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: 'curl in {k8s.namespace}/{k8s.pod}'\n  dedup: {by: [k8s.pod], window: 1s}\n---\napiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: wget}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'wget'\"\n  severity: critical\n  summary: 'wget on {event.node}'\n",
+    )
+    .unwrap();
+    let tokens = env.path().join("reader-tokens");
+    let token = "reader-token-for-the-alerts-page-0123";
+    std::fs::write(&tokens, format!("{token}\n")).unwrap();
+    let mut cfg = config(&env, &dir);
+    cfg.dashboard.reader_token_file = Some(tokens);
+    let bus = amoskys_eventbus::start(cfg).await.unwrap();
+    let in_pod = |seq, ns: &str, name: &str| Event {
+        k8s: Some(K8sIdentity {
+            namespace: ns.into(),
+            pod: format!("{ns}-web"),
+            ..Default::default()
+        }),
+        ..start_process("n1", seq, name, "/usr/bin/x", "c1", &[name])
+    };
+    // Three curls in one window: one alert counting 3; wget elsewhere.
+    publish(
+        &bus,
+        &env,
+        "n1",
+        vec![
+            in_pod(1, "shop", "curl"),
+            in_pod(2, "shop", "curl"),
+            in_pod(3, "bank", "wget"),
+            in_pod(4, "shop", "curl"),
+        ],
+    )
+    .await;
+    // A curl after the window closes it (the update with the total) and
+    // opens a new alert.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    publish(&bus, &env, "n1", vec![in_pod(5, "shop", "curl")]).await;
+
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("http://{}{path}", bus.http_addr);
+        async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap())
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    let page = eventually(Duration::from_secs(10), || async {
+        let (_, v) = get("/api/alerts".into()).await;
+        let rows = v["alerts"].as_array().cloned().unwrap_or_default();
+        (rows.len() == 3 && rows.iter().any(|r| r["count"] == 3)).then_some(v)
+    })
+    .await
+    .expect("three alerts, one counting three curls");
+    let rows = page["alerts"].as_array().unwrap();
+    // Newest first: the second curl alert, then wget, then the first curl.
+    let summary: Vec<(String, u64, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["rule"].as_str().unwrap().to_string(),
+                r["count"].as_u64().unwrap(),
+                r["namespace"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("shop/curl".to_string(), 1, "shop".to_string()),
+            ("wget".to_string(), 1, "bank".to_string()),
+            ("shop/curl".to_string(), 3, "shop".to_string()),
+        ]
+    );
+    let first = &rows[2];
+    assert_eq!(first["pod"], "shop-web");
+    assert_eq!(first["node"], "node-1");
+    assert_eq!(first["open"], true);
+    // The three curls were stored in one group, at one time.
+    assert!(first["last_seen"].as_i64() >= first["first_seen"].as_i64());
+    // The source is the first curl, by address.
+    let stored = stored(&bus, &env).await;
+    let src = stored
+        .iter()
+        .find(|e| e.offset == first["source"]["offset"].as_u64().unwrap())
+        .unwrap();
+    assert_eq!((src.agent_id.as_str(), src.seq), ("n1", 1));
+    assert_eq!(first["source"]["agent"], "n1");
+    assert_eq!(
+        page["facets"],
+        serde_json::json!({
+            "severity": {"critical": 1, "warning": 2},
+            "rule": {"shop/curl": 2, "wget": 1},
+            "namespace": {"bank": 1, "shop": 2},
+        })
+    );
+
+    // Filters narrow the rows; the facets still count the whole range.
+    for (query, want) in [
+        ("namespace=bank", vec!["wget"]),
+        ("rule=shop/curl", vec!["shop/curl", "shop/curl"]),
+        ("severity=critical", vec!["wget"]),
+        ("open=true&since=1h", vec!["shop/curl", "wget", "shop/curl"]),
+    ] {
+        let (status, v) = get(format!("/api/alerts?{query}")).await;
+        assert_eq!(status, 200, "{query}: {v}");
+        let rules: Vec<&str> = v["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rule"].as_str().unwrap())
+            .collect();
+        assert_eq!(rules, want, "{query}");
+        assert_eq!(v["facets"], page["facets"], "{query}");
+    }
+    for (query, names) in [
+        ("since=yesterday", "since:"),
+        ("open=maybe", "open:"),
+        ("colour=red", "unknown parameter"),
+    ] {
+        let (status, v) = get(format!("/api/alerts?{query}")).await;
+        assert_eq!(status, 400, "{query}");
+        assert!(v["error"].as_str().unwrap().contains(names), "{query}: {v}");
+    }
+    // The page itself, behind the same sign-in.
+    let r = http
+        .get(format!("http://{}/alerts", bus.http_addr))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains("href=\"/alerts\""));
+    bus.shutdown().await.unwrap();
+}

@@ -1,11 +1,9 @@
 //! `amoskys alerts list|tail`: the alerts detection rules wrote, with
 //! repeats folded into each alert's count.
 
-use std::collections::HashMap;
-
 use amoskys_client::BusClient;
+use amoskys_client::alerts::alert_of;
 use amoskys_client::render::{severity_name, timestamp};
-use amoskys_proto::event::Payload;
 use amoskys_proto::{Alert, Event, Filter, QueryRequest, TailRequest};
 use anyhow::Result;
 use clap::Subcommand;
@@ -39,13 +37,6 @@ pub enum AlertsCmd {
         #[arg(long, value_enum, default_value = "table")]
         output: output::Format,
     },
-}
-
-fn alert_of(e: &Event) -> Option<&Alert> {
-    match &e.payload {
-        Some(Payload::Alert(a)) => Some(a),
-        _ => None,
-    }
 }
 
 fn detect_filter() -> Filter {
@@ -111,27 +102,11 @@ pub async fn run(cmd: AlertsCmd) -> Result<()> {
                     page.missing_shards
                 );
             }
-            // Window updates carry the total of the alert they update.
-            let mut totals: HashMap<(String, u64), (u64, i64)> = HashMap::new();
-            for e in &page.events {
-                if let Some(a) = alert_of(e)
-                    && a.updates_seq != 0
-                {
-                    totals.insert((e.agent_id.clone(), a.updates_seq), (a.count, a.last_seen));
-                }
-            }
             let mut header = false;
-            for e in &page.events {
-                let Some(a) = alert_of(e) else { continue };
-                if a.updates_seq != 0 || (!rule.is_empty() && !rule.contains(&a.rule)) {
-                    continue;
+            for (e, a) in amoskys_client::alerts::fold(&page.events) {
+                if rule.is_empty() || rule.contains(&a.rule) {
+                    print(e, &a, output, &mut header);
                 }
-                let mut a = a.clone();
-                if let Some((count, last)) = totals.get(&(e.agent_id.clone(), e.seq)) {
-                    a.count = *count;
-                    a.last_seen = *last;
-                }
-                print(e, &a, output, &mut header);
             }
         }
         AlertsCmd::Tail { conn, rule, output } => {

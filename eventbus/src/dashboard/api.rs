@@ -344,6 +344,142 @@ pub async fn event(
     }
 }
 
+/// Alert events one Alerts page request reads at most (updates included).
+const MAX_ALERT_EVENTS: usize = 5_000;
+/// How long an alert counts as open after its last match when no
+/// receiver says (the receivers' `resolveAfter` default).
+const DEFAULT_OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The Alerts page: the detector's alerts in a time range, repeats folded
+/// into their counts, filtered, with counts by severity, rule and namespace
+/// over the whole range so the facets show what the filters hide.
+pub async fn alerts(
+    State(d): State<Arc<Dashboard>>,
+    Authed(_): Authed,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let p = params::parse(
+        q.as_deref(),
+        &["since", "severity", "rule", "namespace", "open"],
+    )
+    .map_err(bad_request)?;
+    let since = match p.get("since").map(|s| s.trim()) {
+        None | Some("") => std::time::Duration::from_secs(24 * 3600),
+        Some(s) => humantime::parse_duration(s).map_err(|e| {
+            bad_request(format!(
+                "since: {s:?} is not a duration like 1h or 7d ({e})"
+            ))
+        })?,
+    };
+    let min_severity = params::filter(&p).map_err(bad_request)?.min_severity;
+    let open_only = match p.get("open").map(String::as_str) {
+        None | Some("") | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(v) => return Err(bad_request(format!("open: {v:?} is not true or false"))),
+    };
+    let (rule, namespace) = (p.get("rule").cloned(), p.get("namespace").cloned());
+    let now = now_ns();
+    let from = now.saturating_sub(i64::try_from(since.as_nanos()).unwrap_or(i64::MAX));
+    let open_for = d
+        .bus
+        .cfg
+        .alerting
+        .sinks
+        .iter()
+        .map(|s| s.resolve_after)
+        .max()
+        .unwrap_or(DEFAULT_OPEN_FOR);
+    let open_after = now.saturating_sub(i64::try_from(open_for.as_nanos()).unwrap_or(i64::MAX));
+
+    // Newest first, page by page, until the range or the bound runs out.
+    let mut events = Vec::new();
+    let mut missing = Vec::new();
+    let mut cursor = String::new();
+    let truncated = loop {
+        let q = QueryRequest {
+            from_time: from,
+            filter: Some(amoskys_proto::Filter {
+                collectors: vec![amoskys_detect::DETECT_COLLECTOR.into()],
+                ..Default::default()
+            }),
+            limit: 1000,
+            cursor: std::mem::take(&mut cursor),
+            allow_partial: true,
+            newest_first: true,
+            ..Default::default()
+        };
+        let spec = QuerySpec {
+            filter: crate::filter::EventFilter {
+                collectors: vec![amoskys_detect::DETECT_COLLECTOR.into()],
+                ..Default::default()
+            },
+            limit: 1000,
+            ..Default::default()
+        };
+        let page = d.bus.newest_first(&q, spec).await?;
+        events.extend(page.events);
+        missing.extend(page.missing_shards);
+        match page.next {
+            Some(next) if events.len() < MAX_ALERT_EVENTS => cursor = format_cursor(&next),
+            Some(_) => break true,
+            None => break false,
+        }
+    };
+    missing.sort_unstable();
+    missing.dedup();
+
+    let mut facets: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut rows = Vec::new();
+    for (e, a) in amoskys_client::alerts::fold(&events) {
+        let ns = e
+            .k8s
+            .as_ref()
+            .map(|k| k.namespace.clone())
+            .unwrap_or_default();
+        let open = a.last_seen >= open_after;
+        let severity = amoskys_client::render::severity_name(e.severity);
+        for (facet, v) in [
+            ("severity", severity.to_string()),
+            ("rule", a.rule.clone()),
+            ("namespace", ns.clone()),
+        ] {
+            *facets.entry(facet).or_default().entry(v).or_default() += 1;
+        }
+        if e.severity < min_severity
+            || rule.as_ref().is_some_and(|r| *r != a.rule)
+            || namespace.as_ref().is_some_and(|n| *n != ns)
+            || (open_only && !open)
+        {
+            continue;
+        }
+        let pod = e.k8s.as_ref().map(|k| k.pod.clone()).unwrap_or_default();
+        rows.push(json!({
+            "rule": a.rule,
+            "severity": severity,
+            "summary": a.summary,
+            "count": a.count,
+            "first_seen": ms(a.first_seen),
+            "last_seen": ms(a.last_seen),
+            "open": open,
+            "namespace": ns,
+            "pod": pod,
+            "node": e.node,
+            "kind": a.kind,
+            "shard": e.shard,
+            "offset": e.offset,
+            "source": {"shard": a.source_shard, "offset": a.source_offset, "agent": a.source_agent},
+        }));
+    }
+    Ok(Json(json!({
+        "alerts": rows,
+        "facets": facets,
+        "from": timestamp(from),
+        "open_for_seconds": open_for.as_secs(),
+        "truncated": truncated,
+        "missing_shards": missing,
+    })))
+}
+
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,

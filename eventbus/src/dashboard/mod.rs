@@ -284,6 +284,7 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/agents", get(page))
         .route("/agent", get(page))
         .route("/events", get(page))
+        .route("/alerts", get(page))
         .route("/login", get(login_get).post(login_post))
         .route("/logout", post(logout))
         .route(
@@ -299,6 +300,7 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/api/agent", get(api::agent))
         .route("/api/control", post(api::control))
         .route("/api/events", get(api::events))
+        .route("/api/alerts", get(api::alerts))
         .route("/api/event", get(api::event))
         .route("/api/tail", get(tail::tail))
         .fallback(api::not_found)

@@ -331,11 +331,85 @@ function events() {
   // its event: /events?shard=S&offset=O.
   const linked = new URLSearchParams(location.search);
   if (linked.get("offset")) showEvent(linked.get("offset"), linked.get("shard"));
+  // The Alerts page's "around it": one agent's events in a time range.
+  if (linked.get("agent") || linked.get("from")) {
+    if (linked.get("agent")) f.agent.value = linked.get("agent");
+    if (linked.get("from")) from.value = local(new Date(linked.get("from")));
+    if (linked.get("to")) to.value = local(new Date(linked.get("to")));
+    search(null);
+  }
+}
+
+// ---- Alerts ----------------------------------------------------------------
+
+// The detector's alerts: facets (severity, rule, namespace) narrow the
+// table; each alert links to its source event and to what the same agent
+// sent around it.
+function alerts() {
+  const linked = new URLSearchParams(location.search);
+  const sel = { since: linked.get("since") || "24h", severity: linked.get("severity") || "", rule: linked.get("rule") || "", namespace: linked.get("namespace") || "", open: linked.get("open") || "" };
+  const since = el("select", { id: "a-since" }, ["1h", "24h", "7d"].map(s => el("option", { value: s }, "last " + s)));
+  since.value = sel.since;
+  const openOnly = el("input", { id: "a-open", type: "checkbox" });
+  openOnly.checked = sel.open === "true";
+  const facets = el("div", { id: "a-facets", class: "facets" });
+  const info = el("span", { id: "a-info", class: "muted" });
+  const table = el("table", { id: "alerts-table" }, el("thead", {}, el("tr", {}, ["Last seen", "Severity", "Rule", "Count", "Namespace / pod", "Node", "Summary", ""].map(h => el("th", {}, h)))), el("tbody"));
+  const detail = el("pre", { id: "alert-detail" }, "Click an alert for its source event.");
+  app.replaceChildren(el("h1", {}, "Alerts"),
+    el("div", { class: "filters" }, since, el("label", {}, openOnly, " open only"), info), facets,
+    el("div", { class: "split" }, el("div", {}, table), el("div", {}, el("h2", {}, "Source event"), detail)));
+  since.addEventListener("change", () => { sel.since = since.value; load(); });
+  openOnly.addEventListener("change", () => { sel.open = openOnly.checked ? "true" : ""; load(); });
+
+  function chip(facet, value, n) {
+    // Node-level alerts have no namespace: counted, not a filter.
+    if (!value) return el("button", { class: "chip", "data-facet": facet, "data-value": value, disabled: "" }, `(none) ${n}`);
+    const on = sel[facet] === value;
+    return el("button", { class: "chip" + (on ? " on" : ""), "data-facet": facet, "data-value": value,
+      onclick: () => { sel[facet] = on ? "" : value; load(); } }, `${value} ${n}`);
+  }
+  async function load() {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(sel)) if (v) q.set(k, v);
+    history.replaceState(null, "", "/alerts?" + q.toString());
+    try {
+      const r = await api("/api/alerts?" + q.toString());
+      const order = ["critical", "error", "warning", "notice", "info", "debug"];
+      facets.replaceChildren(...["severity", "rule", "namespace"].map(f => {
+        const entries = Object.entries(r.facets[f] || {});
+        if (f === "severity") entries.sort((a, b) => order.indexOf(a[0]) - order.indexOf(b[0]));
+        else entries.sort((a, b) => b[1] - a[1]);
+        return el("div", { class: "facet" }, el("span", { class: "muted" }, f + ": "), entries.map(([v, n]) => chip(f, v, n)));
+      }));
+      table.tBodies[0].replaceChildren(...r.alerts.map(a => {
+        const t = new Date(a.last_seen).toISOString();
+        const around = new URLSearchParams({ agent: a.source.agent,
+          from: new Date(a.last_seen - 60000).toISOString(), to: new Date(a.last_seen + 60000).toISOString() });
+        return el("tr", { class: "clickable" + (a.open ? " open" : ""), "data-rule": a.rule, onclick: () => showSource(a) },
+          el("td", {}, t.replace("T", " ").replace(/\.\d+Z$/, "")),
+          el("td", { class: "sev-" + a.severity }, a.severity),
+          el("td", {}, a.rule), el("td", { class: "num" }, a.count),
+          el("td", {}, a.namespace ? `${a.namespace}/${a.pod}` : "–"), el("td", {}, a.node),
+          el("td", { class: "summary", title: a.summary }, a.summary),
+          el("td", {}, el("a", { href: `/events?shard=${a.source.shard}&offset=${a.source.offset}`, onclick: ev => ev.stopPropagation() }, "event"), " · ",
+            el("a", { href: "/events?" + around.toString(), class: "neighbours", onclick: ev => ev.stopPropagation() }, "around it")));
+      }));
+      info.className = "muted";
+      info.textContent = `${r.alerts.length} alert${r.alerts.length === 1 ? "" : "s"} since ${r.from.replace("T", " ").replace(/\.\d+Z$/, "")}` +
+        ` · open: a match in the last ${fmt.dur(r.open_for_seconds)}` + (r.truncated ? " · only the newest 5,000 alert events were read" : "");
+    } catch (e) { info.className = "bad"; info.textContent = e.message; }
+  }
+  async function showSource(a) {
+    try { detail.textContent = JSON.stringify(await api(`/api/event?shard=${a.source.shard}&offset=${a.source.offset}`), null, 2); }
+    catch (e) { detail.textContent = e.message; }
+  }
+  every(10000, load);
 }
 
 // ---- Router ----------------------------------------------------------------
 
-const pages = { "/": overview, "/agents": agents, "/agent": agentPage, "/events": events };
+const pages = { "/": overview, "/agents": agents, "/agent": agentPage, "/events": events, "/alerts": alerts };
 for (const a of document.querySelectorAll("[data-nav]")) {
   if (a.dataset.nav === location.pathname || (location.pathname === "/agent" && a.dataset.nav === "/agents")) a.classList.add("active");
 }
