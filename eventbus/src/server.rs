@@ -213,6 +213,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         shards: shards.clone(),
         export_error: std::sync::Mutex::new(None),
         rule_statuses: std::sync::Mutex::new(Vec::new()),
+        rule_activity: std::sync::Mutex::new(Default::default()),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());

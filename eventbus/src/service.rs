@@ -67,6 +67,9 @@ pub struct BusState {
     pub export_error: std::sync::Mutex<Option<(String, String)>>,
     /// Each detection rule as last loaded (empty without detection).
     pub rule_statuses: std::sync::Mutex<Vec<amoskys_detect::RuleStatus>>,
+    /// What each rule matched, by rule name, for Stats.
+    pub rule_activity:
+        std::sync::Mutex<std::collections::HashMap<String, crate::detect::RuleActivity>>,
 }
 
 /// Where a Publish stream goes.
@@ -927,6 +930,31 @@ fn read_permission(local: bool) -> Permission {
 }
 
 impl BusState {
+    /// The rules this shard's detector was given, with what they matched.
+    fn rule_states(&self) -> Vec<amoskys_proto::RuleState> {
+        let statuses = self
+            .rule_statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut activity = self.rule_activity.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::writer::now_ns();
+        statuses
+            .into_iter()
+            .map(|s| {
+                let a = activity.entry(s.name.clone()).or_default();
+                amoskys_proto::RuleState {
+                    matches_24h: a.last_24h(now),
+                    last_match: a.last_match,
+                    degraded: a.degraded,
+                    name: s.name,
+                    loaded: s.loaded,
+                    error: s.error,
+                }
+            })
+            .collect()
+    }
+
     /// This shard's own figures.
     pub(crate) async fn local_stats(&self) -> Result<StatsResponse, Status> {
         let store = self.store.clone();
@@ -971,6 +999,7 @@ impl BusState {
             newest_stored_at: newest.unwrap_or(0),
             shards: Vec::new(),
             missing_shards: Vec::new(),
+            rules: self.rule_states(),
             export: self.cfg.export_nats.as_ref().map(|_| {
                 let (last_error_reason, last_error) = self
                     .export_error

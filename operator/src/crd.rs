@@ -687,6 +687,8 @@ pub struct AgentCollectorStatus {
     printcolumn = r#"{"name":"Compiled","type":"string","jsonPath":".status.conditions[?(@.type==\"Compiled\")].status"}"#,
     printcolumn = r#"{"name":"Tests","type":"string","jsonPath":".status.conditions[?(@.type==\"TestsPassed\")].status"}"#,
     printcolumn = r#"{"name":"Loaded","type":"string","jsonPath":".status.conditions[?(@.type==\"Loaded\")].status"}"#,
+    printcolumn = r#"{"name":"Matches-24h","type":"integer","jsonPath":".status.matches24h"}"#,
+    printcolumn = r#"{"name":"Last-Match","type":"date","jsonPath":".status.lastMatch"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct DetectionRuleSpec {
@@ -710,6 +712,8 @@ pub struct DetectionRuleSpec {
     printcolumn = r#"{"name":"Compiled","type":"string","jsonPath":".status.conditions[?(@.type==\"Compiled\")].status"}"#,
     printcolumn = r#"{"name":"Tests","type":"string","jsonPath":".status.conditions[?(@.type==\"TestsPassed\")].status"}"#,
     printcolumn = r#"{"name":"Loaded","type":"string","jsonPath":".status.conditions[?(@.type==\"Loaded\")].status"}"#,
+    printcolumn = r#"{"name":"Matches-24h","type":"integer","jsonPath":".status.matches24h"}"#,
+    printcolumn = r#"{"name":"Last-Match","type":"date","jsonPath":".status.lastMatch"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct ClusterDetectionRuleSpec {
@@ -724,7 +728,8 @@ pub struct ClusterDetectionRuleSpec {
 pub struct DetectionRuleStatus {
     /// Compiled (the condition type-checks against the event fields; the
     /// message names the field, line and column of an error), TestsPassed
-    /// (every inline test), Loaded (in the rule set handed to the buses).
+    /// (every inline test), Loaded (running on every bus pod, as the pods
+    /// report it).
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The spec generation this status describes.
@@ -736,6 +741,14 @@ pub struct DetectionRuleStatus {
     /// Of those, passed.
     #[serde(default)]
     pub tests_passed: u32,
+    /// Matches among events stored in the last 24 hours, summed over every
+    /// bus pod (each counts since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matches24h: Option<u64>,
+    /// The stored time of the event evaluated at the newest match on any
+    /// bus pod (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_match: Option<String>,
 }
 
 /// The CRDs, in the order they are written.

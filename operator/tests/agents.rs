@@ -268,3 +268,152 @@ async fn agent_resources_follow_the_bus_registry() {
 
     bus.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_status_shows_what_a_real_bus_loaded_and_matched() {
+    use amoskys_operator::build::rules::{documents, rule_set_yaml};
+    use amoskys_operator::controller::rules::reconcile_rule;
+    use amoskys_operator::crd::{DetectionRule, DetectionRuleSpec};
+    use amoskys_proto::event::Payload;
+    use amoskys_proto::publish_response::Msg;
+    use amoskys_proto::{Event, Hello, K8sIdentity, ProcessEvent, process_event};
+
+    let spec: amoskys_detect::RuleSpec = serde_saphyr::from_str(
+        "match: {event: process, kinds: [start]}\ncondition: \"process.name == 'sh'\"\nsummary: 'shell {process.name}'\ntests:\n  - {name: sh, event: {process: {name: sh}}, expect: match}\n",
+    )
+    .unwrap();
+    let mut rule = DetectionRule::new("shell", DetectionRuleSpec { rule: spec });
+    rule.metadata.namespace = Some(NS.into());
+    rule.metadata.generation = Some(1);
+
+    // The bus runs the rule set the operator writes for it.
+    let env = amoskys_testkit::Env::new();
+    let rules = env.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("rules.yaml"),
+        rule_set_yaml(&documents(std::slice::from_ref(&rule), &[])).unwrap(),
+    )
+    .unwrap();
+    let mut cfg = env.config();
+    cfg.detection = Some(amoskys_eventbus::config::DetectionConfig {
+        rules_dir: rules,
+        reload_interval: Duration::from_millis(100),
+        rule_budget: Duration::from_millis(1),
+        checkpoint_interval: Duration::from_millis(200),
+    });
+    let bus = amoskys_eventbus::start(cfg).await.unwrap();
+
+    let w = world_at(OffsetDateTime::now_utc());
+    w.api.insert(&sample_bus());
+    w.api.insert(&rule);
+    let admin = pems(&env.pki("admin"));
+    let reconcile = || async {
+        let r: DetectionRule = w.api.get(Some(NS), "shell").unwrap();
+        reconcile_rule(std::sync::Arc::new(r), w.ctx.clone())
+            .await
+            .unwrap();
+        w.api
+            .get::<DetectionRule>(Some(NS), "shell")
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let loaded = |st: &amoskys_operator::crd::DetectionRuleStatus| {
+        let c = st.conditions.iter().find(|c| c.type_ == "Loaded").unwrap();
+        (c.status.clone(), c.reason.clone())
+    };
+    // Before any pod reported: handed over, not confirmed.
+    let st = reconcile().await;
+    assert_eq!(loaded(&st), ("True".into(), "InRuleSet".into()));
+    assert_eq!(st.matches24h, None);
+
+    // Two shells in the rule's namespace, one elsewhere.
+    let mut c = env.client(bus.grpc_addr, "agent").await;
+    let mut p = c
+        .publisher(
+            Hello {
+                agent_id: "nodes/node-a".into(),
+                node: "node-a".into(),
+                version: "test".into(),
+                ..Default::default()
+            },
+            8,
+        )
+        .await
+        .unwrap();
+    let shell = |seq: u64, ns: &str| Event {
+        agent_id: "nodes/node-a".into(),
+        seq,
+        collector: "process".into(),
+        observed_at: amoskys_eventbus::now_ns(),
+        k8s: Some(K8sIdentity {
+            namespace: ns.into(),
+            pod: "web".into(),
+            ..Default::default()
+        }),
+        payload: Some(Payload::Process(ProcessEvent {
+            kind: process_event::Kind::Start as i32,
+            name: "sh".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    p.send(vec![shell(1, NS), shell(2, "other"), shell(3, NS)])
+        .await
+        .unwrap();
+    loop {
+        if let Some(Msg::Ack(a)) = p.next().await.unwrap()
+            && a.acked_seq >= 3
+        {
+            break;
+        }
+    }
+
+    // What the agent sync reads from each pod is what the rule's status
+    // is made of.
+    let mut st = None;
+    for _ in 0..100 {
+        let reg = registry(bus.grpc_addr, &admin).await;
+        w.ctx
+            .shards_seen
+            .lock()
+            .unwrap()
+            .insert(format!("{NS}/amoskys"), reg.shards.clone());
+        let s = reconcile().await;
+        if s.matches24h == Some(2) {
+            st = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = st.expect("two matches in the status");
+    assert_eq!(loaded(&st), ("True".into(), "Running".into()));
+    let last = st.last_match.clone().unwrap();
+    let last =
+        time::OffsetDateTime::parse(&last, &time::format_description::well_known::Rfc3339).unwrap();
+    assert!(
+        (OffsetDateTime::now_utc() - last).whole_seconds().abs() < 60,
+        "{last}"
+    );
+
+    // A second bus pod that has not picked the rule up yet.
+    let mut two = w.ctx.shards_seen.lock().unwrap()[&format!("{NS}/amoskys")].clone();
+    let mut stale = two[&0].clone();
+    stale.rules.clear();
+    two.insert(1, stale);
+    w.ctx
+        .shards_seen
+        .lock()
+        .unwrap()
+        .insert(format!("{NS}/amoskys"), two);
+    let st = reconcile().await;
+    assert_eq!(loaded(&st), ("False".into(), "Propagating".into()));
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.message.contains("running on 1 of 2 bus pods")),
+        "{st:?}"
+    );
+    bus.shutdown().await.unwrap();
+}

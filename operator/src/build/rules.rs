@@ -108,13 +108,53 @@ pub fn rule_set_yaml(docs: &[RuleDocument]) -> Result<String, serde_saphyr::ser:
     Ok(out)
 }
 
-/// A rule's status from its verdict: Compiled, TestsPassed and Loaded, each
-/// keeping its transition time while its status holds.
+/// What the bus pods reported about one rule (their Admin.Stats).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BusReport {
+    /// Bus pods that reported their rules.
+    pub pods: usize,
+    /// Of those, the ones running the rule.
+    pub loaded: usize,
+    /// Why pods that have the rule did not load it.
+    pub errors: Vec<String>,
+    /// Matches in the last 24 hours, summed over the pods.
+    pub matches_24h: u64,
+    /// The newest match's stored time (unix ns), 0 for none.
+    pub last_match: i64,
+}
+
+impl BusReport {
+    /// Gathers what each pod said about the rule `name`.
+    pub fn of<'a>(
+        name: &str,
+        pods: impl IntoIterator<Item = &'a [amoskys_proto::RuleState]>,
+    ) -> Self {
+        let mut r = BusReport::default();
+        for rules in pods {
+            r.pods += 1;
+            if let Some(s) = rules.iter().find(|s| s.name == name) {
+                if s.loaded {
+                    r.loaded += 1;
+                } else if !r.errors.contains(&s.error) {
+                    r.errors.push(s.error.clone());
+                }
+                r.matches_24h += s.matches_24h;
+                r.last_match = r.last_match.max(s.last_match);
+            }
+        }
+        r
+    }
+}
+
+/// A rule's status from its verdict and what the bus pods report:
+/// Compiled, TestsPassed and Loaded, each keeping its transition time while
+/// its status holds, and the matches.
 pub fn status(
     verdict: &Verdict,
     previous: Option<&DetectionRuleStatus>,
     generation: Option<i64>,
     buses: usize,
+    report: &BusReport,
     now: OffsetDateTime,
 ) -> DetectionRuleStatus {
     let prev: &[Condition] = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
@@ -189,15 +229,48 @@ pub fn status(
             generation,
             now,
         )
-    } else {
+    } else if !report.errors.is_empty() {
+        condition(
+            prev,
+            "Loaded",
+            false,
+            "BusRefused",
+            format!("a bus pod did not load it: {}", report.errors.join("; ")),
+            generation,
+            now,
+        )
+    } else if report.pods == 0 {
         condition(
             prev,
             "Loaded",
             true,
             "InRuleSet",
             format!(
-                "in the rule set of {buses} EventBus(es) (ConfigMap <bus>-rules); each bus pod swaps it in once kubelet updates the mounted file"
+                "in the rule set of {buses} EventBus(es) (ConfigMap <bus>-rules); no bus pod has reported its rules yet"
             ),
+            generation,
+            now,
+        )
+    } else if report.loaded < report.pods {
+        condition(
+            prev,
+            "Loaded",
+            false,
+            "Propagating",
+            format!(
+                "running on {} of {} bus pods; kubelet updates the mounted rule set within about a minute",
+                report.loaded, report.pods
+            ),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            "Loaded",
+            true,
+            "Running",
+            format!("running on all {} bus pods", report.pods),
             generation,
             now,
         )
@@ -207,6 +280,9 @@ pub fn status(
         observed_generation: generation,
         tests: verdict.tests,
         tests_passed: verdict.tests - verdict.failures.len() as u32,
+        matches24h: (report.pods > 0).then_some(report.matches_24h),
+        last_match: (report.last_match > 0)
+            .then(|| crate::controller::rfc3339(report.last_match.div_euclid(1_000_000_000))),
     }
 }
 
@@ -247,13 +323,13 @@ mod tests {
             &spec("process.name == 'sh'", true),
         ));
         assert!(v.loadable(), "{v:?}");
-        let st = status(&v, None, Some(3), 1, now);
+        let st = status(&v, None, Some(3), 1, &BusReport::default(), now);
         assert!(st.conditions.iter().all(|c| c.status == "True"), "{st:?}");
         assert_eq!(
             (st.tests, st.tests_passed, st.observed_generation),
             (1, 1, Some(3))
         );
-        let none = status(&v, None, Some(3), 0, now);
+        let none = status(&v, None, Some(3), 0, &BusReport::default(), now);
         assert_eq!(none.conditions[2].reason, "NoEventBus");
 
         let typo = check(&document(
@@ -263,7 +339,7 @@ mod tests {
         ));
         let e = typo.compile_error.clone().unwrap();
         assert!(e.contains("spec.condition") && e.contains("line 1"), "{e}");
-        let st = status(&typo, None, Some(3), 1, now);
+        let st = status(&typo, None, Some(3), 1, &BusReport::default(), now);
         assert_eq!(
             st.conditions
                 .iter()
@@ -289,10 +365,77 @@ mod tests {
             "{:?}",
             failing.failures
         );
-        let st = status(&failing, None, Some(3), 1, now);
+        let st = status(&failing, None, Some(3), 1, &BusReport::default(), now);
         assert_eq!(st.conditions[1].reason, "TestsFailed");
         assert_eq!(st.conditions[2].status, "False");
         assert_eq!(st.tests_passed, 0);
+    }
+
+    #[test]
+    fn loaded_follows_what_the_bus_pods_report_and_matches_are_summed() {
+        use amoskys_proto::RuleState;
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let v = check(&document(
+            "DetectionRule",
+            &meta(),
+            &spec("process.name == 'sh'", true),
+        ));
+        let state = |loaded: bool, matches: u64, last: i64| RuleState {
+            name: "shop/a".into(),
+            loaded,
+            error: if loaded {
+                String::new()
+            } else {
+                "spec.condition: nope".into()
+            },
+            matches_24h: matches,
+            last_match: last,
+            degraded: false,
+        };
+        let other = RuleState {
+            name: "other".into(),
+            loaded: true,
+            ..Default::default()
+        };
+        let loaded = |pods: &[Vec<RuleState>]| {
+            let r = BusReport::of("shop/a", pods.iter().map(Vec::as_slice));
+            let st = status(&v, None, Some(3), 1, &r, now);
+            let c = st.conditions[2].clone();
+            (c.status, c.reason, st.matches24h, st.last_match)
+        };
+        assert_eq!(
+            loaded(&[]),
+            ("True".into(), "InRuleSet".into(), None, None),
+            "no pod has reported"
+        );
+        assert_eq!(
+            loaded(&[vec![state(true, 2, 0)], vec![other.clone()]]),
+            ("False".into(), "Propagating".into(), Some(2), None),
+            "one pod has not picked the rule up"
+        );
+        assert_eq!(
+            loaded(&[
+                vec![state(true, 2, 1_000_000_000)],
+                vec![other.clone(), state(true, 5, 3_000_000_000)]
+            ]),
+            (
+                "True".into(),
+                "Running".into(),
+                Some(7),
+                Some("1970-01-01T00:00:03Z".into())
+            )
+        );
+        let (status_, reason, ..) = loaded(&[vec![state(true, 0, 0)], vec![state(false, 0, 0)]]);
+        assert_eq!((status_.as_str(), reason.as_str()), ("False", "BusRefused"));
+        let r = BusReport::of(
+            "shop/a",
+            [vec![state(false, 0, 0)]].iter().map(Vec::as_slice),
+        );
+        let st = status(&v, None, Some(3), 1, &r, now);
+        assert!(
+            st.conditions[2].message.contains("spec.condition: nope"),
+            "{st:?}"
+        );
     }
 
     #[test]

@@ -12,13 +12,14 @@ use kube::runtime::controller::Action;
 use kube::{Api, Client, ResourceExt};
 
 use super::{Context, Error, observed, write_status};
-use crate::build::rules::{check, document, documents, rule_set_yaml, status};
+use crate::build::rules::{BusReport, check, document, documents, rule_set_yaml, status};
 use crate::crd::{ClusterDetectionRule, DetectionRule, DetectionRuleStatus, EventBus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// How often a rule is looked at again without a change: its Loaded
-/// condition follows EventBuses coming and going.
-const RECHECK: Duration = Duration::from_secs(300);
+/// condition and matches follow what the bus pods report (read by the agent
+/// sync, every 15 s by default).
+const RECHECK: Duration = Duration::from_secs(30);
 
 /// EventBuses in the cluster: each runs every rule.
 async fn buses(client: &Client) -> Result<usize, Error> {
@@ -26,8 +27,20 @@ async fn buses(client: &Client) -> Result<usize, Error> {
     Ok(api.list(&ListParams::default()).await?.items.len())
 }
 
+/// What every bus pod last reported (through the agent sync's Stats
+/// reads) about the rule `name`.
+fn report(ctx: &Context, name: &str) -> BusReport {
+    let seen = ctx.shards_seen.lock().unwrap_or_else(|p| p.into_inner());
+    BusReport::of(
+        name,
+        seen.values()
+            .flat_map(|pods| pods.values())
+            .map(|s| s.rules.as_slice()),
+    )
+}
+
 /// A rule's status as it should be: checked as the bus would check it,
-/// Loaded against the EventBuses there are now.
+/// Loaded against the EventBuses there are now and what their pods report.
 async fn checked(
     kind: &str,
     meta: &ObjectMeta,
@@ -35,9 +48,18 @@ async fn checked(
     previous: Option<&DetectionRuleStatus>,
     ctx: &Context,
 ) -> Result<DetectionRuleStatus, Error> {
-    let verdict = check(&document(kind, meta, spec));
+    let doc = document(kind, meta, spec);
+    let verdict = check(&doc);
     let n = buses(&ctx.client).await?;
-    Ok(status(&verdict, previous, meta.generation, n, ctx.now()))
+    let report = report(ctx, &doc.qualified_name());
+    Ok(status(
+        &verdict,
+        previous,
+        meta.generation,
+        n,
+        &report,
+        ctx.now(),
+    ))
 }
 
 /// Reconciles one `DetectionRule`.
