@@ -22,7 +22,7 @@ pub mod view;
 pub use compile::{CompileError, CompiledRule, RuleSet, compile};
 pub use engine::{Decision, DetectState, Engine, RuleStats};
 pub use rule::{RuleDocument, RuleFileError, RuleSpec, parse_rule_file};
-pub use status::RuleStatus;
+pub use status::{RuleActivity, RuleStatus};
 pub use testing::{TestOutcome, run_tests};
 
 /// The agent id the detector of shard `shard` writes its alerts under; ids
@@ -36,3 +36,16 @@ pub const RESERVED_AGENT_PREFIX: &str = "amoskys:";
 
 /// The collector name alerts from rules carry.
 pub const DETECT_COLLECTOR: &str = "detect";
+
+/// The digest of a rule set made of the rule files `texts` (in file name
+/// order): the operator and the bus compute it alike, so the operator can
+/// tell from a bus's Stats whether it runs the set it was handed.
+pub fn rule_set_digest<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for t in texts {
+        h.update(t.as_bytes());
+        // A file boundary counts: two files are not their concatenation.
+        h.update(&[0]);
+    }
+    format!("{:032x}", h.digest128())
+}

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use amoskys_detect::{
-    CompiledRule, Decision, DetectState, Engine, RuleSet, RuleStatus, TestOutcome, compile,
-    detector_agent_id, parse_rule_file, run_tests,
+    CompiledRule, Decision, DetectState, Engine, RuleActivity, RuleSet, RuleStatus, TestOutcome,
+    compile, detector_agent_id, parse_rule_file, run_tests,
 };
 use amoskys_proto::Event;
 use amoskys_proto::event::Payload;
@@ -79,28 +79,57 @@ fn stamp(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
         .collect()
 }
 
+/// One rule file: its name, and its text or why it could not be read.
+type Source = (String, Result<String, String>);
+
+/// The rule files in `dir`, read.
+fn dir_sources(dir: &Path) -> Vec<Source> {
+    rule_files(dir)
+        .into_iter()
+        .map(|path| {
+            let file = path.display().to_string();
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{file}: {e}"));
+            (file, text)
+        })
+        .collect()
+}
+
+/// The digest of a rule set as [`amoskys_detect::rule_set_digest`] makes it
+/// (an unreadable file counts as empty: it changes when it can be read).
+fn digest_of(sources: &[Source]) -> String {
+    amoskys_detect::rule_set_digest(sources.iter().map(|(_, t)| t.as_deref().unwrap_or("")))
+}
+
 /// Reads, compiles and tests every rule in `dir`. Only rules that compiled
 /// and passed all their tests are in the set; every rule has a status.
-pub fn load_rules(dir: &Path) -> (RuleSet, Vec<RuleStatus>) {
+#[cfg(test)]
+fn load_rules(dir: &Path) -> (RuleSet, Vec<RuleStatus>) {
+    let (set, mut statuses) = load_sources(dir_sources(dir));
+    if !dir.is_dir() {
+        statuses.insert(0, not_a_directory(dir));
+    }
+    (set, statuses)
+}
+
+fn not_a_directory(dir: &Path) -> RuleStatus {
+    RuleStatus {
+        name: dir.display().to_string(),
+        file: dir.display().to_string(),
+        loaded: false,
+        error: "detection.rulesDir: not a directory".into(),
+        tests: 0,
+        tests_passed: 0,
+    }
+}
+
+/// Compiles and tests every rule in `sources`, as [`load_rules`] does.
+fn load_sources(sources: Vec<Source>) -> (RuleSet, Vec<RuleStatus>) {
     let env = amoskys_detect::compile::env();
     let mut loaded: Vec<Arc<CompiledRule>> = Vec::new();
     let mut statuses = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
-    if !dir.is_dir() {
-        statuses.push(RuleStatus {
-            name: dir.display().to_string(),
-            file: dir.display().to_string(),
-            loaded: false,
-            error: "detection.rulesDir: not a directory".into(),
-            tests: 0,
-            tests_passed: 0,
-        });
-    }
-    for path in rule_files(dir) {
-        let file = path.display().to_string();
-        let docs = std::fs::read_to_string(&path)
-            .map_err(|e| format!("{file}: {e}"))
-            .and_then(|text| parse_rule_file(&file, &text).map_err(|e| e.to_string()));
+    for (file, text) in sources {
+        let docs = text.and_then(|text| parse_rule_file(&file, &text).map_err(|e| e.to_string()));
         let docs = match docs {
             Ok(d) => d,
             Err(error) => {
@@ -156,47 +185,6 @@ pub fn load_rules(dir: &Path) -> (RuleSet, Vec<RuleStatus>) {
     (RuleSet::new(loaded, env), statuses)
 }
 
-/// What one rule matched, for the rule's status: matches in hourly buckets
-/// by the stored time of the events evaluated, and the newest match.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct RuleActivity {
-    /// (hour since the epoch, matches), oldest first, the last 24 hours.
-    hours: std::collections::VecDeque<(i64, u64)>,
-    /// Stored time (unix ns) of the newest event evaluated at the last match.
-    pub last_match: i64,
-    /// Mean CEL time over the detector's budget.
-    pub degraded: bool,
-}
-
-const HOUR_NS: i64 = 3_600_000_000_000;
-
-impl RuleActivity {
-    /// Counts `n` matches at stored time `at`.
-    pub fn record(&mut self, n: u64, at: i64) {
-        if n == 0 {
-            return;
-        }
-        let hour = at.div_euclid(HOUR_NS);
-        match self.hours.back_mut() {
-            Some((h, c)) if *h == hour => *c += n,
-            // Events are evaluated in stored order; an older hour (another
-            // shard's clock) joins the newest bucket rather than reorder.
-            Some((h, c)) if *h > hour => *c += n,
-            _ => self.hours.push_back((hour, n)),
-        }
-        self.last_match = self.last_match.max(at);
-    }
-
-    /// Matches in the 24 hours up to `now` (unix ns).
-    pub fn last_24h(&mut self, now: i64) -> u64 {
-        let oldest = now.div_euclid(HOUR_NS) - 23;
-        while self.hours.front().is_some_and(|(h, _)| *h < oldest) {
-            self.hours.pop_front();
-        }
-        self.hours.iter().map(|(_, c)| c).sum()
-    }
-}
-
 /// Counter values last carried into the metrics, per rule.
 #[derive(Default)]
 struct Reported {
@@ -229,6 +217,8 @@ struct Detector {
     engine: Engine,
     cursor: u64,
     stamp: Vec<(PathBuf, SystemTime, u64)>,
+    /// Digest of the rule set last handed over by the operator, as last seen.
+    pushed_seen: Option<String>,
     reported: Reported,
     /// Stored time of the newest evaluated event.
     newest: i64,
@@ -272,10 +262,10 @@ impl Detector {
             .store
             .hold_retention(crate::store::Hold::Detect, cursor);
         let shard = state.shards.index;
-        let (set, statuses) = load_rules(&cfg.rules_dir);
         let mut me = Self {
             engine: Engine::new(Arc::new(RuleSet::default()), shard, s),
             stamp: stamp(&cfg.rules_dir),
+            pushed_seen: None,
             state,
             cfg,
             rt,
@@ -285,7 +275,7 @@ impl Detector {
             newest: 0,
             agent_id: detector_agent_id(shard),
         };
-        me.install(set, statuses);
+        me.load_current();
         if fresh {
             // The starting point is durable at once: a crash before the
             // first regular save must not move it to a later "now".
@@ -345,20 +335,83 @@ impl Detector {
         info!(cursor = self.cursor, "detector stopped");
     }
 
+    fn pushed(&self) -> Option<String> {
+        self.state
+            .pushed_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn reload_if_changed(&mut self) {
         let now = stamp(&self.cfg.rules_dir);
-        if now == self.stamp {
+        let pushed = self
+            .pushed()
+            .map(|t| amoskys_detect::rule_set_digest([t.as_str()]));
+        if now == self.stamp && pushed == self.pushed_seen {
             return;
         }
         self.stamp = now;
-        let (set, statuses) = load_rules(&self.cfg.rules_dir);
+        self.load_current();
+        self.state.metrics.detect_rule_reloads.inc();
+    }
+
+    /// Runs the rules directory's set, or the set the operator handed over
+    /// while the directory (a ConfigMap kubelet updates within its sync
+    /// period) does not hold it yet. A set already running is left as is.
+    fn load_current(&mut self) {
+        let pushed = self.pushed();
+        let pushed_digest = pushed
+            .as_deref()
+            .map(|t| amoskys_detect::rule_set_digest([t]));
+        self.pushed_seen = pushed_digest.clone();
+        let dir = dir_sources(&self.cfg.rules_dir);
+        let dir_digest = digest_of(&dir);
+        if pushed_digest.as_deref() == Some(dir_digest.as_str()) {
+            // The directory caught up: from now on it alone says what runs.
+            let mut p = self
+                .state
+                .pushed_rules
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if p.as_deref().map(|t| amoskys_detect::rule_set_digest([t])) == pushed_digest {
+                *p = None;
+            }
+        }
+        let (sources, digest, from) = match (pushed, pushed_digest) {
+            (Some(text), Some(d)) if d != dir_digest => (
+                vec![("rules handed over by the operator".to_string(), Ok(text))],
+                d,
+                "operator",
+            ),
+            _ => (dir, dir_digest, "directory"),
+        };
+        let running = self
+            .state
+            .rules_digest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if digest == running {
+            return;
+        }
+        let (set, mut statuses) = load_sources(sources);
+        if from == "directory" && !self.cfg.rules_dir.is_dir() {
+            statuses.insert(0, not_a_directory(&self.cfg.rules_dir));
+        }
         info!(
             rules = set.rules.len(),
             failed = statuses.iter().filter(|s| !s.loaded).count(),
-            "detection rules reloaded"
+            from,
+            digest = %digest,
+            "detection rules loaded"
         );
-        self.state.metrics.detect_rule_reloads.inc();
         self.install(set, statuses);
+        *self
+            .state
+            .rules_digest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = digest;
     }
 
     /// Waits for the writer's next group (or a short while).
@@ -566,7 +619,7 @@ impl Detector {
                     .rule_activity
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                let a = activity.entry(rule.clone()).or_default();
+                let a: &mut RuleActivity = activity.entry(rule.clone()).or_default();
                 a.record(s.matches - before.matches, self.newest);
                 a.degraded = degraded;
             }
@@ -581,33 +634,6 @@ struct Stop;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn activity_counts_matches_of_the_last_24_hours_by_stored_time() {
-        let h = HOUR_NS;
-        let mut a = RuleActivity::default();
-        a.record(0, 5 * h);
-        assert_eq!(
-            (a.last_24h(5 * h), a.last_match),
-            (0, 0),
-            "no match, no time"
-        );
-        a.record(2, 5 * h + 10);
-        a.record(3, 6 * h + 20);
-        // A late event from another shard's clock joins the newest hour.
-        a.record(1, 4 * h);
-        assert_eq!(a.last_match, 6 * h + 20);
-        assert_eq!(a.last_24h(7 * h), 6);
-        // Hour 5 leaves the window at hour 29, hour 6 at hour 30.
-        assert_eq!(a.last_24h(28 * h + 1), 6);
-        assert_eq!(a.last_24h(29 * h), 4);
-        assert_eq!(a.last_24h(30 * h), 0);
-        assert_eq!(
-            a.last_match,
-            6 * h + 20,
-            "the last match outlives the window"
-        );
-    }
 
     #[test]
     fn rules_that_fail_to_compile_or_test_are_reported_and_not_loaded() {

@@ -214,6 +214,8 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         export_error: std::sync::Mutex::new(None),
         rule_statuses: std::sync::Mutex::new(Vec::new()),
         rule_activity: std::sync::Mutex::new(Default::default()),
+        pushed_rules: std::sync::Mutex::new(None),
+        rules_digest: std::sync::Mutex::new(String::new()),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());

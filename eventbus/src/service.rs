@@ -67,9 +67,13 @@ pub struct BusState {
     pub export_error: std::sync::Mutex<Option<(String, String)>>,
     /// Each detection rule as last loaded (empty without detection).
     pub rule_statuses: std::sync::Mutex<Vec<amoskys_detect::RuleStatus>>,
+    /// The rule set the operator handed over with Admin.SetRules.
+    pub pushed_rules: std::sync::Mutex<Option<String>>,
+    /// Digest of the rule set the detector runs (empty without detection).
+    pub rules_digest: std::sync::Mutex<String>,
     /// What each rule matched, by rule name, for Stats.
     pub rule_activity:
-        std::sync::Mutex<std::collections::HashMap<String, crate::detect::RuleActivity>>,
+        std::sync::Mutex<std::collections::HashMap<String, amoskys_detect::RuleActivity>>,
 }
 
 /// Where a Publish stream goes.
@@ -899,6 +903,27 @@ impl Admin for AdminService {
             .map(Response::new)
     }
 
+    async fn set_rules(
+        &self,
+        req: Request<amoskys_proto::SetRulesRequest>,
+    ) -> Result<Response<amoskys_proto::SetRulesResponse>, Status> {
+        let peer = authorize(&req, Permission::Admin, "Admin.SetRules")?;
+        if self.0.cfg.detection.is_none() {
+            return Err(Status::failed_precondition(
+                "detection is off on this bus (no detection.rulesDir)",
+            ));
+        }
+        let text = req.into_inner().rules_yaml;
+        let digest = amoskys_detect::rule_set_digest([text.as_str()]);
+        tracing::info!(by = %format!("cert:{}", peer.common_name), digest = %digest, bytes = text.len(), "detection rule set handed over");
+        *self
+            .0
+            .pushed_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(text);
+        Ok(Response::new(amoskys_proto::SetRulesResponse { digest }))
+    }
+
     async fn shard_agent(
         &self,
         req: Request<ShardAgentRequest>,
@@ -1000,6 +1025,11 @@ impl BusState {
             shards: Vec::new(),
             missing_shards: Vec::new(),
             rules: self.rule_states(),
+            rules_digest: self
+                .rules_digest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             export: self.cfg.export_nats.as_ref().map(|_| {
                 let (last_error_reason, last_error) = self
                     .export_error

@@ -497,3 +497,111 @@ async fn the_alerts_page_folds_repeats_and_filters_by_facet() {
     assert!(r.text().await.unwrap().contains("href=\"/alerts\""));
     bus.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
+    use amoskys_proto::{SetRulesRequest, StatsRequest};
+    let env = Env::new();
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rule = |name: &str| {
+        format!(
+            "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {{name: {name}}}\nspec:\n  match: {{event: process}}\n  condition: \"process.name == '{name}'\"\n  summary: '{name} ran'\n"
+        )
+    };
+    std::fs::write(dir.join("rules.yaml"), rule("curl")).unwrap();
+    let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
+    let mut admin = client(&bus, &env.pki("admin")).await;
+    let stats = |mut c: amoskys_client::BusClient| async move {
+        let s = c
+            .admin
+            .stats(StatsRequest {
+                local: true,
+                allow_partial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<String> = s.rules.iter().map(|r| r.name.clone()).collect();
+        (names, s.rules_digest)
+    };
+    let (names, from_dir) = stats(admin.clone()).await;
+    assert_eq!(names, ["curl"]);
+    assert_eq!(
+        from_dir,
+        amoskys_detect::rule_set_digest([rule("curl").as_str()])
+    );
+
+    // Only an admin may hand rules over.
+    let mut reader = client(&bus, &env.pki("reader")).await;
+    let denied = reader
+        .admin
+        .set_rules(SetRulesRequest {
+            rules_yaml: rule("wget"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+
+    // Handed over: live at the next reload, the directory unchanged.
+    let digest = admin
+        .admin
+        .set_rules(SetRulesRequest {
+            rules_yaml: rule("wget"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .digest;
+    let (names, running) = eventually(Duration::from_secs(10), || {
+        let c = admin.clone();
+        let digest = digest.clone();
+        async move {
+            let (names, running) = stats(c).await;
+            (running == digest).then_some((names, running))
+        }
+    })
+    .await
+    .expect("the handed-over set runs");
+    assert_eq!((names, running), (vec!["wget".to_string()], digest.clone()));
+    publish(
+        &bus,
+        &env,
+        "n1",
+        vec![
+            start_process("n1", 1, "curl", "/usr/bin/curl", "", &["curl"]),
+            start_process("n1", 2, "wget", "/usr/bin/wget", "", &["wget"]),
+        ],
+    )
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        let a = alerts(&bus, &env).await;
+        (!a.is_empty()).then_some(a)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = alerts(&bus, &env).await;
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1.rule, "wget");
+
+    // The directory catches up (kubelet's update of the ConfigMap); the
+    // same set keeps running, and from then on the directory alone counts.
+    std::fs::write(dir.join("rules.yaml"), rule("wget")).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(stats(admin.clone()).await.1, digest);
+    std::fs::write(dir.join("rules.yaml"), rule("ls")).unwrap();
+    let want = amoskys_detect::rule_set_digest([rule("ls").as_str()]);
+    let (names, _) = eventually(Duration::from_secs(10), || {
+        let c = admin.clone();
+        let want = want.clone();
+        async move {
+            let (names, running) = stats(c).await;
+            (running == want).then_some((names, running))
+        }
+    })
+    .await
+    .expect("the directory's new set runs");
+    assert_eq!(names, ["ls"]);
+    bus.shutdown().await.unwrap();
+}
