@@ -417,3 +417,71 @@ async fn a_rules_status_shows_what_a_real_bus_loaded_and_matched() {
     );
     bus.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_rule_set_is_handed_to_bus_pods_that_run_another() {
+    use amoskys_operator::build::rules::{documents, rule_set_yaml};
+    use amoskys_operator::controller::agents::push_rules;
+    use amoskys_operator::crd::{DetectionRule, DetectionRuleSpec};
+
+    let rule = |name: &str| {
+        let spec: amoskys_detect::RuleSpec = serde_saphyr::from_str(&format!(
+            "match: {{event: process}}\ncondition: \"process.name == '{name}'\"\nsummary: '{name}'\n"
+        ))
+        .unwrap();
+        let mut r = DetectionRule::new(name, DetectionRuleSpec { rule: spec });
+        r.metadata.namespace = Some(NS.into());
+        r.metadata.generation = Some(1);
+        r
+    };
+    // The pod's mounted rules directory still holds the old set.
+    let env = amoskys_testkit::Env::new();
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = rule_set_yaml(&documents(&[rule("curl")], &[])).unwrap();
+    std::fs::write(dir.join("rules.yaml"), &old).unwrap();
+    let mut cfg = env.config();
+    cfg.detection = Some(amoskys_eventbus::config::DetectionConfig {
+        rules_dir: dir,
+        reload_interval: Duration::from_millis(100),
+        rule_budget: Duration::from_millis(1),
+        checkpoint_interval: Duration::from_millis(200),
+    });
+    let bus = amoskys_eventbus::start(cfg).await.unwrap();
+    let admin = pems(&env.pki("admin"));
+    let w = world_at(OffsetDateTime::now_utc());
+    let eventbus = sample_bus();
+
+    let new = rule_set_yaml(&documents(&[rule("curl"), rule("wget")], &[])).unwrap();
+    let digest = amoskys_detect::rule_set_digest([new.as_str()]);
+    let urls = [replica(bus.grpc_addr)];
+    let reg = registry(bus.grpc_addr, &admin).await;
+    assert_eq!(
+        reg.shards[&0].rules_digest,
+        amoskys_detect::rule_set_digest([old.as_str()])
+    );
+    push_rules(&w.ctx, &eventbus, &urls, &admin, &reg, &new, &digest).await;
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let reg = registry(bus.grpc_addr, &admin).await;
+        if reg.shards[&0].rules_digest == digest {
+            names = reg.shards[&0]
+                .rules
+                .iter()
+                .map(|r| r.name.clone())
+                .collect();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(names, [format!("{NS}/curl"), format!("{NS}/wget")]);
+    // A pod that runs the set already gets nothing.
+    let reg = registry(bus.grpc_addr, &admin).await;
+    push_rules(&w.ctx, &eventbus, &urls, &admin, &reg, &new, &digest).await;
+    let text = w.ctx.metrics.encode();
+    assert!(
+        text.contains("amoskys_operator_rule_set_pushes_total{result=\"ok\"} 1"),
+        "{text}"
+    );
+    bus.shutdown().await.unwrap();
+}

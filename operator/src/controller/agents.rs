@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use amoskys_client::phase::{GROWING_SAMPLES, SpoolSample, phase};
 use amoskys_client::{BusClient, ClientError, Pems, connect_channel_pem};
-use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest, StatsResponse};
+use amoskys_proto::{AgentRecord, ListAgentsRequest, SetRulesRequest, StatsRequest, StatsResponse};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{DeleteParams, ListParams};
@@ -184,6 +184,24 @@ impl RegistryReader {
         reg.loaded_serials.sort();
         reg.loaded_serials.dedup();
         reg
+    }
+
+    /// Hands `replica` the rule set `rules_yaml` (Admin.SetRules); the
+    /// digest the bus computed for it.
+    pub async fn set_rules(
+        &self,
+        replica: &ReplicaUrl,
+        pems: &Pems,
+        rules_yaml: &str,
+    ) -> Result<String, ClientError> {
+        let mut c = self.client(replica, pems).await?;
+        let r = c
+            .admin
+            .set_rules(SetRulesRequest {
+                rules_yaml: rules_yaml.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner().digest)
     }
 
     /// Closes connections to replicas not in `keep` (buses deleted or
@@ -466,7 +484,16 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
     let mut total = 0;
     let mut failed = None;
     let mut replicas = BTreeSet::new();
-    for bus in buses.list(&ListParams::default()).await?.items {
+    let all_buses = buses.list(&ListParams::default()).await?.items;
+    // The rule set every bus should run, as the EventBus reconciler writes it.
+    let rules = if all_buses.is_empty() {
+        None
+    } else {
+        let yaml = super::rules::rule_set(&ctx.client).await?;
+        let digest = amoskys_detect::rule_set_digest([yaml.as_str()]);
+        Some((yaml, digest))
+    };
+    for bus in all_buses {
         let ns = super::namespace(&bus)?;
         let urls = replica_urls(&bus);
         replicas.extend(urls.iter().cloned());
@@ -477,6 +504,9 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
                 for (replica, error) in &r.unreachable {
                     ctx.metrics.registry_errors.inc();
                     tracing::warn!(bus = %bus.name_any(), %replica, %error, "reading the agent registry failed");
+                }
+                if let Some((yaml, digest)) = &rules {
+                    push_rules(ctx, &bus, &urls, &pems, &r, yaml, digest).await;
                 }
                 // With no replica answering there is nothing to go on.
                 (urls.is_empty() || r.unreachable.len() < urls.len()).then_some(r)
@@ -512,6 +542,55 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
     ctx.metrics.agents.set(total as i64);
     ctx.metrics.observe("agents", started.elapsed(), failed);
     Ok(total)
+}
+
+/// Hands the cluster's rule set to each pod of `bus` that answered and runs
+/// another one, so a rule change is live within a sync interval rather than
+/// when kubelet refreshes the mounted ConfigMap. Pods without detection
+/// (an empty digest) are left alone; a failure is logged and counted, and
+/// the mounted ConfigMap still gets there.
+pub async fn push_rules(
+    ctx: &Context,
+    bus: &EventBus,
+    urls: &[ReplicaUrl],
+    pems: &Pems,
+    registry: &Registry,
+    yaml: &str,
+    digest: &str,
+) {
+    for (index, stats) in &registry.shards {
+        if stats.rules_digest.is_empty() || stats.rules_digest == digest {
+            continue;
+        }
+        let Some(replica) = urls.get(*index as usize) else {
+            continue;
+        };
+        let result = match tokio::time::timeout(
+            READ_TIMEOUT,
+            ctx.registry_reader.set_rules(replica, pems, yaml),
+        )
+        .await
+        {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(e)) => {
+                tracing::warn!(bus = %bus.name_any(), replica = %replica.0, error = %e, "handing the rule set over failed");
+                "error"
+            }
+            Err(_) => {
+                tracing::warn!(bus = %bus.name_any(), replica = %replica.0, "handing the rule set over timed out");
+                "error"
+            }
+        };
+        if result == "ok" {
+            tracing::info!(bus = %bus.name_any(), replica = %replica.0, digest, "rule set handed over");
+        }
+        ctx.metrics
+            .rule_set_pushes
+            .get_or_create(&super::metrics::ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
 }
 
 /// Keeps `sync_all` running every `every` until `stop` resolves.

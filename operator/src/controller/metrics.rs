@@ -28,6 +28,13 @@ pub struct ErrorLabel {
     pub kind: String,
 }
 
+/// Metric labels: how an attempt ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
 /// Metric labels: a certificate's Secret.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
@@ -56,6 +63,9 @@ pub struct Metrics {
     /// `amoskys_operator_registry_connects_total`: admin connections dialled
     /// to bus replicas.
     pub registry_connects: Counter,
+    /// `amoskys_operator_rule_set_pushes_total`: rule sets handed to bus
+    /// pods that did not run the cluster's current one, by result.
+    pub rule_set_pushes: Family<ResultLabel, Counter>,
     /// `amoskys_operator_leader`: 1 while this replica holds the lease.
     pub leader: Gauge,
     registry: Mutex<Registry>,
@@ -118,6 +128,7 @@ impl Default for Metrics {
             agents: Gauge::default(),
             registry_errors: Counter::default(),
             registry_connects: Counter::default(),
+            rule_set_pushes: Family::default(),
             leader: Gauge::default(),
             registry: Mutex::new(Registry::with_prefix("amoskys_operator")),
         };
@@ -156,6 +167,11 @@ impl Default for Metrics {
                 "registry_connects",
                 "Admin connections dialled to bus replicas (kept between registry reads)",
                 m.registry_connects.clone(),
+            );
+            r.register(
+                "rule_set_pushes",
+                "Rule sets handed to bus pods that did not run the cluster's current one, by result",
+                m.rule_set_pushes.clone(),
             );
             r.register(
                 "leader",
