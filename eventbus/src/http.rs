@@ -39,6 +39,8 @@ pub struct HttpState {
     pub writable: Arc<AtomicBool>,
     pub store: OnceLock<Arc<Store>>,
     pub registry: OnceLock<Arc<Registry>>,
+    /// The data directory, whose filesystem's size and free space are exported.
+    pub data_dir: std::path::PathBuf,
     /// The dashboard's routes, installed once the store is open.
     pub dashboard: OnceLock<Router>,
 }
@@ -68,6 +70,17 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     }
     if let Some(reg) = s.registry.get() {
         s.metrics.connected_agents.set(reg.connected_count() as i64);
+    }
+    let dir = s.data_dir.clone();
+    if let Ok(Ok(fs)) = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&dir)).await {
+        // f_bavail: what an unprivileged writer may still use.
+        let block = fs.f_frsize.max(1);
+        s.metrics
+            .wal_volume_size_bytes
+            .set(fs.f_blocks.saturating_mul(block) as i64);
+        s.metrics
+            .wal_volume_free_bytes
+            .set(fs.f_bavail.saturating_mul(block) as i64);
     }
     (
         [(

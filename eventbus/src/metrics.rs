@@ -79,6 +79,11 @@ pub struct BusMetrics {
     pub fsync_seconds: Histogram,
     pub ack_latency_seconds: Histogram,
     pub wal_bytes: Gauge,
+    /// Size and free bytes of the filesystem holding the data directory,
+    /// so "the WAL volume is nearly full" is an alert on the bus's own
+    /// metrics, in a cluster or on a host.
+    pub wal_volume_size_bytes: Gauge,
+    pub wal_volume_free_bytes: Gauge,
     pub stored_events: Gauge,
     pub connected_agents: Gauge,
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
@@ -158,6 +163,8 @@ impl BusMetrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             ack_latency_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             wal_bytes: Gauge::default(),
+            wal_volume_size_bytes: Gauge::default(),
+            wal_volume_free_bytes: Gauge::default(),
             stored_events: Gauge::default(),
             connected_agents: Gauge::default(),
             tls_handshake_failures: Family::default(),
@@ -279,6 +286,16 @@ impl BusMetrics {
             "wal_bytes",
             "Bytes the WAL store occupies on disk",
             m.wal_bytes.clone(),
+        );
+        r.register(
+            "wal_volume_size_bytes",
+            "Size of the filesystem holding the data directory",
+            m.wal_volume_size_bytes.clone(),
+        );
+        r.register(
+            "wal_volume_free_bytes",
+            "Bytes the bus may still write on the filesystem holding the data directory",
+            m.wal_volume_free_bytes.clone(),
         );
         r.register(
             "stored_event_count",

@@ -115,6 +115,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         store: std::sync::OnceLock::new(),
         registry: std::sync::OnceLock::new(),
         dashboard: std::sync::OnceLock::new(),
+        data_dir: cfg.data_dir.clone(),
     });
     let http_task = tokio::spawn(http::serve(
         http_listener,

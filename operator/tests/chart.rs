@@ -237,6 +237,8 @@ fn every_optional_part_renders_what_it_promises() {
         "--set",
         "metrics.serviceMonitor.enabled=true",
         "--set",
+        "prometheusRule.enabled=true",
+        "--set",
         "serviceAccount.create=false",
         "--set",
         "serviceAccount.name=existing",
@@ -263,6 +265,21 @@ fn every_optional_part_renders_what_it_promises() {
     );
     let sm = one(&docs, "ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    // The job name the alerting rules' AmoskysOperatorDown expects.
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["relabelings"][0]["replacement"],
+        "amoskys-operator"
+    );
+    // The PrometheusRule holds exactly config/prometheus's rules (the chart
+    // carries a copy: Helm reads only files inside the chart).
+    let shipped = std::fs::read_to_string(repo("config/prometheus/amoskys-rules.yaml")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(repo("charts/amoskys/prometheus/amoskys-rules.yaml")).unwrap(),
+        shipped,
+        "cp config/prometheus/amoskys-rules.yaml charts/amoskys/prometheus/"
+    );
+    let rules: Value = serde_saphyr::from_str(&shipped).unwrap();
+    assert_eq!(one(&docs, "PrometheusRule")["spec"], rules);
 
     // The default EventBus and AgentSet are valid resources of the CRDs'
     // types, and the AgentSet sends to that EventBus.
