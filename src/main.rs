@@ -62,6 +62,9 @@ enum Cmd {
     /// Shard ownership: which shard of a sharded bus owns an agent.
     #[command(subcommand)]
     Shards(cmd::shards::ShardsCmd),
+    /// Print every object the operator would create for EventBus, AgentSet
+    /// and detection rule files, as `helm template` does for a chart.
+    Render(cmd::render::RenderArgs),
     /// Print the CustomResourceDefinitions (EventBus, AgentSet, Agent) as YAML.
     Crdgen {
         /// Write to these files instead of stdout.
@@ -105,5 +108,6 @@ async fn main() -> Result<()> {
         Cmd::Rules(c) => cmd::rules::run(c).await,
         Cmd::Alerts(c) => cmd::alerts::run(c).await,
         Cmd::Crdgen { out } => cmd::operator::crdgen(out),
+        Cmd::Render(a) => cmd::render::run(a),
     }
 }

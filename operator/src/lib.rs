@@ -12,5 +12,6 @@ pub mod build;
 pub mod controller;
 pub mod crd;
 pub mod labels;
+pub mod render;
 pub mod rotation;
 pub mod run;

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -35,6 +36,75 @@ fn helm() -> PathBuf {
         h.display()
     );
     h
+}
+
+/// PyPI's kubernetes-validate (Kubernetes' own schemas, offline), which
+/// scripts/setup.sh installs into the tools venv.
+fn kubernetes_validate() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMOSKYS_KUBERNETES_VALIDATE") {
+        return p.into();
+    }
+    let venv = std::env::var_os("AMOSKYS_TOOLS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/amoskys-tools")
+        });
+    let p = venv.join("bin/kubernetes-validate");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup.sh (it installs PyPI's kubernetes-validate)",
+        p.display()
+    );
+    p
+}
+
+/// Validates `docs` strictly against Kubernetes 1.37's schemas: every
+/// object of a built-in kind passes (unknown properties are errors);
+/// returns the kinds that have no schema there (custom resources).
+fn validate_strictly(docs: &[Value]) -> BTreeSet<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("objects.yaml");
+    let text: String = docs
+        .iter()
+        .map(|d| format!("---\n{}", serde_saphyr::to_string(d).unwrap()))
+        .collect();
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(kubernetes_validate())
+        .args(["--strict", "-k", "1.37"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{report}"
+    );
+    let mut unknown = BTreeSet::new();
+    let mut passed = 0;
+    for line in report.lines() {
+        if line.contains("passed for resource") {
+            passed += 1;
+        } else if let Some(rest) = line.split("Couldn't find schema for kind ").nth(1) {
+            unknown.insert(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        } else if !line.trim().is_empty() {
+            panic!("kubernetes-validate: {line}\n{report}");
+        }
+    }
+    let custom = docs
+        .iter()
+        .filter(|d| unknown.contains(d["kind"].as_str().unwrap_or_default()))
+        .count();
+    assert_eq!(passed + custom, docs.len(), "{report}");
+    unknown
 }
 
 fn chart() -> String {
@@ -395,4 +465,51 @@ fn the_chart_passes_helm_lint_and_helm_sdkpy_lint() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_chart_with_every_option_and_what_the_operator_renders_pass_kubernetes_schemas() {
+    let docs = render(&[
+        "--include-crds",
+        "--set",
+        "eventBus.create=true",
+        "--set",
+        "agentSet.create=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+    ]);
+    let unknown = validate_strictly(&docs);
+    // Only custom resources lack a schema: ours and prometheus-operator's.
+    assert_eq!(
+        unknown,
+        BTreeSet::from(
+            [
+                "AgentSet",
+                "ClusterDetectionRule",
+                "EventBus",
+                "PrometheusRule",
+                "ServiceMonitor"
+            ]
+            .map(String::from)
+        )
+    );
+
+    // `amoskys render` of the samples and the starter rules: every object
+    // the operator would create is a built-in kind and passes.
+    use amoskys_operator::render::{Input, render as render_objects};
+    let mut input_docs: Vec<Value> = Vec::new();
+    for f in ["config/eventbus.yaml", "config/agentset.yaml"] {
+        let text = std::fs::read_to_string(repo(f)).unwrap();
+        input_docs.extend(serde_saphyr::from_multiple::<Value>(&text).unwrap());
+    }
+    for entry in std::fs::read_dir(repo("config/rules")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        input_docs.extend(serde_saphyr::from_multiple::<Value>(&text).unwrap());
+    }
+    let input = Input::from_documents(input_docs, "security").unwrap();
+    let objects = render_objects(&input, None).unwrap();
+    assert!(objects.len() >= 15, "{}", objects.len());
+    assert_eq!(validate_strictly(&objects), BTreeSet::new());
 }

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod events;
 pub mod operator;
 pub mod pki;
+pub mod render;
 pub mod rules;
 pub mod shards;
 pub mod up;
