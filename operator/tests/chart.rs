@@ -309,6 +309,8 @@ fn every_optional_part_renders_what_it_promises() {
         "--set",
         "prometheusRule.enabled=true",
         "--set",
+        "grafanaDashboards.enabled=true",
+        "--set",
         "serviceAccount.create=false",
         "--set",
         "serviceAccount.name=existing",
@@ -350,6 +352,23 @@ fn every_optional_part_renders_what_it_promises() {
     );
     let rules: Value = serde_saphyr::from_str(&shipped).unwrap();
     assert_eq!(one(&docs, "PrometheusRule")["spec"], rules);
+    // One ConfigMap per Grafana dashboard, for the dashboard sidecar, each
+    // holding config/grafana's file unchanged.
+    let boards: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .collect();
+    assert_eq!(boards.len(), 3);
+    for b in boards {
+        let (file, text) = b["data"].as_object().unwrap().iter().next().unwrap();
+        let shipped = std::fs::read_to_string(repo("config/grafana").join(file)).unwrap();
+        assert_eq!(text.as_str().unwrap(), shipped.trim_end(), "{file}");
+        assert_eq!(
+            std::fs::read_to_string(repo("charts/amoskys/grafana").join(file)).unwrap(),
+            shipped,
+            "cp config/grafana/*.json charts/amoskys/grafana/"
+        );
+    }
 
     // The default EventBus and AgentSet are valid resources of the CRDs'
     // types, and the AgentSet sends to that EventBus.
@@ -479,6 +498,8 @@ fn the_chart_with_every_option_and_what_the_operator_renders_pass_kubernetes_sch
         "metrics.serviceMonitor.enabled=true",
         "--set",
         "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboards.enabled=true",
     ]);
     let unknown = validate_strictly(&docs);
     // Only custom resources lack a schema: ours and prometheus-operator's.

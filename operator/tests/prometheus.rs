@@ -1,8 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
-//! The Prometheus alerting rules of `config/prometheus/`: Prometheus's own
-//! `promtool` checks them and runs their unit tests (Debian's `prometheus`
-//! package, which scripts/setup.sh installs), and every metric they name is
-//! one a real bus, a real agent or the operator exports.
+//! The Prometheus alerting rules of `config/prometheus/` and the Grafana
+//! dashboards of `config/grafana/`: Prometheus's own `promtool` checks the
+//! rules and every panel's query and runs the rules' unit tests (Debian's
+//! `prometheus` package, which scripts/setup.sh installs), and every metric
+//! they name is one a real bus, a real agent or the operator exports.
 
 mod common;
 
@@ -66,15 +67,60 @@ fn every_alert_has_a_runbook_section() {
     }
 }
 
-/// `amoskys_*` names in the rules' expressions.
+/// Every panel query of the dashboards in config/grafana.
+fn dashboard_queries() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo("config/grafana"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in files {
+        let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                out.push(t["expr"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn promtool_parses_every_dashboard_query() {
+    // Each query as a recording rule: promtool checks its PromQL.
+    let queries = dashboard_queries();
+    let mut rules = String::from("groups:\n  - name: dashboards\n    rules:\n");
+    for (n, expr) in queries.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: amoskys:dashboard_query:{n}\n        expr: {}\n",
+            serde_json::to_string(expr).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboards.yaml");
+    std::fs::write(&file, rules).unwrap();
+    let out = run_promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("SUCCESS: {} rules found", queries.len())),
+        "{out}"
+    );
+}
+
+/// `amoskys_*` names in the rules' expressions and the dashboards' queries.
 fn names_in_rules() -> BTreeSet<String> {
     let rules = std::fs::read_to_string(repo("config/prometheus/amoskys-rules.yaml")).unwrap();
     let mut names = BTreeSet::new();
-    for line in rules
+    let exprs: Vec<String> = rules
         .lines()
         .filter(|l| l.trim_start().starts_with("expr:"))
-    {
-        let mut rest = line;
+        .map(String::from)
+        .chain(dashboard_queries())
+        .collect();
+    for line in &exprs {
+        let mut rest = line.as_str();
         while let Some(i) = rest.find("amoskys_") {
             let tail = &rest[i..];
             let end = tail
@@ -159,8 +205,9 @@ async fn every_metric_the_rules_name_is_exported() {
     .unwrap();
     let bus_text = amoskys_testkit::eventually(std::time::Duration::from_secs(20), || async {
         let text = amoskys_testkit::http_get(bus.http_addr, "/metrics").await.1;
-        text.contains("amoskys_bus_alert_sink_errors_total{")
-            .then_some(text)
+        (text.contains("amoskys_bus_alert_sink_errors_total{")
+            && text.contains("amoskys_bus_detect_matches_total{"))
+        .then_some(text)
     })
     .await
     .expect("the sink's failed deliveries are counted");
@@ -192,6 +239,12 @@ async fn every_metric_the_rules_name_is_exported() {
         Some("forbidden"),
     );
     operator.certificate("security", "amoskys-tls", 1_900_000_000);
+    operator
+        .rule_set_pushes
+        .get_or_create(&amoskys_operator::controller::metrics::ResultLabel {
+            result: "ok".into(),
+        })
+        .inc();
     let operator_text = operator.encode();
 
     let names = names_in_rules();
