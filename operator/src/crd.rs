@@ -74,6 +74,42 @@ pub struct EventBusSpec {
     /// (and the dashboard) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alerting: Option<AlertingSpec>,
+    /// The NetworkPolicy that admits traffic to the bus pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+/// Who may reach the bus pods. gRPC: the pods of the AgentSets that send to
+/// this bus, the bus's own pods (shard to shard), the operator, and the
+/// namespaces named here; HTTP (dashboard, metrics): the bus's namespace and
+/// the namespaces named here.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NetworkPolicySpec {
+    /// false: the operator creates no NetworkPolicy (one it created before
+    /// stays until you delete it).
+    pub enabled: bool,
+    /// Namespaces whose pods may use the gRPC port (readers, admins, the CLI).
+    pub client_namespaces: Vec<String>,
+    /// Namespaces whose pods may use the HTTP port (e.g. Prometheus's).
+    pub http_namespaces: Vec<String>,
+    /// The nodes' address ranges. Agents with the flow or process collector
+    /// run in the host's network, where no pod selector matches them; with
+    /// such agents and no ranges here, the gRPC port stays open to all (mTLS
+    /// still decides who gets in).
+    #[serde(rename = "agentCIDRs")]
+    pub agent_cidrs: Vec<String>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            client_namespaces: Vec::new(),
+            http_namespaces: Vec::new(),
+            agent_cidrs: Vec::new(),
+        }
+    }
 }
 
 /// Alert receivers, each fed from its own durable cursor.

@@ -162,6 +162,15 @@ pub fn render(input: &Input, image: Option<&str>) -> Result<Vec<Value>, RenderEr
         sts.spec.replicas = Some(pods);
         out.push(value(&sts));
         out.push(value(&eventbus::pdb(bus)));
+        let sets: Vec<AgentSet> = input
+            .sets
+            .iter()
+            .filter(|s| sends_to(s, bus))
+            .cloned()
+            .collect();
+        if let Some(np) = crate::build::network::network_policy(bus, &sets) {
+            out.push(value(&np));
+        }
     }
     for set in &input.sets {
         agentset::validate(set).map_err(|e| RenderError::Invalid {
@@ -237,6 +246,7 @@ mod tests {
                 "Service security/amoskys",
                 "StatefulSet security/amoskys",
                 "PodDisruptionBudget security/amoskys",
+                "NetworkPolicy security/amoskys",
                 "ConfigMap security/nodes-agent-config",
                 "DaemonSet security/nodes-agent",
             ]

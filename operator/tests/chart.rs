@@ -178,6 +178,7 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Deployment",
+            "NetworkPolicy",
             "Role",
             "RoleBinding",
             "Service",
@@ -185,6 +186,13 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
             "ServiceAccount"
         ]
     );
+    // The operator's policy selects its pods and opens only the metrics port.
+    let np = one(&docs, "NetworkPolicy");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"],
+        one(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], 8080);
     let dep = one(&docs, "Deployment");
     let pod = &dep["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
@@ -262,6 +270,7 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
             &["list", "watch", "create", "patch"],
         ),
         ("", "persistentvolumeclaims", &["list", "patch"]),
+        ("networking.k8s.io", "networkpolicies", &["create", "patch"]),
         ("", "pods", &["list"]),
         ("", "nodes", &["list"]),
         ("events.k8s.io", "events", &["create", "patch"]),

@@ -1499,3 +1499,113 @@ async fn detection_rules_get_their_status_and_only_good_ones_reach_every_bus() {
     let cm: ConfigMap = w.api.get(Some(NS), "amoskys-rules").unwrap();
     assert!(cm.data.unwrap()["rules.yaml"].contains("name: syntax"));
 }
+
+#[tokio::test]
+async fn each_bus_gets_a_network_policy_whose_selectors_match_the_pods_the_builders_make() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let w = started_world().await;
+    w.reconcile_bus("amoskys").await;
+    w.reconcile_set("nodes").await;
+    let sts: StatefulSet = w.api.get(Some(NS), "amoskys").unwrap();
+    let bus_pod = sts.spec.template.metadata.unwrap().labels.unwrap();
+    let np: NetworkPolicy = w.api.get(Some(NS), "amoskys").expect("NetworkPolicy");
+    let spec = np.spec.unwrap();
+    let selects = |sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+                   labels: &std::collections::BTreeMap<String, String>| {
+        sel.match_labels
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    };
+    assert!(selects(spec.pod_selector.as_ref().unwrap(), &bus_pod));
+    let ingress = spec.ingress.unwrap();
+    assert_eq!(
+        ingress[0].ports.as_ref().unwrap()[0].port,
+        Some(IntOrString::Int(7443))
+    );
+    // The sample's agents capture flows in the host's network, where no pod
+    // selector reaches them; without the nodes' ranges gRPC stays open.
+    assert_eq!(ingress[0].from, None);
+
+    // With the nodes' ranges: the agents' pods, the bus's own, the operator
+    // and the ranges, nothing else.
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"networkPolicy": {"agentCIDRs": ["10.0.0.0/16"], "httpNamespaces": ["monitoring"]}}}),
+    );
+    w.reconcile_bus("amoskys").await;
+    let np: NetworkPolicy = w.api.get(Some(NS), "amoskys").unwrap();
+    let ingress = np.spec.unwrap().ingress.unwrap();
+    let from = ingress[0].from.clone().unwrap();
+    let ds: DaemonSet = w.api.get(Some(NS), "nodes-agent").unwrap();
+    let agent_pod = ds.spec.template.metadata.unwrap().labels.unwrap();
+    let peers: Vec<&k8s_openapi::api::networking::v1::NetworkPolicyPeer> = from.iter().collect();
+    assert!(
+        peers.iter().any(|p| p.namespace_selector.is_none()
+            && p.pod_selector
+                .as_ref()
+                .is_some_and(|s| selects(s, &agent_pod))),
+        "the agents' pods: {from:?}"
+    );
+    assert!(
+        peers.iter().any(|p| p.namespace_selector.is_none()
+            && p.pod_selector
+                .as_ref()
+                .is_some_and(|s| selects(s, &bus_pod))),
+        "the bus's own pods: {from:?}"
+    );
+    // The operator's pods as the chart labels them, in any namespace.
+    let operator_pod = std::collections::BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "amoskys".to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            "amoskys".to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "operator".to_string(),
+        ),
+    ]);
+    assert!(
+        peers.iter().any(|p| p.namespace_selector.is_some()
+            && p.pod_selector
+                .as_ref()
+                .is_some_and(|s| selects(s, &operator_pod))),
+        "the operator: {from:?}"
+    );
+    assert!(
+        peers
+            .iter()
+            .any(|p| p.ip_block.as_ref().is_some_and(|b| b.cidr == "10.0.0.0/16"))
+    );
+    assert_eq!(peers.len(), 4, "{from:?}");
+    let http_from = ingress[1].from.clone().unwrap();
+    assert_eq!(http_from.len(), 2, "{http_from:?}");
+    assert_eq!(
+        http_from[1]
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+
+    // A bad range is named; turning the policy off stops managing it.
+    w.api.patch::<EventBus>(
+        Some(NS),
+        "amoskys",
+        json!({"spec": {"networkPolicy": {"agentCIDRs": ["10.0.0.0/33"]}}}),
+    );
+    assert_invalid(
+        &w,
+        "EventBus",
+        "amoskys",
+        "spec.networkPolicy.agentCIDRs[0]",
+    )
+    .await;
+}

@@ -281,6 +281,42 @@ pub fn validate(bus: &EventBus) -> Result<(), InvalidSpec> {
             return Err(invalid(field, format!("{port} is not a port")));
         }
     }
+    let np = &s.network_policy;
+    for (field, names) in [
+        ("spec.networkPolicy.clientNamespaces", &np.client_namespaces),
+        ("spec.networkPolicy.httpNamespaces", &np.http_namespaces),
+    ] {
+        for (n, name) in names.iter().enumerate() {
+            let label = name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !name.starts_with('-')
+                && !name.ends_with('-')
+                && !name.is_empty();
+            if !label {
+                return Err(invalid(
+                    format!("{field}[{n}]"),
+                    format!("{name:?} is not a namespace name"),
+                ));
+            }
+        }
+    }
+    for (n, cidr) in np.agent_cidrs.iter().enumerate() {
+        let ok = cidr.split_once('/').is_some_and(|(ip, len)| {
+            match (ip.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
+                (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
+                (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
+                _ => false,
+            }
+        });
+        if !ok {
+            return Err(invalid(
+                format!("spec.networkPolicy.agentCIDRs[{n}]"),
+                format!("{cidr:?} is not a CIDR like 10.0.0.0/16"),
+            ));
+        }
+    }
     Ok(())
 }
 

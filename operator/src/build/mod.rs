@@ -5,4 +5,5 @@
 
 pub mod agentset;
 pub mod eventbus;
+pub mod network;
 pub mod rules;

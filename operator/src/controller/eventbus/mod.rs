@@ -175,6 +175,9 @@ async fn reconcile_bus(bus: &EventBus, ctx: &Context) -> Result<Action, Error> {
     desired.spec.replicas = Some(pods);
     let sts = apply(&ctx.client, &ns, &desired).await?;
     apply(&ctx.client, &ns, &pdb(bus)).await?;
+    if let Some(np) = crate::build::network::network_policy(bus, &sets) {
+        apply(&ctx.client, &ns, &np).await?;
+    }
 
     let expanding = expand_claims(bus, &claims, ctx, &ns).await?;
 
