@@ -58,3 +58,9 @@ if [ ! -x "$tools_venv/bin/kubernetes-validate" ]; then
   echo "setup: installing kubernetes-validate into $tools_venv"
   "$tools_venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==1.37.0"
 fi
+# checkov's Kubernetes checks run over the same objects (--skip-download
+# keeps it offline); docs/security.md lists each finding we keep and why.
+if [ ! -x "$tools_venv/bin/checkov" ]; then
+  echo "setup: installing checkov into $tools_venv"
+  "$tools_venv/bin/pip" install -q --disable-pip-version-check "checkov==3.3.30"
+fi

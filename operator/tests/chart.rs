@@ -38,24 +38,26 @@ fn helm() -> PathBuf {
     h
 }
 
-/// PyPI's kubernetes-validate (Kubernetes' own schemas, offline), which
-/// scripts/setup.sh installs into the tools venv.
-fn kubernetes_validate() -> PathBuf {
-    if let Some(p) = std::env::var_os("AMOSKYS_KUBERNETES_VALIDATE") {
-        return p.into();
-    }
+/// A tool scripts/setup.sh installs from PyPI into the tools venv
+/// (kubernetes-validate: Kubernetes' own schemas; checkov: its Kubernetes
+/// checks), both run offline.
+fn pypi_tool(name: &str) -> PathBuf {
     let venv = std::env::var_os("AMOSKYS_TOOLS_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/amoskys-tools")
         });
-    let p = venv.join("bin/kubernetes-validate");
+    let p = venv.join("bin").join(name);
     assert!(
         p.is_file(),
-        "{} is missing: run scripts/setup.sh (it installs PyPI's kubernetes-validate)",
+        "{} is missing: run scripts/setup.sh (it installs PyPI's {name})",
         p.display()
     );
     p
+}
+
+fn kubernetes_validate() -> PathBuf {
+    pypi_tool("kubernetes-validate")
 }
 
 /// Validates `docs` strictly against Kubernetes 1.37's schemas: every
@@ -542,4 +544,110 @@ fn the_chart_with_every_option_and_what_the_operator_renders_pass_kubernetes_sch
     let objects = render_objects(&input, None).unwrap();
     assert!(objects.len() >= 15, "{}", objects.len());
     assert_eq!(validate_strictly(&objects), BTreeSet::new());
+}
+
+/// The chart with every option on, and what the operator would create for
+/// the samples and the starter rules, as YAML files in `dir`.
+fn write_everything(dir: &std::path::Path) {
+    use amoskys_operator::render::{Input, render as render_objects};
+    let chart = render(&[
+        "--set",
+        "eventBus.create=true",
+        "--set",
+        "agentSet.create=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboards.enabled=true",
+    ]);
+    let mut input_docs: Vec<Value> = Vec::new();
+    for f in ["config/eventbus.yaml", "config/agentset.yaml"] {
+        let text = std::fs::read_to_string(repo(f)).unwrap();
+        input_docs.extend(serde_saphyr::from_multiple::<Value>(&text).unwrap());
+    }
+    let objects = render_objects(
+        &Input::from_documents(input_docs, "security").unwrap(),
+        None,
+    )
+    .unwrap();
+    for (name, docs) in [("chart.yaml", chart), ("render.yaml", objects)] {
+        let text: String = docs
+            .iter()
+            .map(|d| format!("---\n{}", serde_saphyr::to_string(d).unwrap()))
+            .collect();
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+#[test]
+fn checkov_findings_are_fixed_or_kept_with_their_reason_in_security_md() {
+    // Not a dot-directory: checkov skips those, and finds nothing.
+    let dir = tempfile::Builder::new()
+        .prefix("amoskys-checkov-")
+        .tempdir()
+        .unwrap();
+    write_everything(dir.path());
+    let out = Command::new(pypi_tool("checkov"))
+        .args([
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--compact",
+            "--quiet",
+        ])
+        .args(["-o", "json", "-d"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov's report: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let report = if report.is_array() {
+        report[0].clone()
+    } else {
+        report
+    };
+    assert_eq!(
+        report["summary"]["parsing_errors"], 0,
+        "{}",
+        report["summary"]
+    );
+    assert!(report["summary"]["passed"].as_u64().unwrap() > 100);
+    let failing: BTreeSet<String> = report["results"]["failed_checks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| f["check_id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The kept findings: the table in docs/security.md, one row a check.
+    let doc = std::fs::read_to_string(repo("docs/security.md")).unwrap();
+    let table = doc
+        .split("## Checkov findings we keep")
+        .nth(1)
+        .expect("docs/security.md has a \"Checkov findings we keep\" section");
+    let kept: BTreeSet<String> = table
+        .lines()
+        .take_while(|l| !l.starts_with("## "))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|id| id.starts_with("CKV"))
+        .map(String::from)
+        .collect();
+    let unlisted: Vec<&String> = failing.difference(&kept).collect();
+    assert!(
+        unlisted.is_empty(),
+        "checkov findings neither fixed nor listed in docs/security.md: {unlisted:?}"
+    );
+    let stale: Vec<&String> = kept.difference(&failing).collect();
+    assert!(
+        stale.is_empty(),
+        "docs/security.md keeps findings checkov no longer reports: {stale:?}"
+    );
 }

@@ -10,8 +10,8 @@ use amoskys_agents::config::{
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource,
-    HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    HostPathVolumeSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::ResourceExt;
@@ -405,6 +405,15 @@ pub fn daemonset(set: &AgentSet, bus: &EventBus, operator_image: Option<&str>) -
                     dns_policy: p.host_network.then(|| "ClusterFirstWithHostNet".into()),
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
                     tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
+                    // The container's own context says more; this sets the
+                    // pod's default for anything added to it.
+                    security_context: Some(PodSecurityContext {
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
                     // A token only for the pods watch; none otherwise.
                     service_account_name: s
                         .service_account_name
