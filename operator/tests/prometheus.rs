@@ -240,6 +240,12 @@ async fn every_metric_the_rules_name_is_exported() {
     );
     operator.certificate("security", "amoskys-tls", 1_900_000_000);
     operator
+        .agents_by_phase
+        .get_or_create(&amoskys_operator::controller::metrics::PhaseLabel {
+            phase: "Running".into(),
+        })
+        .set(3);
+    operator
         .rule_set_pushes
         .get_or_create(&amoskys_operator::controller::metrics::ResultLabel {
             result: "ok".into(),

@@ -355,6 +355,9 @@ pub struct SyncReport {
     pub status_written: usize,
     /// Agent resources the set has after the sync.
     pub agents: usize,
+    /// Those agents by phase (their status as written, or as it stays
+    /// when the bus could not be read).
+    pub phases: BTreeMap<String, usize>,
 }
 
 /// The names of the cluster's Nodes. Only their metadata is read: at a
@@ -445,22 +448,27 @@ pub async fn sync_set(
                 }
             };
             let mut wrote = false;
+            let mut phase = agent.status.as_ref().map(|s| s.phase.clone());
             // A replica that did not answer may hold this agent's record.
             if let Some(reg) = registry.filter(|r| r.complete() || r.agents.contains_key(&id)) {
                 let rec = reg.agents.get(&id);
                 let samples = rec.map(|r| history.record(&id, r)).unwrap_or_default();
                 let status = agent_status(rec, now, &samples);
+                phase = Some(status.phase.clone());
                 wrote = write_status(&ctx.client, &agent, agent.status.as_ref(), &status).await?;
             }
-            Ok::<_, Error>((created, wrote))
+            Ok::<_, Error>((created, wrote, phase.unwrap_or_else(|| "Pending".into())))
         }
     });
-    let results: Vec<(bool, bool)> = futures::stream::iter(work)
+    let results: Vec<(bool, bool, String)> = futures::stream::iter(work)
         .buffer_unordered(CONCURRENCY)
         .try_collect()
         .await?;
     report.created = results.iter().filter(|r| r.0).count();
     report.status_written = results.iter().filter(|r| r.1).count();
+    for (_, _, phase) in results {
+        *report.phases.entry(phase).or_default() += 1;
+    }
     if registry.is_some() {
         history.forget(&ids);
     }
@@ -482,6 +490,7 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
         node_names(ctx).await?
     };
     let mut total = 0;
+    let mut phases: BTreeMap<String, usize> = BTreeMap::new();
     let mut failed = None;
     let mut replicas = BTreeSet::new();
     let all_buses = buses.list(&ListParams::default()).await?.items;
@@ -530,7 +539,12 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
             s.namespace().as_deref() == Some(ns.as_str()) && s.spec.bus_ref.name == bus.name_any()
         }) {
             match sync_set(ctx, set, &nodes, registry.as_ref(), history).await {
-                Ok(r) => total += r.agents,
+                Ok(r) => {
+                    total += r.agents;
+                    for (p, n) in r.phases {
+                        *phases.entry(p).or_default() += n;
+                    }
+                }
                 Err(e) => {
                     failed = Some(e.kind());
                     tracing::warn!(agentset = %set.name_any(), error = %e, "agent sync failed");
@@ -540,6 +554,15 @@ pub async fn sync_all(ctx: &Context, history: &History) -> Result<usize, Error> 
     }
     ctx.registry_reader.retain(&replicas);
     ctx.metrics.agents.set(total as i64);
+    for p in amoskys_client::phase::Phase::ALL {
+        let n = phases.get(p.as_str()).copied().unwrap_or(0);
+        ctx.metrics
+            .agents_by_phase
+            .get_or_create(&super::metrics::PhaseLabel {
+                phase: p.as_str().into(),
+            })
+            .set(n as i64);
+    }
     ctx.metrics.observe("agents", started.elapsed(), failed);
     Ok(total)
 }

@@ -28,6 +28,13 @@ pub struct ErrorLabel {
     pub kind: String,
 }
 
+/// Metric labels: an agent's phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// Pending, Running, Degraded or Disconnected.
+    pub phase: String,
+}
+
 /// Metric labels: how an attempt ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -57,6 +64,8 @@ pub struct Metrics {
     pub certificate_not_after: Family<CertLabel, Gauge>,
     /// `amoskys_operator_agents`: Agent resources the status sync keeps current.
     pub agents: Gauge,
+    /// `amoskys_operator_agents_by_phase`: those Agents by phase.
+    pub agents_by_phase: Family<PhaseLabel, Gauge>,
     /// `amoskys_operator_registry_errors_total`: failed reads of a bus
     /// replica's agent registry.
     pub registry_errors: Counter,
@@ -126,6 +135,7 @@ impl Default for Metrics {
             }),
             certificate_not_after: Family::default(),
             agents: Gauge::default(),
+            agents_by_phase: Family::default(),
             registry_errors: Counter::default(),
             registry_connects: Counter::default(),
             rule_set_pushes: Family::default(),
@@ -157,6 +167,11 @@ impl Default for Metrics {
                 "agents",
                 "Agent resources the status sync keeps current",
                 m.agents.clone(),
+            );
+            r.register(
+                "agents_by_phase",
+                "Agent resources by phase (Pending, Running, Degraded, Disconnected)",
+                m.agents_by_phase.clone(),
             );
             r.register(
                 "registry_errors",
