@@ -52,7 +52,7 @@ fn the_units_pass_systemd_analyze_verify_silently() {
     }
     let agent = std::fs::read_to_string(repo("config/systemd/amoskys-agent.service")).unwrap();
     assert!(agent.contains(
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n"
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n"
     ));
     assert!(agent.contains("ProtectSystem=strict") && agent.contains("Restart=on-failure"));
 }
