@@ -51,9 +51,9 @@ fn the_units_pass_systemd_analyze_verify_silently() {
         assert!(bus.contains(line), "amoskys-bus.service lacks {line:?}");
     }
     let agent = std::fs::read_to_string(repo("config/systemd/amoskys-agent.service")).unwrap();
-    assert!(agent.contains(
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n"
-    ));
+    assert!(
+        agent.contains("CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n")
+    );
     assert!(agent.contains("ProtectSystem=strict") && agent.contains("Restart=on-failure"));
 }
 
