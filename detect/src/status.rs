@@ -1,6 +1,6 @@
 //! What became of each rule when a rule set was loaded.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One rule as loaded (or not).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -23,7 +23,7 @@ pub struct RuleStatus {
 
 /// What one rule matched, for the rule's status: matches in hourly buckets
 /// by the stored time of the events evaluated, and the newest match.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuleActivity {
     /// (hour since the epoch, matches), oldest first, the last 24 hours.
     hours: std::collections::VecDeque<(i64, u64)>,

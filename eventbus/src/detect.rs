@@ -51,6 +51,10 @@ const BUDGET_MIN_RUNS: u64 = 100;
 struct Checkpoint {
     cursor: u64,
     state: DetectState,
+    /// What each rule matched up to `cursor`, so a rule's 24-hour count
+    /// survives a restart (absent in checkpoints from before it).
+    #[serde(default)]
+    activity: HashMap<String, RuleActivity>,
 }
 
 /// Rule files in `dir`: `*.yaml` and `*.yml`, by name.
@@ -253,10 +257,19 @@ impl Detector {
         // rules apply from when they are turned on (`amoskys rules test
         // --bus` looks back).
         let fresh = saved.is_none();
-        let Checkpoint { cursor, state: s } = saved.unwrap_or(Checkpoint {
+        let Checkpoint {
+            cursor,
+            state: s,
+            activity,
+        } = saved.unwrap_or(Checkpoint {
             cursor: state.store.next_offset(),
             state: DetectState::default(),
+            activity: HashMap::new(),
         });
+        *state
+            .rule_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = activity;
         let cursor = cursor.max(state.store.first_offset());
         state
             .store
@@ -562,9 +575,19 @@ impl Detector {
 
     /// Saves cursor and windows, and carries the engine's figures into the metrics.
     fn checkpoint(&mut self) {
+        // Matches up to the cursor are recorded first, so the saved counts
+        // and the saved cursor agree: a re-evaluation after a crash counts
+        // only what the checkpoint did not.
+        self.report_stats();
         let cp = Checkpoint {
             cursor: self.cursor,
             state: self.engine.state().clone(),
+            activity: self
+                .state
+                .rule_activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         };
         match serde_json::to_vec(&cp) {
             Ok(bytes) => {
@@ -574,7 +597,6 @@ impl Detector {
             }
             Err(e) => warn!(error = %e, "cannot encode the detector's state"),
         }
-        self.report_stats();
     }
 
     fn report_stats(&mut self) {

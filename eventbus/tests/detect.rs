@@ -605,3 +605,58 @@ async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
     assert_eq!(names, ["ls"]);
     bus.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_matches_of_the_last_day_survive_a_restart() {
+    use amoskys_proto::StatsRequest;
+    let env = Env::new();
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("curl.yaml"),
+        "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: curl}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: curl\n",
+    )
+    .unwrap();
+    let matches = |bus: &amoskys_eventbus::RunningBus| {
+        let addr = bus.grpc_addr;
+        let env = &env;
+        async move {
+            let mut c = env.client(addr, "admin").await;
+            let s = c
+                .admin
+                .stats(StatsRequest {
+                    local: true,
+                    allow_partial: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let r = s.rules.iter().find(|r| r.name == "curl").unwrap().clone();
+            (r.matches_24h, r.last_match)
+        }
+    };
+    let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
+    let curl = |seq| start_process("n1", seq, "curl", "/usr/bin/curl", "", &["curl"]);
+    publish(&bus, &env, "n1", vec![curl(1), curl(2)]).await;
+    let (n, last) = eventually(Duration::from_secs(10), || async {
+        let (n, last) = matches(&bus).await;
+        (n == 2).then_some((n, last))
+    })
+    .await
+    .expect("two matches counted");
+    assert!(last > 0);
+    bus.shutdown().await.unwrap();
+
+    // Restarted: the day's count and the last match are still there, and
+    // the events evaluated before the stop are not counted twice.
+    let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(matches(&bus).await, (n, last));
+    publish(&bus, &env, "n1", vec![curl(3)]).await;
+    eventually(Duration::from_secs(10), || async {
+        (matches(&bus).await.0 == 3).then_some(())
+    })
+    .await
+    .expect("a third match after the restart");
+    bus.shutdown().await.unwrap();
+}
