@@ -288,7 +288,8 @@ impl Detector {
             newest: 0,
             agent_id: detector_agent_id(shard),
         };
-        me.load_current();
+        let pushed = me.pushed();
+        me.load_current(pushed);
         if fresh {
             // The starting point is durable at once: a crash before the
             // first regular save must not move it to a later "now".
@@ -348,7 +349,8 @@ impl Detector {
         info!(cursor = self.cursor, "detector stopped");
     }
 
-    fn pushed(&self) -> Option<String> {
+    /// The set last handed over (its text and digest), if any.
+    fn pushed(&self) -> Option<(String, String)> {
         self.state
             .pushed_rules
             .lock()
@@ -358,41 +360,37 @@ impl Detector {
 
     fn reload_if_changed(&mut self) {
         let now = stamp(&self.cfg.rules_dir);
-        let pushed = self
-            .pushed()
-            .map(|t| amoskys_detect::rule_set_digest([t.as_str()]));
-        if now == self.stamp && pushed == self.pushed_seen {
+        let pushed = self.pushed();
+        if now == self.stamp && pushed.as_ref().map(|p| &p.1) == self.pushed_seen.as_ref() {
             return;
         }
         self.stamp = now;
-        self.load_current();
+        self.load_current(pushed);
         self.state.metrics.detect_rule_reloads.inc();
     }
 
     /// Runs the rules directory's set, or the set the operator handed over
-    /// while the directory (a ConfigMap kubelet updates within its sync
-    /// period) does not hold it yet. A set already running is left as is.
-    fn load_current(&mut self) {
-        let pushed = self.pushed();
-        let pushed_digest = pushed
-            .as_deref()
-            .map(|t| amoskys_detect::rule_set_digest([t]));
-        self.pushed_seen = pushed_digest.clone();
+    /// (`pushed`: text and digest) while the directory (a ConfigMap kubelet
+    /// updates within its sync period) does not hold it yet. A set already
+    /// running is left as is.
+    fn load_current(&mut self, pushed: Option<(String, String)>) {
+        self.pushed_seen = pushed.as_ref().map(|p| p.1.clone());
         let dir = dir_sources(&self.cfg.rules_dir);
         let dir_digest = digest_of(&dir);
-        if pushed_digest.as_deref() == Some(dir_digest.as_str()) {
-            // The directory caught up: from now on it alone says what runs.
+        if let Some((_, d)) = pushed.as_ref().filter(|p| p.1 == dir_digest) {
+            // The directory caught up: from now on it alone says what runs
+            // (unless another set was handed over meanwhile).
             let mut p = self
                 .state
                 .pushed_rules
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if p.as_deref().map(|t| amoskys_detect::rule_set_digest([t])) == pushed_digest {
+            if p.as_ref().is_some_and(|p| &p.1 == d) {
                 *p = None;
             }
         }
-        let (sources, digest, from) = match (pushed, pushed_digest) {
-            (Some(text), Some(d)) if d != dir_digest => (
+        let (sources, digest, from) = match pushed {
+            Some((text, d)) if d != dir_digest => (
                 vec![("rules handed over by the operator".to_string(), Ok(text))],
                 d,
                 "operator",

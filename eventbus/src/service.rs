@@ -67,8 +67,9 @@ pub struct BusState {
     pub export_error: std::sync::Mutex<Option<(String, String)>>,
     /// Each detection rule as last loaded (empty without detection).
     pub rule_statuses: std::sync::Mutex<Vec<amoskys_detect::RuleStatus>>,
-    /// The rule set the operator handed over with Admin.SetRules.
-    pub pushed_rules: std::sync::Mutex<Option<String>>,
+    /// The rule set the operator handed over with Admin.SetRules: its
+    /// text and digest.
+    pub pushed_rules: std::sync::Mutex<Option<(String, String)>>,
     /// Digest of the rule set the detector runs (empty without detection).
     pub rules_digest: std::sync::Mutex<String>,
     /// What each rule matched, by rule name, for Stats.
@@ -920,7 +921,7 @@ impl Admin for AdminService {
             .0
             .pushed_rules
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(text);
+            .unwrap_or_else(|p| p.into_inner()) = Some((text, digest.clone()));
         Ok(Response::new(amoskys_proto::SetRulesResponse { digest }))
     }
 

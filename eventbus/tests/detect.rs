@@ -79,6 +79,30 @@ async fn publish(bus: &amoskys_eventbus::RunningBus, env: &Env, agent: &str, eve
     ack_until(&mut p, last).await;
 }
 
+/// A rules directory in `env` holding `files` (name, text).
+fn rules_dir(env: &Env, files: &[(&str, &str)]) -> PathBuf {
+    let dir = env.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
+/// This shard's own Stats, read as an admin.
+async fn local_stats(addr: std::net::SocketAddr, env: &Env) -> amoskys_proto::StatsResponse {
+    env.client(addr, "admin")
+        .await
+        .admin
+        .stats(amoskys_proto::StatsRequest {
+            local: true,
+            allow_partial: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn config(env: &Env, rules: &Path) -> amoskys_eventbus::BusConfig {
     let mut c = env.config();
     c.detection = Some(DetectionConfig {
@@ -315,13 +339,13 @@ async fn a_bad_rule_is_left_out_and_a_changed_rule_set_is_live_without_a_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaced_rules_never_see_other_namespaces() {
     let env = Env::new();
-    let dir = env.path().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("shop.yaml"),
-        "apiVersion: amoskys.io/v1alpha1\nkind: DetectionRule\nmetadata: {name: curl, namespace: shop}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: 'curl in {k8s.namespace}/{k8s.pod}'\n",
-    )
-    .unwrap();
+    let dir = rules_dir(
+        &env,
+        &[(
+            "shop.yaml",
+            "apiVersion: amoskys.io/v1alpha1\nkind: DetectionRule\nmetadata: {name: curl, namespace: shop}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: 'curl in {k8s.namespace}/{k8s.pod}'\n",
+        )],
+    );
     let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
     let in_pod = |seq, ns: &str| Event {
         k8s: Some(K8sIdentity {
@@ -356,13 +380,13 @@ async fn namespaced_rules_never_see_other_namespaces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_alerts_page_folds_repeats_and_filters_by_facet() {
     let env = Env::new();
-    let dir = env.path().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("rules.yaml"),
-        "apiVersion: amoskys.io/v1alpha1\nkind: DetectionRule\nmetadata: {name: curl, namespace: shop}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: 'curl in {k8s.namespace}/{k8s.pod}'\n  dedup: {by: [k8s.pod], window: 1s}\n---\napiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: wget}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'wget'\"\n  severity: critical\n  summary: 'wget on {event.node}'\n",
-    )
-    .unwrap();
+    let dir = rules_dir(
+        &env,
+        &[(
+            "rules.yaml",
+            "apiVersion: amoskys.io/v1alpha1\nkind: DetectionRule\nmetadata: {name: curl, namespace: shop}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: 'curl in {k8s.namespace}/{k8s.pod}'\n  dedup: {by: [k8s.pod], window: 1s}\n---\napiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: wget}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'wget'\"\n  severity: critical\n  summary: 'wget on {event.node}'\n",
+        )],
+    );
     let tokens = env.path().join("reader-tokens");
     let token = "reader-token-for-the-alerts-page-0123";
     std::fs::write(&tokens, format!("{token}\n")).unwrap();
@@ -500,32 +524,23 @@ async fn the_alerts_page_folds_repeats_and_filters_by_facet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
-    use amoskys_proto::{SetRulesRequest, StatsRequest};
+    use amoskys_proto::SetRulesRequest;
     let env = Env::new();
-    let dir = env.path().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
     let rule = |name: &str| {
         format!(
             "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {{name: {name}}}\nspec:\n  match: {{event: process}}\n  condition: \"process.name == '{name}'\"\n  summary: '{name} ran'\n"
         )
     };
-    std::fs::write(dir.join("rules.yaml"), rule("curl")).unwrap();
+    let dir = rules_dir(&env, &[("rules.yaml", &rule("curl"))]);
     let bus = amoskys_eventbus::start(config(&env, &dir)).await.unwrap();
     let mut admin = client(&bus, &env.pki("admin")).await;
-    let stats = |mut c: amoskys_client::BusClient| async move {
-        let s = c
-            .admin
-            .stats(StatsRequest {
-                local: true,
-                allow_partial: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let (addr, env_ref) = (bus.grpc_addr, &env);
+    let stats = move || async move {
+        let s = local_stats(addr, env_ref).await;
         let names: Vec<String> = s.rules.iter().map(|r| r.name.clone()).collect();
         (names, s.rules_digest)
     };
-    let (names, from_dir) = stats(admin.clone()).await;
+    let (names, from_dir) = stats().await;
     assert_eq!(names, ["curl"]);
     assert_eq!(
         from_dir,
@@ -554,10 +569,9 @@ async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
         .into_inner()
         .digest;
     let (names, running) = eventually(Duration::from_secs(10), || {
-        let c = admin.clone();
         let digest = digest.clone();
         async move {
-            let (names, running) = stats(c).await;
+            let (names, running) = stats().await;
             (running == digest).then_some((names, running))
         }
     })
@@ -589,14 +603,13 @@ async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
     // same set keeps running, and from then on the directory alone counts.
     std::fs::write(dir.join("rules.yaml"), rule("wget")).unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(stats(admin.clone()).await.1, digest);
+    assert_eq!(stats().await.1, digest);
     std::fs::write(dir.join("rules.yaml"), rule("ls")).unwrap();
     let want = amoskys_detect::rule_set_digest([rule("ls").as_str()]);
     let (names, _) = eventually(Duration::from_secs(10), || {
-        let c = admin.clone();
         let want = want.clone();
         async move {
-            let (names, running) = stats(c).await;
+            let (names, running) = stats().await;
             (running == want).then_some((names, running))
         }
     })
@@ -608,29 +621,19 @@ async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rules_matches_of_the_last_day_survive_a_restart() {
-    use amoskys_proto::StatsRequest;
     let env = Env::new();
-    let dir = env.path().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("curl.yaml"),
-        "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: curl}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: curl\n",
-    )
-    .unwrap();
+    let dir = rules_dir(
+        &env,
+        &[(
+            "curl.yaml",
+            "apiVersion: amoskys.io/v1alpha1\nkind: ClusterDetectionRule\nmetadata: {name: curl}\nspec:\n  match: {event: process}\n  condition: \"process.name == 'curl'\"\n  summary: curl\n",
+        )],
+    );
     let matches = |bus: &amoskys_eventbus::RunningBus| {
         let addr = bus.grpc_addr;
         let env = &env;
         async move {
-            let mut c = env.client(addr, "admin").await;
-            let s = c
-                .admin
-                .stats(StatsRequest {
-                    local: true,
-                    allow_partial: false,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let s = local_stats(addr, env).await;
             let r = s.rules.iter().find(|r| r.name == "curl").unwrap().clone();
             (r.matches_24h, r.last_match)
         }

@@ -309,23 +309,19 @@ fn defaults_render_the_operator_and_its_least_privilege_rbac() {
 
 #[test]
 fn every_optional_part_renders_what_it_promises() {
-    let docs = render(&[
-        "--include-crds",
-        "--set",
-        "eventBus.create=true",
-        "--set",
-        "agentSet.create=true",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        "grafanaDashboards.enabled=true",
-        "--set",
-        "serviceAccount.create=false",
-        "--set",
-        "serviceAccount.name=existing",
-    ]);
+    let docs = render(
+        &[
+            &["--include-crds"][..],
+            &EVERY_OPTION,
+            &[
+                "--set",
+                "serviceAccount.create=false",
+                "--set",
+                "serviceAccount.name=existing",
+            ],
+        ]
+        .concat(),
+    );
     let crds: Vec<String> = docs
         .iter()
         .filter(|d| d["kind"] == "CustomResourceDefinition")
@@ -499,19 +495,7 @@ fn the_chart_passes_helm_lint_and_helm_sdkpy_lint() {
 
 #[test]
 fn the_chart_with_every_option_and_what_the_operator_renders_pass_kubernetes_schemas() {
-    let docs = render(&[
-        "--include-crds",
-        "--set",
-        "eventBus.create=true",
-        "--set",
-        "agentSet.create=true",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        "grafanaDashboards.enabled=true",
-    ]);
+    let docs = render(&[&["--include-crds"][..], &EVERY_OPTION].concat());
     let unknown = validate_strictly(&docs);
     // Only custom resources lack a schema: ours and prometheus-operator's.
     assert_eq!(
@@ -530,48 +514,54 @@ fn the_chart_with_every_option_and_what_the_operator_renders_pass_kubernetes_sch
 
     // `amoskys render` of the samples and the starter rules: every object
     // the operator would create is a built-in kind and passes.
-    use amoskys_operator::render::{Input, render as render_objects};
-    let mut input_docs: Vec<Value> = Vec::new();
-    for f in ["config/eventbus.yaml", "config/agentset.yaml"] {
-        let text = std::fs::read_to_string(repo(f)).unwrap();
-        input_docs.extend(serde_saphyr::from_multiple::<Value>(&text).unwrap());
-    }
-    for entry in std::fs::read_dir(repo("config/rules")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        input_docs.extend(serde_saphyr::from_multiple::<Value>(&text).unwrap());
-    }
-    let input = Input::from_documents(input_docs, "security").unwrap();
-    let objects = render_objects(&input, None).unwrap();
+    let objects = rendered_samples(true);
     assert!(objects.len() >= 15, "{}", objects.len());
     assert_eq!(validate_strictly(&objects), BTreeSet::new());
 }
 
-/// The chart with every option on, and what the operator would create for
-/// the samples and the starter rules, as YAML files in `dir`.
-fn write_everything(dir: &std::path::Path) {
+/// `--set` flags that turn every optional part of the chart on.
+const EVERY_OPTION: [&str; 10] = [
+    "--set",
+    "eventBus.create=true",
+    "--set",
+    "agentSet.create=true",
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "prometheusRule.enabled=true",
+    "--set",
+    "grafanaDashboards.enabled=true",
+];
+
+/// What the operator would create for the samples (with `rules`, and the
+/// starter rules) in namespace `security`, as `amoskys render` prints it.
+fn rendered_samples(rules: bool) -> Vec<Value> {
     use amoskys_operator::render::{Input, render as render_objects};
-    let chart = render(&[
-        "--set",
-        "eventBus.create=true",
-        "--set",
-        "agentSet.create=true",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        "grafanaDashboards.enabled=true",
-    ]);
+    let mut files = vec![repo("config/eventbus.yaml"), repo("config/agentset.yaml")];
+    if rules {
+        files.extend(
+            std::fs::read_dir(repo("config/rules"))
+                .unwrap()
+                .map(|e| e.unwrap().path()),
+        );
+    }
     let mut input_docs: Vec<Value> = Vec::new();
-    for f in ["config/eventbus.yaml", "config/agentset.yaml"] {
-        let text = std::fs::read_to_string(repo(f)).unwrap();
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap();
         input_docs.extend(serde_saphyr::from_multiple::<Value>(&text).unwrap());
     }
-    let objects = render_objects(
+    render_objects(
         &Input::from_documents(input_docs, "security").unwrap(),
         None,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The chart with every option on, and what the operator would create for
+/// the samples, as YAML files in `dir`.
+fn write_everything(dir: &std::path::Path) {
+    let chart = render(&EVERY_OPTION);
+    let objects = rendered_samples(false);
     for (name, docs) in [("chart.yaml", chart), ("render.yaml", objects)] {
         let text: String = docs
             .iter()
