@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use crate::collectors::flow::decode::{self, decode};
 use crate::collectors::flow::table::FlowTable;
-use crate::collectors::inventory::{neighbors, sockets};
+use crate::collectors::inventory::neighbors;
 use crate::collectors::process::{cgroup, netlink, procfs};
 use crate::collectors::snmp::device::Val;
+use crate::collectors::sockets;
 
 /// The link types the capture hands the decoder.
 const LINKS: [i32; 8] = [

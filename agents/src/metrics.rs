@@ -30,6 +30,13 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Metric labels: how something ended.
+pub struct ResultLabel {
+    /// A short, bounded outcome such as `socket` or `none`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 /// Metric labels: an SNMP target.
 pub struct TargetLabel {
     /// The target's address.
@@ -49,6 +56,13 @@ pub struct TargetResultLabel {
 pub fn collector(c: &str) -> CollectorLabel {
     CollectorLabel {
         collector: c.to_string(),
+    }
+}
+
+/// The labels for result `r`.
+pub fn result(r: &str) -> ResultLabel {
+    ResultLabel {
+        result: r.to_string(),
     }
 }
 
@@ -119,6 +133,8 @@ pub struct AgentMetrics {
     pub flow_active: Gauge,
     /// `amoskys_agent_flow_kernel_dropped`: Packets the kernel dropped before capture (libpcap stats).
     pub flow_kernel_dropped: Gauge,
+    /// `amoskys_agent_flow_owner_lookups_total`: New TCP/UDP flows looked up for their process, by result (socket, listener, none, skipped).
+    pub flow_owner_lookups: Family<ResultLabel, Counter>,
     /// `amoskys_agent_snmp_polls_total`: SNMP polls by target and result.
     pub snmp_polls: Family<TargetResultLabel, Counter>,
     /// `amoskys_agent_snmp_up`: 1 when the SNMP target answered its last poll.
@@ -161,6 +177,7 @@ impl AgentMetrics {
             flow_exported: Counter::default(),
             flow_active: Gauge::default(),
             flow_kernel_dropped: Gauge::default(),
+            flow_owner_lookups: Family::default(),
             snmp_polls: Family::default(),
             snmp_up: Family::default(),
             discovery_probes: Counter::default(),
@@ -287,6 +304,11 @@ impl AgentMetrics {
             "flow_kernel_dropped",
             "Packets the kernel dropped before capture (libpcap stats)",
             m.flow_kernel_dropped.clone(),
+        );
+        r.register(
+            "flow_owner_lookups",
+            "New TCP/UDP flows looked up for the process that owns their socket, by result (socket, listener, none, skipped)",
+            m.flow_owner_lookups.clone(),
         );
         r.register(
             "snmp_polls",

@@ -241,8 +241,9 @@ impl Pods {
     }
 
     /// Adds the identity of the pod `d` is about, if it is one of this
-    /// node's: a process by its pod UID (and container ID), a flow by its
-    /// source IP, else its destination IP.
+    /// node's: a process by its pod UID (and container ID); a flow by the
+    /// pod of the process that owns its socket (which also covers pods in
+    /// the host network), else its source IP, else its destination IP.
     pub fn enrich(&self, d: &mut Draft) {
         if d.k8s.is_some() {
             return;
@@ -253,11 +254,14 @@ impl Pods {
                 .by_uid
                 .get(&p.pod_uid)
                 .map(|info| info.identity(&p.container_id)),
-            Payload::Flow(f) => [&f.src_ip, &f.dst_ip]
-                .into_iter()
-                .find_map(|ip| ix.by_ip.get(ip.as_str()))
-                .and_then(|uid| ix.by_uid.get(uid))
-                .map(|info| info.identity.clone()),
+            Payload::Flow(f) => match ix.by_uid.get(&f.pod_uid) {
+                Some(info) => Some(info.identity(&f.container_id)),
+                None => [&f.src_ip, &f.dst_ip]
+                    .into_iter()
+                    .find_map(|ip| ix.by_ip.get(ip.as_str()))
+                    .and_then(|uid| ix.by_uid.get(uid))
+                    .map(|info| info.identity.clone()),
+            },
             _ => None,
         };
     }
@@ -405,6 +409,18 @@ mod tests {
         );
         // The node's own address belongs to no pod.
         assert_eq!(enriched(&pods, flow("192.168.1.10", "1.1.1.1")), None);
+        // ...but a flow whose socket a host-network pod's process owns is
+        // that pod's, with the container; the owner wins over addresses.
+        let mut owned = flow("192.168.1.10", "10.1.0.5");
+        if let Payload::Flow(f) = &mut owned.payload {
+            f.pod_uid = other.into();
+            f.container_id = CID.into();
+        }
+        let id = enriched(&pods, owned).unwrap();
+        assert_eq!(
+            (id.pod.as_str(), id.container.as_str()),
+            ("node-exporter", "nginx")
+        );
     }
 
     #[test]

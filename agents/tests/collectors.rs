@@ -182,6 +182,7 @@ async fn live_capture_on_lo_counts_tcp_and_udp_exactly() {
         active_timeout: Duration::from_secs(60),
         max_flows: 1000,
         snaplen: 128,
+        owner_interval: None,
     };
     let (ctx, mut h) = harness(flow::NAME, None);
     let task = flow::spawn(cfg, ctx)
@@ -240,6 +241,89 @@ async fn live_capture_on_lo_counts_tcp_and_udp_exactly() {
     );
     let text = h.metrics.encode();
     assert!(metric(&text, "amoskys_agent_flow_exported_total") >= 3.0);
+    h.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_flows_name_the_process_that_owns_each_socket() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = FlowConfig {
+        interface: "lo".into(),
+        bpf_filter: format!("tcp and port {port}"),
+        pcap_file: None,
+        idle_timeout: Duration::from_secs(1),
+        active_timeout: Duration::from_secs(60),
+        max_flows: 1000,
+        snaplen: 128,
+        owner_interval: Some(Duration::from_millis(100)),
+    };
+    let (ctx, mut h) = harness(flow::NAME, None);
+    let task = flow::spawn(cfg, ctx)
+        .unwrap()
+        .expect("capture on lo (needs CAP_NET_RAW; CI runs as root)");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The server is this process; the client is a bash holding its
+    // connection open a while, as a real client would.
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"welcome").unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        peer.port()
+    });
+    let mut client = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port}; printf hello >&3; head -c 7 <&3 >/dev/null; sleep 1; true"
+        ))
+        .spawn()
+        .unwrap();
+    let client_pid = client.id();
+    assert!(client.wait().unwrap().success());
+    let client_port = server.join().unwrap();
+
+    let got = h
+        .until(Duration::from_secs(15), |g| {
+            let f = flows(g);
+            total(&f, 6, client_port, port).2 >= 5 && total(&f, 6, port, client_port).2 >= 7
+        })
+        .await;
+    let f = flows(&got);
+    let up: Vec<_> = f.iter().filter(|r| r.dst_port == u32::from(port)).collect();
+    let down: Vec<_> = f.iter().filter(|r| r.src_port == u32::from(port)).collect();
+    for r in &up {
+        assert_eq!(
+            (r.pid, r.process.as_str(), r.owner.as_str()),
+            (client_pid, "bash", "socket"),
+            "client -> server is the client's: {r:?}"
+        );
+        assert!(r.exe.ends_with("bash"), "{r:?}");
+    }
+    for r in &down {
+        // The accepted socket, or the listener if the reply's first packet
+        // was looked up before accept(): either way this process.
+        assert_eq!(r.pid, std::process::id(), "server -> client: {r:?}");
+        assert!(["socket", "listener"].contains(&r.owner.as_str()), "{r:?}");
+        assert_eq!(
+            r.exe,
+            std::fs::read_link("/proc/self/exe")
+                .unwrap()
+                .to_string_lossy()
+        );
+    }
+    let text = h.metrics.encode();
+    assert!(
+        metric(
+            &text,
+            "amoskys_agent_flow_owner_lookups_total{result=\"socket\"}"
+        ) >= 1.0,
+        "{text}"
+    );
     h.stop.cancel();
     task.await.unwrap();
 }
@@ -313,6 +397,8 @@ async fn a_capture_file_gives_exact_flows_and_skips_bad_packets() {
         active_timeout: Duration::from_secs(60),
         max_flows: 1000,
         snaplen: 128,
+        // Ignored for a file: its sockets are not this host's.
+        owner_interval: Some(Duration::from_millis(10)),
     };
     let (ctx, mut h) = harness(flow::NAME, None);
     let task = flow::spawn(cfg, ctx).unwrap().unwrap();
@@ -330,6 +416,7 @@ async fn a_capture_file_gives_exact_flows_and_skips_bad_packets() {
     assert_eq!(d.end_reason, "idle");
     assert_eq!(d.first_seen, base * 1000);
     assert_eq!(d.last_seen, (base + 2 * s) * 1000);
+    assert!(f.iter().all(|x| x.pid == 0 && x.owner.is_empty()));
     let t = f.iter().find(|x| x.dst_port == 443).unwrap();
     assert_eq!((t.packets, t.payload_bytes), (2, 300));
     assert_eq!(t.tcp_flags & 0x12, 0x12);
@@ -373,6 +460,7 @@ fn f_cfg() -> FlowConfig {
         active_timeout: Duration::from_secs(60),
         max_flows: 10,
         snaplen: 128,
+        owner_interval: None,
     }
 }
 

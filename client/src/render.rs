@@ -53,10 +53,16 @@ pub fn summary(e: &Event) -> String {
             p.ppid,
             p.cmdline.join(" ")
         ),
-        Some(Payload::Flow(f)) => format!(
-            "{}:{} -> {}:{} proto={} pkts={} bytes={}",
-            f.src_ip, f.src_port, f.dst_ip, f.dst_port, f.protocol, f.packets, f.bytes
-        ),
+        Some(Payload::Flow(f)) => {
+            let mut s = format!(
+                "{}:{} -> {}:{} proto={} pkts={} bytes={}",
+                f.src_ip, f.src_port, f.dst_ip, f.dst_port, f.protocol, f.packets, f.bytes
+            );
+            if f.pid != 0 {
+                s.push_str(&format!(" {} pid={}", f.process, f.pid));
+            }
+            s
+        }
         Some(Payload::Snmp(s)) => format!("{:?} {} {}", s.kind(), s.target, s.sys_name),
         Some(Payload::Inventory(i)) => format!("{:?}", i.kind()),
         Some(Payload::Heartbeat(h)) => format!(

@@ -113,6 +113,12 @@ pub const FLOW: &[Field] = &[
     f("endReason", Str),
     f("firstSeen", Int),
     f("lastSeen", Int),
+    f("pid", Int),
+    f("process", Str),
+    f("exe", Str),
+    f("owner", Str),
+    f("containerId", Str),
+    f("podUid", Str),
 ];
 
 const SNMP_INTERFACE: &[Field] = &[
@@ -406,6 +412,12 @@ impl View {
                 ("endReason", s(&fl.end_reason)),
                 ("firstSeen", i(fl.first_seen)),
                 ("lastSeen", i(fl.last_seen)),
+                ("pid", i(fl.pid)),
+                ("process", s(&fl.process)),
+                ("exe", s(&fl.exe)),
+                ("owner", s(&fl.owner)),
+                ("containerId", s(&fl.container_id)),
+                ("podUid", s(&fl.pod_uid)),
             ]),
             Payload::Snmp(sn) => obj([
                 ("target", s(&sn.target)),
@@ -765,6 +777,12 @@ impl<'a> EventRef<'a> {
                     "vlan" => n(fl.vlan.into()),
                     "interface" => Some(Str(Borrowed(&fl.interface))),
                     "endReason" => Some(Str(Borrowed(&fl.end_reason))),
+                    "pid" => n(fl.pid.into()),
+                    "process" => Some(Str(Borrowed(&fl.process))),
+                    "exe" => Some(Str(Borrowed(&fl.exe))),
+                    "owner" => Some(Str(Borrowed(&fl.owner))),
+                    "containerId" => Some(Str(Borrowed(&fl.container_id))),
+                    "podUid" => Some(Str(Borrowed(&fl.pod_uid))),
                     _ => None,
                 },
                 _ => None,

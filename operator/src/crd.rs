@@ -524,6 +524,10 @@ pub struct FlowCollector {
     pub max_flows: usize,
     /// Bytes captured per packet: headers only.
     pub snaplen: i32,
+    /// Find the process on the node behind each TCP and UDP flow (`true`).
+    pub owners: bool,
+    /// New flows wait at most this long to be attributed together (`250ms`).
+    pub owner_interval: String,
 }
 
 impl Default for FlowCollector {
@@ -537,6 +541,8 @@ impl Default for FlowCollector {
             active_timeout: d.active_timeout,
             max_flows: d.max_flows,
             snaplen: d.snaplen,
+            owners: d.owners,
+            owner_interval: d.owner_interval,
         }
     }
 }

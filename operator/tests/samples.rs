@@ -216,6 +216,24 @@ fn collectors_get_only_the_privileges_they_need() {
         "no flow, no NET_RAW: {caps:?}"
     );
 
+    // Flow alone: capture, plus the host's processes to name each flow's
+    // owner; without owners, capture only.
+    let mut flow_only = set.clone();
+    flow_only.spec.collectors.process.enabled = false;
+    flow_only.spec.collectors.inventory.enabled = false;
+    flow_only.spec.collectors.flow.enabled = true;
+    let ds = agentset::daemonset(&flow_only, &bus, None);
+    assert_eq!(
+        added_caps(&ds),
+        ["DAC_READ_SEARCH", "NET_ADMIN", "NET_RAW", "SYS_PTRACE"]
+    );
+    assert_eq!(ds.spec.template.spec.as_ref().unwrap().host_pid, Some(true));
+    flow_only.spec.collectors.flow.owners = false;
+    let ds = agentset::daemonset(&flow_only, &bus, None);
+    assert_eq!(added_caps(&ds), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(ds.spec.template.spec.as_ref().unwrap().host_pid, None);
+    assert!(agentset::agent_config(&flow_only).contains("owners: false"));
+
     set.spec.collectors.process.enabled = false;
     set.spec.collectors.inventory.enabled = false;
     set.spec.collectors.synthetic.enabled = true;

@@ -6,6 +6,7 @@ pub mod flow;
 pub mod inventory;
 pub mod process;
 pub mod snmp;
+pub(crate) mod sockets;
 pub mod synthetic;
 
 use std::sync::Arc;

@@ -81,6 +81,12 @@ pub fn privileges(c: &AgentSetCollectors) -> Privileges {
     if c.flow.enabled {
         p.host_network = true;
         p.capabilities.extend(["NET_RAW", "NET_ADMIN"]);
+        if c.flow.owners {
+            // The process behind each flow: every process's open files and
+            // its network namespace's sockets.
+            p.host_pid = true;
+            p.capabilities.extend(["SYS_PTRACE", "DAC_READ_SEARCH"]);
+        }
     }
     if c.inventory.enabled {
         // The node's sockets and ARP table, and the processes owning listeners.
@@ -106,6 +112,8 @@ pub fn agent_collectors(c: &AgentSetCollectors) -> Collectors {
             active_timeout: f.active_timeout.clone(),
             max_flows: f.max_flows,
             snaplen: f.snaplen,
+            owners: f.owners,
+            owner_interval: f.owner_interval.clone(),
         },
         snmp: SnmpSpec {
             enabled: c.snmp.enabled,

@@ -27,6 +27,10 @@ pub struct FlowSpec {
     pub max_flows: usize,
     /// Bytes captured per packet: headers only (128).
     pub snaplen: i32,
+    /// Find the process on this host behind each TCP and UDP flow (`true`).
+    pub owners: bool,
+    /// New flows wait at most this long to be attributed together (`250ms`).
+    pub owner_interval: String,
 }
 
 impl Default for FlowSpec {
@@ -40,6 +44,8 @@ impl Default for FlowSpec {
             active_timeout: "60s".into(),
             max_flows: 65_536,
             snaplen: 128,
+            owners: true,
+            owner_interval: "250ms".into(),
         }
     }
 }
@@ -61,6 +67,8 @@ pub struct FlowConfig {
     pub max_flows: usize,
     /// Bytes captured per packet.
     pub snaplen: i32,
+    /// How often new flows are attributed to processes; `None` when off.
+    pub owner_interval: Option<Duration>,
 }
 
 impl FlowSpec {
@@ -99,6 +107,14 @@ impl FlowSpec {
                 active_timeout: parse_duration("collectors.flow.activeTimeout", &f.active_timeout)?,
                 max_flows: f.max_flows,
                 snaplen: f.snaplen,
+                owner_interval: if f.owners {
+                    Some(parse_duration(
+                        "collectors.flow.ownerInterval",
+                        &f.owner_interval,
+                    )?)
+                } else {
+                    None
+                },
             })
         } else {
             None
@@ -114,5 +130,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let e = err("collectors:\n  flow:\n    enabled: true\n    idleTimeout: soon\n");
         assert!(e.contains("collectors.flow.idleTimeout"), "{e}");
+        let e = err("collectors:\n  flow:\n    enabled: true\n    ownerInterval: 0s\n");
+        assert!(e.contains("collectors.flow.ownerInterval"), "{e}");
     }
 }

@@ -7,6 +7,7 @@
 
 pub(crate) mod config;
 pub mod decode;
+pub(crate) mod owner;
 pub(crate) mod table;
 
 use std::path::Path;
@@ -20,8 +21,9 @@ use tracing::{info, warn};
 use super::{StartError, Started};
 use crate::collectors::context::Ctx;
 use crate::config::FlowConfig;
-use crate::metrics::{AgentMetrics, reason};
+use crate::metrics::{AgentMetrics, reason, result};
 use crate::spool::Draft;
+use owner::{Owner, Resolver};
 use table::{Export, FlowTable};
 
 /// The collector's name in events, metrics and control.
@@ -32,8 +34,12 @@ fn ts_ns(h: &pcap::PacketHeader) -> i64 {
     h.ts.tv_sec * 1_000_000_000 + h.ts.tv_usec * 1_000
 }
 
-fn to_draft(e: &Export, interface: &str) -> Draft {
+fn to_draft(e: &Export, interface: &str, owner: Option<Owner>) -> Draft {
     let (k, f, r) = e;
+    let (process, via) = match &owner {
+        Some((p, via)) => (p.as_ref().clone(), via.as_str()),
+        None => (owner::Process::default(), ""),
+    };
     let mut d = Draft::new(
         NAME,
         Severity::Info,
@@ -52,6 +58,12 @@ fn to_draft(e: &Export, interface: &str) -> Draft {
             interface: interface.into(),
             end_reason: r.as_str().into(),
             payload_bytes: f.payload_bytes,
+            pid: process.pid,
+            process: process.name,
+            exe: process.exe,
+            owner: via.into(),
+            container_id: process.container_id,
+            pod_uid: process.pod_uid,
         }),
     );
     d.observed_at = f.last_seen;
@@ -65,6 +77,8 @@ struct Pipeline {
     interface: String,
     metrics: Arc<AgentMetrics>,
     out: Vec<Export>,
+    /// Live capture only: a capture file's sockets are not this host's now.
+    owners: Option<Resolver>,
 }
 
 impl Pipeline {
@@ -74,7 +88,16 @@ impl Pipeline {
             Ok(p) => {
                 self.metrics.flow_bytes.inc_by(p.ip_bytes);
                 let before = self.out.len();
-                self.table.add(&p, ts_ns(h), &mut self.out);
+                let new = self.table.add(&p, ts_ns(h), &mut self.out);
+                if new
+                    && let Some(o) = self.owners.as_mut()
+                    && let Some(skipped) = o.note(p.key)
+                {
+                    self.metrics
+                        .flow_owner_lookups
+                        .get_or_create(&result(skipped.as_str()))
+                        .inc();
+                }
                 self.metrics
                     .flow_evicted
                     .inc_by((self.out.len() - before) as u64);
@@ -88,12 +111,27 @@ impl Pipeline {
         }
     }
 
+    /// Attributes the flows that began since the last pass, when due.
+    fn attribute(&mut self) {
+        let Some(o) = self.owners.as_mut() else {
+            return;
+        };
+        let table = &self.table;
+        for outcome in o.resolve_due(Instant::now(), |k| table.contains(k)) {
+            self.metrics
+                .flow_owner_lookups
+                .get_or_create(&result(outcome.as_str()))
+                .inc();
+        }
+    }
+
     /// Hands finished flows to the sink; false when the agent is stopping.
     fn flush(&mut self, ctx: &Ctx) -> bool {
         self.metrics.flow_active.set(self.table.len() as i64);
-        for e in self.out.drain(..) {
+        for e in std::mem::take(&mut self.out) {
             self.metrics.flow_exported.inc();
-            if !ctx.sink.emit_blocking(to_draft(&e, &self.interface)) {
+            let owner = self.owners.as_mut().and_then(|o| o.take(&e.0));
+            if !ctx.sink.emit_blocking(to_draft(&e, &self.interface, owner)) {
                 return false;
             }
         }
@@ -174,6 +212,9 @@ fn run_live(cfg: FlowConfig, ctx: Ctx, mut cap: pcap::Capture<pcap::Active>) {
         interface: cfg.interface.clone(),
         metrics: ctx.metrics.clone(),
         out: Vec::new(),
+        owners: cfg
+            .owner_interval
+            .map(|every| Resolver::new("/proc", every, cfg.max_flows)),
     };
     let mut last_expire = Instant::now();
     while !ctx.stop.is_cancelled() {
@@ -190,6 +231,7 @@ fn run_live(cfg: FlowConfig, ctx: Ctx, mut cap: pcap::Capture<pcap::Active>) {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
+        p.attribute();
         if last_expire.elapsed() >= Duration::from_millis(500) || !p.out.is_empty() {
             if last_expire.elapsed() >= Duration::from_millis(500) {
                 last_expire = Instant::now();
@@ -216,6 +258,7 @@ fn run_file(cfg: FlowConfig, ctx: Ctx, mut cap: pcap::Capture<pcap::Offline>, fi
         interface: format!("file:{}", file.display()),
         metrics: ctx.metrics.clone(),
         out: Vec::new(),
+        owners: None,
     };
     // Time in a capture file is the packets' own: expire against it.
     let mut last_expire: Option<i64> = None;

@@ -64,10 +64,12 @@ impl FlowTable {
         self.flows.is_empty()
     }
 
-    /// Accounts one packet at `ts` (unix ns). Returns flows evicted to make
-    /// room, if the table was full.
-    pub fn add(&mut self, p: &Decoded, ts: i64, out: &mut Vec<Export>) {
-        if !self.flows.contains_key(&p.key) && self.flows.len() >= self.max {
+    /// Accounts one packet at `ts` (unix ns), pushing flows evicted to make
+    /// room (if the table was full) to `out`. True when the packet started
+    /// a new flow.
+    pub fn add(&mut self, p: &Decoded, ts: i64, out: &mut Vec<Export>) -> bool {
+        let new = !self.flows.contains_key(&p.key);
+        if new && self.flows.len() >= self.max {
             self.evict_oldest(out);
         }
         let f = self.flows.entry(p.key).or_insert(FlowStats {
@@ -80,6 +82,11 @@ impl FlowTable {
         f.payload_bytes += p.payload_bytes;
         f.tcp_flags |= p.tcp_flags;
         f.last_seen = f.last_seen.max(ts);
+        new
+    }
+
+    pub fn contains(&self, key: &FlowKey) -> bool {
+        self.flows.contains_key(key)
     }
 
     /// Evicts the least recently seen sixteenth of the table at once, so a

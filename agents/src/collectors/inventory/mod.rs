@@ -6,7 +6,6 @@
 pub(crate) mod config;
 pub(crate) mod discovery;
 pub(crate) mod neighbors;
-pub(crate) mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,6 +18,7 @@ use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, S
 use tokio::task::JoinHandle;
 
 use crate::collectors::context::Ctx;
+use crate::collectors::sockets;
 use crate::config::InventoryConfig;
 use crate::spool::Draft;
 

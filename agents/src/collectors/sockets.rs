@@ -1,8 +1,10 @@
-//! Listening sockets from /proc/net/{tcp,tcp6,udp,udp6} and their owning
-//! processes from /proc/<pid>/fd.
+//! The kernel's socket tables (/proc/net/{tcp,tcp6,udp,udp6}, or
+//! /proc/<pid>/net/... for another network namespace) and the processes that
+//! hold each socket (/proc/<pid>/fd). The inventory lists listeners from
+//! them; the flow collector finds the process behind a flow.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -12,6 +14,20 @@ pub struct Socket {
     pub port: u16,
     pub inode: u64,
 }
+
+/// One row of a socket table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's state number (0A listen for TCP, 07 unconnected for UDP).
+    pub state: u8,
+    /// 0 for sockets no file refers to any more (TIME_WAIT, SYN_RECV).
+    pub inode: u64,
+}
+
+/// The four tables: file name, and the protocol number flows carry.
+pub const TABLES: [(&str, u8); 4] = [("tcp", 6), ("tcp6", 6), ("udp", 17), ("udp6", 17)];
 
 /// The kernel prints each 32-bit word of the address in host byte order.
 pub fn parse_addr(hex: &str) -> Option<(IpAddr, u16)> {
@@ -32,30 +48,48 @@ pub fn parse_addr(hex: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// Listening entries of one /proc/net table: TCP in LISTEN, UDP bound with
-/// no peer.
-pub fn parse_table(contents: &str, protocol: &'static str) -> Vec<Socket> {
-    let udp = protocol.starts_with("udp");
+/// Every row of one table. Rows that do not parse are skipped: the kernel
+/// writes these files, but a fuzzer and a newer kernel may not agree.
+pub fn parse_entries(contents: &str) -> Vec<Entry> {
     contents
         .lines()
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let (address, port) = parse_addr(f.get(1)?)?;
-            let (_, rport) = parse_addr(f.get(2)?)?;
-            let st = *f.get(3)?;
-            let listening = if udp {
-                st == "07" && rport == 0
-            } else {
-                st == "0A"
-            };
+            let local = parse_addr(f.get(1)?)?;
+            let remote = parse_addr(f.get(2)?)?;
+            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
             let inode = f.get(9)?.parse().ok()?;
-            listening.then_some(Socket {
-                protocol,
-                address,
-                port,
+            Some(Entry {
+                local: local.into(),
+                remote: remote.into(),
+                state,
                 inode,
             })
+        })
+        .collect()
+}
+
+/// Whether a row is a listener: TCP in LISTEN, UDP bound with no peer.
+pub fn is_listening(e: &Entry, udp: bool) -> bool {
+    if udp {
+        e.state == 0x07 && e.remote.port() == 0
+    } else {
+        e.state == 0x0A
+    }
+}
+
+/// Listening entries of one /proc/net table.
+pub fn parse_table(contents: &str, protocol: &'static str) -> Vec<Socket> {
+    let udp = protocol.starts_with("udp");
+    parse_entries(contents)
+        .into_iter()
+        .filter(|e| is_listening(e, udp))
+        .map(|e| Socket {
+            protocol,
+            address: e.local.ip(),
+            port: e.local.port(),
+            inode: e.inode,
         })
         .collect()
 }
@@ -77,13 +111,29 @@ pub fn listeners(proc: &Path) -> Vec<Socket> {
 
 /// inode -> (pid, process name), only for the inodes asked for.
 pub fn owners(proc: &Path, inodes: &[u64]) -> HashMap<u64, (u32, String)> {
-    let mut want: BTreeSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
+    let want: HashSet<u64> = inodes.iter().copied().collect();
+    holders(proc, &want)
+        .into_iter()
+        .map(|(inode, pid)| {
+            let name = std::fs::read_to_string(proc.join(pid.to_string()).join("comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            (inode, (pid, name))
+        })
+        .collect()
+}
+
+/// inode -> the pid of a process holding that socket, for the inodes asked
+/// for. Walks every process's open files until all are found, so the cost
+/// is that of the processes on the host; callers batch their questions.
+pub fn holders(proc: &Path, want: &HashSet<u64>) -> HashMap<u64, u32> {
     let mut out = HashMap::new();
+    let mut left = want.iter().filter(|&&i| i != 0).count();
     let Ok(rd) = std::fs::read_dir(proc) else {
         return out;
     };
     for e in rd.flatten() {
-        if want.is_empty() {
+        if left == 0 {
             break;
         }
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -104,11 +154,9 @@ pub fn owners(proc: &Path, inodes: &[u64]) -> HashMap<u64, (u32, String)> {
             else {
                 continue;
             };
-            if want.remove(&inode) {
-                let name = std::fs::read_to_string(e.path().join("comm"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default();
-                out.insert(inode, (pid, name));
+            if want.contains(&inode) && !out.contains_key(&inode) {
+                out.insert(inode, pid);
+                left -= 1;
             }
         }
     }
