@@ -9,82 +9,27 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use amoskys_detect::compile::env;
+use amoskys_detect::sample::NodeMix;
 use amoskys_detect::starter::STARTER_RULES;
 use amoskys_detect::{Decision, Engine, RuleSet, compile, parse_rule_file};
-use amoskys_proto::event::Payload;
-use amoskys_proto::*;
+use amoskys_proto::Event;
 
 fn mix(n: usize) -> Vec<Event> {
-    let names = [
-        "nginx", "python3", "java", "node", "ls", "cat", "curl", "bash", "sh", "git",
-    ];
-    let mut out = Vec::with_capacity(n);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    for i in 0..n {
-        let r = next();
-        let payload = match r % 100 {
-            0..=59 => Payload::Flow(FlowEvent {
-                src_ip: format!("10.0.{}.{}", r % 7, (r >> 8) % 250),
-                dst_ip: format!("10.1.{}.{}", (r >> 16) % 5, (r >> 24) % 250),
-                src_port: 30000 + (r >> 32) as u32 % 30000,
-                dst_port: [443, 80, 53, 5432, 6379, 8080][(r >> 40) as usize % 6],
-                protocol: if r % 3 == 0 { 17 } else { 6 },
-                packets: 10,
-                bytes: 1500,
+    let mut m = NodeMix::new(0);
+    (0..n)
+        .map(|i| {
+            let (payload, r) = m.next_payload();
+            Event {
+                agent_id: format!("node-{}", r % 20),
+                node: format!("node-{}", r % 20),
+                collector: "x".into(),
+                offset: i as u64 + 1,
+                stored_at: 1_700_000_000_000_000_000 + i as i64 * 10_000,
+                payload: Some(payload),
                 ..Default::default()
-            }),
-            60..=89 => {
-                let name = names[(r >> 8) as usize % names.len()];
-                Payload::Process(ProcessEvent {
-                    kind: process_event::Kind::Start as i32,
-                    pid: (r % 60000) as u32,
-                    name: name.into(),
-                    exe: format!("/usr/bin/{name}"),
-                    cmdline: vec![name.into(), "--flag".into(), "value".into()],
-                    container_id: if r % 4 == 0 {
-                        format!("{:x}", r)
-                    } else {
-                        String::new()
-                    },
-                    parent_name: "containerd-shim".into(),
-                    ..Default::default()
-                })
             }
-            90..=94 => Payload::Process(ProcessEvent {
-                kind: process_event::Kind::Exit as i32,
-                name: "ls".into(),
-                ..Default::default()
-            }),
-            95..=97 => Payload::Heartbeat(Heartbeat::default()),
-            _ => Payload::Inventory(InventoryEvent {
-                kind: inventory_event::Kind::ListenerAdded as i32,
-                listeners: vec![Listener {
-                    protocol: "tcp".into(),
-                    address: "0.0.0.0".into(),
-                    port: (r % 65535) as u32,
-                    pid: 1,
-                    process: "app".into(),
-                }],
-                ..Default::default()
-            }),
-        };
-        out.push(Event {
-            agent_id: format!("node-{}", r % 20),
-            node: format!("node-{}", r % 20),
-            collector: "x".into(),
-            offset: i as u64 + 1,
-            stored_at: 1_700_000_000_000_000_000 + i as i64 * 10_000,
-            payload: Some(payload),
-            ..Default::default()
-        });
-    }
-    out
+        })
+        .collect()
 }
 
 fn main() {

@@ -14,6 +14,7 @@
 pub mod compile;
 pub mod engine;
 pub mod rule;
+pub mod sample;
 pub mod starter;
 pub mod status;
 pub mod testing;

@@ -36,6 +36,20 @@ pub struct BenchOptions {
     /// A reader's TLS directory: when set, the run's events are also
     /// followed on a Tail stream and the write → tail latency reported.
     pub tail_tls_dir: Option<PathBuf>,
+    /// What the events are.
+    pub mix: Mix,
+}
+
+/// What a benchmark's events are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mix {
+    /// Synthetic events of `event_bytes`, which no rule reads.
+    #[default]
+    Synthetic,
+    /// Flows, process starts and exits, heartbeats and listeners shaped
+    /// like a busy node's (`amoskys_detect::sample`), which the starter
+    /// rules alert on; `event_bytes` does not apply.
+    Node,
 }
 
 /// What a run measured.
@@ -192,6 +206,7 @@ pub struct Workload {
     seq: u64,
     end: u64,
     pacer: Option<Pacer>,
+    node: Option<amoskys_detect::sample::NodeMix>,
 }
 
 impl Workload {
@@ -212,7 +227,15 @@ impl Workload {
             seq: base,
             end: base + n,
             pacer: rate.map(Pacer::new),
+            node: None,
         }
+    }
+
+    /// The same workload with node-like events instead of synthetic ones,
+    /// drawn from `seed`.
+    pub fn with_mix(mut self, mix: Mix, seed: u64) -> Self {
+        self.node = (mix == Mix::Node).then(|| amoskys_detect::sample::NodeMix::new(seed));
+        self
     }
 
     fn next_len(&self) -> u64 {
@@ -235,9 +258,26 @@ impl Workload {
     pub fn take(&mut self) -> Vec<Event> {
         let (from, k) = (self.seq, self.next_len());
         self.seq += k;
-        (1..=k)
-            .map(|j| synthetic_event(&self.agent, from + j, self.bytes))
-            .collect()
+        match &mut self.node {
+            None => (1..=k)
+                .map(|j| synthetic_event(&self.agent, from + j, self.bytes))
+                .collect(),
+            Some(mix) => (1..=k)
+                .map(|j| {
+                    let (payload, _) = mix.next_payload();
+                    Event {
+                        agent_id: self.agent.clone(),
+                        seq: from + j,
+                        node: self.agent.clone(),
+                        collector: amoskys_detect::sample::collector_of(&payload).into(),
+                        observed_at: crate::writer::now_ns(),
+                        severity: Severity::Info as i32,
+                        payload: Some(payload),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+        }
     }
 
     /// The seq of the last event taken.
@@ -456,7 +496,14 @@ async fn run_agent(
     let producer = {
         let sent_at = sent_at.clone();
         let window = window.clone();
-        let mut work = Workload::new(agent, base, n, opts.batch, opts.event_bytes, rate);
+        let mut work = Workload::new(agent, base, n, opts.batch, opts.event_bytes, rate)
+            // Each agent its own draws, the same in every run.
+            .with_mix(
+                opts.mix,
+                agent.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                }),
+            );
         tokio::spawn(async move {
             while work.due().await {
                 let Ok(permit) = window.acquire().await else {
@@ -578,6 +625,75 @@ pub async fn read(client: &ClientOptions, limit: u32) -> Result<ReadReport, Clie
     Ok(report)
 }
 
+/// How long the detector took to store its alerts: for each new alert, its
+/// own stored time minus that of the event that raised it (both the bus's
+/// clock, in ns).
+#[derive(Clone, Debug, Default)]
+pub struct AlertLatencyReport {
+    /// New alerts read.
+    pub alerts: u64,
+    /// Count updates of alerts (written when a dedup window closes, so not
+    /// timed).
+    pub updates: u64,
+    /// Median event stored → alert stored, ms.
+    pub p50_ms: f64,
+    /// 99th percentile of the same.
+    pub p99_ms: f64,
+    /// The slowest.
+    pub max_ms: f64,
+}
+
+impl AlertLatencyReport {
+    /// The report as one `key=value` line, as the scripts parse it.
+    pub fn line(&self) -> String {
+        format!(
+            "alerts: new={} updates={} stored_p50_ms={:.3} stored_p99_ms={:.3} stored_max_ms={:.3}",
+            self.alerts, self.updates, self.p50_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+/// Reads every alert the bus stored (as a reader) and times each new one
+/// against its source event.
+pub async fn alert_latency(client: &ClientOptions) -> Result<AlertLatencyReport, ClientError> {
+    let mut bus = BusClient::connect(client).await?;
+    let mut report = AlertLatencyReport::default();
+    let mut ms = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = bus
+            .query_page(amoskys_proto::QueryRequest {
+                from_offset: from,
+                limit: 10_000,
+                filter: Some(Filter {
+                    collectors: vec![amoskys_detect::DETECT_COLLECTOR.into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await?;
+        let Some(last) = page.events.last().map(|e| e.offset) else {
+            break;
+        };
+        for e in &page.events {
+            if let Some(Payload::Alert(a)) = &e.payload {
+                if a.updates_seq != 0 {
+                    report.updates += 1;
+                } else {
+                    report.alerts += 1;
+                    ms.push((e.stored_at - a.last_seen) as f64 / 1e6);
+                }
+            }
+        }
+        from = last + 1;
+    }
+    ms.sort_by(f64::total_cmp);
+    report.p50_ms = percentile(&ms, 0.5);
+    report.p99_ms = percentile(&ms, 0.99);
+    report.max_ms = ms.last().copied().unwrap_or_default();
+    Ok(report)
+}
+
 /// What a full scan of a store measured, in process, with the bus stopped:
 /// what export and detection will do.
 #[derive(Clone, Debug, Default)]
@@ -680,5 +796,22 @@ mod tests {
         let p99 = percentile(&gaps, 0.99);
         assert!((median - 4.0 * 2f64.ln()).abs() < 0.1, "median {median}");
         assert!((p99 - 4.0 * 100f64.ln()).abs() < 0.5, "p99 {p99}");
+    }
+
+    #[test]
+    fn a_node_mix_workload_numbers_real_payloads_like_the_synthetic_one() {
+        let mut w = Workload::new("a-1", 10, 5, 3, 200, None).with_mix(Mix::Node, 1);
+        let mut got = w.take();
+        got.extend(w.take());
+        assert_eq!(
+            got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [11, 12, 13, 14, 15]
+        );
+        assert!(got.iter().all(|e| e.agent_id == "a-1"
+            && !matches!(e.payload, Some(Payload::Synthetic(_)))
+            && amoskys_detect::view::payload_kind(e).is_some()));
+        let collectors: std::collections::BTreeSet<_> =
+            got.iter().map(|e| e.collector.as_str()).collect();
+        assert!(!collectors.contains("synthetic"), "{collectors:?}");
     }
 }

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use amoskys_client::render::{event_json, severity_name, timestamp};
+use amoskys_client::render::{event_json, severity_name};
 use amoskys_detect::DETECT_COLLECTOR;
 use amoskys_proto::Event;
 use amoskys_proto::event::Payload;
@@ -329,6 +329,11 @@ fn label_name_ok(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+fn timestamp_ns(ns: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
 /// Alertmanager API v2 `postableAlerts`. Labels are stable, so a window's
 /// update lands on the alert it updates: alertname (the rule), severity,
 /// namespace, pod, node, and `dedup_key` (the rule's dedup fingerprint);
@@ -372,8 +377,9 @@ pub fn alertmanager_body(alerts: &[Event], base_url: &str, resolve_after: Durati
                     "source": format!("shard {} offset {} (agent {})", a.source_shard, a.source_offset, a.source_agent),
                     "alert_id": message_id(e),
                 },
-                "startsAt": timestamp(first),
-                "endsAt": timestamp(ends),
+                // Full precision: receivers time delivery from it.
+                "startsAt": timestamp_ns(first),
+                "endsAt": timestamp_ns(ends),
                 "generatorURL": event_link(base_url, e),
             }))
         })
@@ -451,8 +457,8 @@ mod tests {
         assert_eq!(labels["mitre"], "T1059");
         assert!(!labels.contains_key("bad-name") && !labels.contains_key("rule"));
         assert_eq!(a["annotations"]["count"], "3");
-        assert_eq!(a["startsAt"], "1970-01-01T00:00:01.000Z");
-        assert_eq!(a["endsAt"], "1970-01-01T00:01:02.000Z");
+        assert_eq!(a["startsAt"], "1970-01-01T00:00:01.000000000Z");
+        assert_eq!(a["endsAt"], "1970-01-01T00:01:02.000000000Z");
         assert_eq!(a["generatorURL"], "https://dash/events?shard=0&offset=17");
         // Not an alert: nothing to send.
         let other = Event {

@@ -37,6 +37,11 @@ pub struct BenchArgs {
     /// stream and report the write → tail latency.
     #[arg(long)]
     pub tail_tls_dir: Option<PathBuf>,
+    /// The events: `synthetic` (of --event-bytes, which no rule reads) or
+    /// `node` (flows, process starts, listeners shaped like a busy node's,
+    /// which the starter rules alert on).
+    #[arg(long, value_enum, default_value_t = MixArg::Synthetic)]
+    pub mix: MixArg,
     /// Run the same workload against NATS JetStream at this URL instead
     /// (the benchmark anchor; needs a build with `--features nats-anchor`).
     #[arg(long)]
@@ -45,6 +50,10 @@ pub struct BenchArgs {
     /// reader's): Query pages from the first offset, then a Tail replay.
     #[arg(long)]
     pub read: bool,
+    /// Time every new alert the bus stored against the event that raised
+    /// it (--tls-dir a reader's), instead of publishing.
+    #[arg(long, conflicts_with_all = ["read", "nats"])]
+    pub alert_latency: bool,
     /// Events per Query page with --read (the bus caps it at its
     /// max_query_limit).
     #[arg(long, default_value_t = 100_000)]
@@ -58,6 +67,12 @@ pub struct BenchArgs {
     /// conversion when it is opened.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["read", "nats"])]
     pub convert: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum MixArg {
+    Synthetic,
+    Node,
 }
 
 pub async fn run(a: BenchArgs) -> Result<()> {
@@ -84,6 +99,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         println!("convert: events={events} event_bytes={bytes} convert_ms={ms:.0}");
         return Ok(());
     }
+    if a.alert_latency {
+        let report = bench::alert_latency(&a.conn.options()).await?;
+        println!("{}", report.line());
+        return Ok(());
+    }
     if a.read {
         let report = bench::read(&a.conn.options(), a.query_limit).await?;
         println!("{}", report.line());
@@ -102,6 +122,10 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         window: a.window,
         agent_prefix: a.agent_prefix,
         tail_tls_dir: a.tail_tls_dir,
+        mix: match a.mix {
+            MixArg::Synthetic => bench::Mix::Synthetic,
+            MixArg::Node => bench::Mix::Node,
+        },
     })
     .await;
     for e in &report.errors {
