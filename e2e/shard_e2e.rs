@@ -78,7 +78,7 @@ fn start_shard(root: &Path, index: usize, grpc: u16, http: u16, map: &str) -> Sh
     std::fs::write(
         &cfg,
         format!(
-            "adminTokenFile: {}\nsharding:\n  peerTlsDir: {}\n  mapReloadInterval: 100ms\n  peerTimeout: 1s\n",
+            "adminTokenFile: {}\nsharding:\n  peerTlsDir: {}\n  mapReloadInterval: 100ms\n  peerTimeout: 1s\ndashboard:\n  sampleInterval: 250ms\n",
             root.join("admin-token").display(),
             root.join("pki/peer").display()
         ),
@@ -225,6 +225,8 @@ fn moved_out(shards: &[Shard]) -> f64 {
 /// Whichever shard they reach, the registry, stats, controls and the
 /// dashboard cover every shard.
 async fn one_bus_to_readers(root: &Path, shards: &[Shard]) {
+    // Rates settle a few samples after the agents do.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for s in shards {
         let (status, body) = http_get(s.http, "/api/agents", Some(TOKEN));
         assert_eq!(status, 200, "{body}");
@@ -251,6 +253,21 @@ async fn one_bus_to_readers(root: &Path, shards: &[Shard]) {
         let o: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(o["agents_total"].as_u64().unwrap(), AGENTS as u64);
         assert_eq!(o["shards"].as_u64().unwrap(), 3);
+        // The rate chart is the whole bus's: 30 agents at 20 synthetic
+        // events/s each (plus heartbeats), not this shard's third of it.
+        let synthetic: Vec<f64> = o["series"]["by_collector"]["synthetic"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let recent = &synthetic[synthetic.len().saturating_sub(8)..];
+        let mean = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
+        assert!(
+            (450.0..800.0).contains(&mean),
+            "shard port {}: synthetic events/s over the last samples {recent:?}",
+            s.http
+        );
     }
     // The events page, newest first across shards, paged by cursor; an
     // event on another shard opens from its address.

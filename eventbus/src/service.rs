@@ -1026,6 +1026,7 @@ impl BusState {
             shards: Vec::new(),
             missing_shards: Vec::new(),
             rules: self.rule_states(),
+            stored_by_collector: self.metrics.collector_totals().into_iter().collect(),
             rules_digest: self
                 .rules_digest
                 .lock()

@@ -1,6 +1,8 @@
 //! The last 15 minutes of rates: bus totals per collector and each agent's
 //! counters, sampled on a fixed interval. Pure state; the sampler task lives
-//! in the dashboard module.
+//! in the dashboard module. On a sharded bus each sample holds every shard's
+//! counters, and a rate sums the shards present in both of its samples, so
+//! a shard that missed one sample leaves a dip, never a spike.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -15,8 +17,25 @@ pub const WINDOW: Duration = Duration::from_secs(15 * 60);
 #[derive(Clone, Debug, Default)]
 pub struct BusSample {
     pub at_ns: i64,
+    /// Each shard's counters (one entry on a single bus).
+    pub shards: BTreeMap<u32, ShardCounts>,
+}
+
+/// One shard's stored-event counters since its process started.
+#[derive(Clone, Debug, Default)]
+pub struct ShardCounts {
     pub stored: u64,
     pub by_collector: BTreeMap<String, u64>,
+}
+
+impl BusSample {
+    /// A sample of one shard (a single bus).
+    pub fn single(at_ns: i64, shard: u32, counts: ShardCounts) -> Self {
+        Self {
+            at_ns,
+            shards: BTreeMap::from([(shard, counts)]),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -96,19 +115,25 @@ impl History {
         let names: std::collections::BTreeSet<&String> = self
             .bus
             .iter()
-            .flat_map(|b| b.by_collector.keys())
+            .flat_map(|b| b.shards.values().flat_map(|c| c.by_collector.keys()))
             .collect();
         for w in self.bus.iter().collect::<Vec<_>>().windows(2) {
             let (a, b) = (w[0], w[1]);
             let dt = b.at_ns - a.at_ns;
+            let both: Vec<(&ShardCounts, &ShardCounts)> = b
+                .shards
+                .iter()
+                .filter_map(|(i, y)| a.shards.get(i).map(|x| (x, y)))
+                .collect();
             s.t.push(b.at_ns / 1_000_000);
-            s.total.push(rate(a.stored, b.stored, dt));
+            s.total
+                .push(both.iter().map(|(x, y)| rate(x.stored, y.stored, dt)).sum());
             for name in &names {
-                let count = |x: &BusSample| x.by_collector.get(*name).copied().unwrap_or(0);
+                let count = |c: &ShardCounts| c.by_collector.get(*name).copied().unwrap_or(0);
                 s.by_collector
                     .entry((*name).clone())
                     .or_default()
-                    .push(rate(count(a), count(b), dt));
+                    .push(both.iter().map(|(x, y)| rate(count(x), count(y), dt)).sum());
             }
         }
         s
@@ -187,12 +212,15 @@ mod tests {
 
     const S: i64 = 1_000_000_000;
 
-    fn bus(t: i64, stored: u64, process: u64) -> BusSample {
-        BusSample {
-            at_ns: t * S,
+    fn counts(stored: u64, process: u64) -> ShardCounts {
+        ShardCounts {
             stored,
             by_collector: [("process".to_string(), process)].into(),
         }
+    }
+
+    fn bus(t: i64, stored: u64, process: u64) -> BusSample {
+        BusSample::single(t * S, 0, counts(stored, process))
     }
 
     fn agent(id: &str, events: u64, spool: u64) -> AgentRecord {
@@ -230,6 +258,23 @@ mod tests {
         // An agent the registry dropped is forgotten.
         h.record(bus(15, 1500, 100), &[agent("b", 7, 0)]);
         assert!(h.agent_series("a").t.is_empty());
+    }
+
+    #[test]
+    fn shards_add_up_and_one_missing_from_a_sample_is_left_out_of_its_rates() {
+        let mut h = History::new(Duration::from_secs(5));
+        let sample = |t: i64, shards: &[(u32, u64)]| BusSample {
+            at_ns: t * S,
+            shards: shards.iter().map(|&(i, n)| (i, counts(n, n))).collect(),
+        };
+        h.record(sample(0, &[(0, 0), (1, 1000), (2, 50)]), &[]);
+        h.record(sample(5, &[(0, 500), (1, 1500), (2, 550)]), &[]);
+        // Shard 1 did not answer this time.
+        h.record(sample(10, &[(0, 1000), (2, 1050)]), &[]);
+        h.record(sample(15, &[(0, 1500), (1, 3000), (2, 1550)]), &[]);
+        let s = h.series();
+        assert_eq!(s.total, [300.0, 200.0, 200.0]);
+        assert_eq!(s.by_collector["process"], [300.0, 200.0, 200.0]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod history;
 pub mod params;
 mod tail;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -27,9 +28,9 @@ use crate::service::BusState;
 use crate::tls::ReloadingTls;
 use crate::writer::now_ns;
 use amoskys_client::phase::{GROWING_SAMPLES, Phase, phase};
-use amoskys_proto::AgentRecord;
+use amoskys_proto::{AgentRecord, ListAgentsRequest, StatsRequest};
 use auth::{COOKIE_NAME, Caller, ConnPeer, Denied, Tokens, authenticate};
-use history::{BusSample, History};
+use history::{BusSample, History, ShardCounts};
 
 const SHELL: &str = include_str!("assets/index.html");
 const LOGIN: &str = include_str!("assets/login.html");
@@ -77,15 +78,55 @@ impl Dashboard {
                     _ = me.bus.stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let sample = BusSample {
-                    at_ns: now_ns(),
-                    stored: me.bus.metrics.events_stored.get(),
-                    by_collector: me.bus.metrics.collector_totals(),
-                };
-                let agents = me.bus.registry.list();
+                let (sample, agents) = me.sample().await;
                 me.history().record(sample, &agents);
             }
         });
+    }
+
+    /// This shard's counters and agents; on a sharded bus every shard's
+    /// that answers (the others are left out of this sample's rates).
+    async fn sample(&self) -> (BusSample, Vec<AgentRecord>) {
+        let bus = &self.bus;
+        let at_ns = now_ns();
+        if bus.sharded() {
+            let stats = bus
+                .all_stats(StatsRequest {
+                    local: false,
+                    allow_partial: true,
+                })
+                .await;
+            let agents = bus
+                .agents(ListAgentsRequest {
+                    local: false,
+                    allow_partial: true,
+                })
+                .await;
+            if let (Ok(stats), Ok(agents)) = (stats, agents) {
+                let shards = stats
+                    .shards
+                    .into_iter()
+                    .map(|s| {
+                        let by_collector: BTreeMap<String, u64> =
+                            s.stored_by_collector.into_iter().collect();
+                        let counts = ShardCounts {
+                            stored: by_collector.values().sum(),
+                            by_collector,
+                        };
+                        (s.shard, counts)
+                    })
+                    .collect();
+                return (BusSample { at_ns, shards }, agents.agents);
+            }
+        }
+        let counts = ShardCounts {
+            stored: bus.metrics.events_stored.get(),
+            by_collector: bus.metrics.collector_totals(),
+        };
+        (
+            BusSample::single(at_ns, bus.shards.index, counts),
+            bus.registry.list(),
+        )
     }
 
     /// Phase and reason of one agent now.

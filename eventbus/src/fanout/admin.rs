@@ -67,6 +67,7 @@ pub fn merge_stats(mine: &StatsResponse, by_shard: BTreeMap<u32, StatsResponse>)
     out.duplicates = 0;
     out.rejected = 0;
     out.writable = true;
+    out.stored_by_collector.clear();
     let nonzero = |v: i64| (v != 0).then_some(v);
     out.oldest_stored_at = by_shard
         .values()
@@ -86,6 +87,9 @@ pub fn merge_stats(mine: &StatsResponse, by_shard: BTreeMap<u32, StatsResponse>)
         out.duplicates += s.duplicates;
         out.rejected += s.rejected;
         out.writable &= s.writable;
+        for (c, n) in &s.stored_by_collector {
+            *out.stored_by_collector.entry(c.clone()).or_default() += n;
+        }
     }
     out.shards = by_shard.into_values().collect();
     out
@@ -236,12 +240,26 @@ mod tests {
             shard: 1,
             ..s(5, 0, 0, true)
         };
+        let by = |n: u64| [("flow".to_string(), n)].into_iter().collect();
         let all = BTreeMap::from([
-            (0, s(10, 100, 900, true)),
+            (
+                0,
+                StatsResponse {
+                    stored_by_collector: by(7),
+                    ..s(10, 100, 900, true)
+                },
+            ),
             (1, s(5, 0, 0, true)),
-            (2, s(1, 50, 500, false)),
+            (
+                2,
+                StatsResponse {
+                    stored_by_collector: by(2),
+                    ..s(1, 50, 500, false)
+                },
+            ),
         ]);
         let got = merge_stats(&mine, all);
+        assert_eq!(got.stored_by_collector, by(9));
         assert_eq!((got.events_stored, got.connected_agents), (16, 6));
         assert_eq!((got.oldest_stored_at, got.newest_stored_at), (50, 900));
         assert!(!got.writable);
