@@ -112,7 +112,7 @@ pub fn listeners(proc: &Path) -> Vec<Socket> {
 /// inode -> (pid, process name), only for the inodes asked for.
 pub fn owners(proc: &Path, inodes: &[u64]) -> HashMap<u64, (u32, String)> {
     let want: HashSet<u64> = inodes.iter().copied().collect();
-    holders(proc, &want)
+    holders(proc, pids(proc), &want)
         .into_iter()
         .map(|(inode, pid)| {
             let name = std::fs::read_to_string(proc.join(pid.to_string()).join("comm"))
@@ -123,23 +123,35 @@ pub fn owners(proc: &Path, inodes: &[u64]) -> HashMap<u64, (u32, String)> {
         .collect()
 }
 
+/// Every process's pid, lowest first.
+pub fn pids(proc: &Path) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir(proc)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
 /// inode -> the pid of a process holding that socket, for the inodes asked
-/// for. Walks every process's open files until all are found, so the cost
-/// is that of the processes on the host; callers batch their questions.
-pub fn holders(proc: &Path, want: &HashSet<u64>) -> HashMap<u64, u32> {
+/// for, among `pids`. Reads the processes' open files until all are found,
+/// so the cost is that of the processes given; callers batch their
+/// questions and narrow the processes where they can.
+pub fn holders(
+    proc: &Path,
+    pids: impl IntoIterator<Item = u32>,
+    want: &HashSet<u64>,
+) -> HashMap<u64, u32> {
     let mut out = HashMap::new();
     let mut left = want.iter().filter(|&&i| i != 0).count();
-    let Ok(rd) = std::fs::read_dir(proc) else {
-        return out;
-    };
-    for e in rd.flatten() {
+    for pid in pids {
         if left == 0 {
             break;
         }
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+        let Ok(fds) = std::fs::read_dir(proc.join(pid.to_string()).join("fd")) else {
             continue;
         };
         for fd in fds.flatten() {

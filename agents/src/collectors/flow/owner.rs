@@ -166,9 +166,11 @@ pub struct Resolver {
     found: HashMap<FlowKey, Owner>,
     /// Processes by socket inode, kept while the socket exists.
     by_inode: HashMap<u64, Arc<Process>>,
-    /// One process in each network namespace, by the namespace's inode;
-    /// walked again when a process of it is gone or every `NS_REFRESH`.
-    namespaces: HashMap<u64, u32>,
+    /// The processes of each network namespace, by the namespace's inode
+    /// (the first one's `/proc/<pid>/net` shows the namespace's sockets);
+    /// walked again every `NS_REFRESH`, when a namespace's first process is
+    /// gone, or when a socket's holder is not among the processes known.
+    namespaces: HashMap<u64, Vec<u32>>,
     host_ns: u64,
     namespaces_at: Option<Instant>,
     last: Option<Instant>,
@@ -241,27 +243,25 @@ impl Resolver {
         }
         let tables = self.read_tables();
         let mut hits: Vec<(FlowKey, u64, Via)> = Vec::new();
+        let mut unknown: HashMap<u64, HashSet<u64>> = HashMap::new();
         let mut out = Vec::with_capacity(pending.len());
         for key in pending {
             let hit = tables
                 .iter()
-                .find_map(|(host, t)| t.find(&key, *host))
+                .find_map(|(ns, host, t)| t.find(&key, *host).map(|h| (*ns, h)))
                 .filter(|_| live(&key));
             match hit {
-                Some((inode, via)) => hits.push((key, inode, via)),
+                Some((ns, (inode, via))) => {
+                    if !self.by_inode.contains_key(&inode) {
+                        unknown.entry(ns).or_default().insert(inode);
+                    }
+                    hits.push((key, inode, via));
+                }
                 None => out.push(Outcome::NotFound),
             }
         }
-        let unknown: HashSet<u64> = hits
-            .iter()
-            .map(|h| h.1)
-            .filter(|i| !self.by_inode.contains_key(i))
-            .collect();
         if !unknown.is_empty() {
-            for (inode, pid) in sockets::holders(&self.proc, &unknown) {
-                self.by_inode
-                    .insert(inode, Arc::new(Process::read(&self.proc, pid)));
-            }
+            self.find_holders(now, unknown);
         }
         for (key, inode, via) in hits {
             match self.by_inode.get(&inode) {
@@ -276,7 +276,7 @@ impl Resolver {
         // neither grows without bound nor outlives a closed socket.
         let alive: HashSet<u64> = tables
             .iter()
-            .flat_map(|(_, t)| {
+            .flat_map(|(_, _, t)| {
                 t.connected
                     .values()
                     .copied()
@@ -287,38 +287,70 @@ impl Resolver {
         out
     }
 
-    fn walk_namespaces(&mut self, now: Instant) {
-        self.namespaces_at = Some(now);
-        self.namespaces.clear();
-        let Ok(rd) = std::fs::read_dir(&self.proc) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if let Some(ns) = netns(&self.proc, &pid.to_string()) {
-                self.namespaces.entry(ns).or_insert(pid);
+    /// Finds which processes hold the sockets, reading the open files of
+    /// the socket's own namespace's processes only: on a node most
+    /// processes are in pods, and reading every file descriptor on the
+    /// node for each batch would cost more than the capture. Processes
+    /// started since the last walk are looked for after one more walk.
+    fn find_holders(&mut self, now: Instant, mut unknown: HashMap<u64, HashSet<u64>>) {
+        let mut scanned: HashMap<u64, HashSet<u32>> = HashMap::new();
+        for walked in [false, true] {
+            if walked {
+                self.walk_namespaces(now);
+            }
+            for (ns, want) in &mut unknown {
+                let done = scanned.entry(*ns).or_default();
+                // A namespace not walked (this host's, when /proc hid our
+                // own namespace link): every process.
+                let all = match self.namespaces.get(ns) {
+                    Some(p) => p.clone(),
+                    None => sockets::pids(&self.proc),
+                };
+                let pids: Vec<u32> = all.into_iter().filter(|p| !done.contains(p)).collect();
+                done.extend(&pids);
+                for (inode, pid) in sockets::holders(&self.proc, pids, want) {
+                    want.remove(&inode);
+                    self.by_inode
+                        .insert(inode, Arc::new(Process::read(&self.proc, pid)));
+                }
+            }
+            unknown.retain(|_, want| !want.is_empty());
+            if unknown.is_empty() {
+                return;
             }
         }
     }
 
+    fn walk_namespaces(&mut self, now: Instant) {
+        self.namespaces_at = Some(now);
+        self.namespaces.clear();
+        for pid in sockets::pids(&self.proc) {
+            if let Some(ns) = netns(&self.proc, &pid.to_string()) {
+                self.namespaces.entry(ns).or_default().push(pid);
+            }
+        }
+        for pids in self.namespaces.values_mut() {
+            pids.sort_unstable();
+        }
+    }
+
     /// Every namespace's tables, the host's (the capture's) first. A
-    /// namespace whose process has gone is walked again next time.
-    fn read_tables(&mut self) -> Vec<(bool, Tables)> {
-        let mut out = vec![(true, read_ns(&self.proc.join("self")))];
+    /// namespace whose first process has gone is walked again next time.
+    fn read_tables(&mut self) -> Vec<(u64, bool, Tables)> {
+        let mut out = vec![(self.host_ns, true, read_ns(&self.proc.join("self")))];
         let mut gone = false;
-        for (&ns, &pid) in &self.namespaces {
+        for (&ns, pids) in &self.namespaces {
+            let Some(&pid) = pids.first() else {
+                continue;
+            };
             if ns == self.host_ns {
                 continue;
             }
-            let dir = self.proc.join(pid.to_string());
             if netns(&self.proc, &pid.to_string()) != Some(ns) {
                 gone = true;
                 continue;
             }
-            out.push((false, read_ns(&dir)));
+            out.push((ns, false, read_ns(&self.proc.join(pid.to_string()))));
         }
         if gone {
             self.namespaces_at = None;
@@ -403,6 +435,97 @@ mod tests {
         assert_eq!(t.find(&dns, true), Some((15, Via::Socket)));
         let closed = key(6, a("10.0.0.5:40001"), a("10.0.0.9:443"));
         assert_eq!(t.find(&closed, true), None);
+    }
+
+    /// A /proc of its own: processes with a network namespace, open
+    /// sockets, a name and the namespace's socket tables.
+    struct FakeProc(tempfile::TempDir);
+
+    impl FakeProc {
+        fn new() -> Self {
+            Self(tempfile::tempdir().unwrap())
+        }
+
+        fn process(&self, pid: u32, ns: u64, name: &str, sockets: &[u64]) {
+            let dir = self.0.path().join(pid.to_string());
+            std::fs::create_dir_all(dir.join("fd")).unwrap();
+            std::fs::create_dir_all(dir.join("ns")).unwrap();
+            std::fs::create_dir_all(dir.join("net")).unwrap();
+            std::os::unix::fs::symlink(format!("net:[{ns}]"), dir.join("ns/net")).unwrap();
+            std::fs::write(dir.join("comm"), format!("{name}\n")).unwrap();
+            for (fd, inode) in sockets.iter().enumerate() {
+                std::os::unix::fs::symlink(
+                    format!("socket:[{inode}]"),
+                    dir.join("fd").join(fd.to_string()),
+                )
+                .unwrap();
+            }
+        }
+
+        /// The tcp table every process of `pid`'s namespace would show.
+        fn tcp(&self, pid: u32, rows: &[&str]) {
+            let mut text = String::from(
+                "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n",
+            );
+            for r in rows {
+                text.push_str(r);
+                text.push('\n');
+            }
+            std::fs::write(self.0.path().join(pid.to_string()).join("net/tcp"), text).unwrap();
+        }
+    }
+
+    /// A /proc/net/tcp row: local and remote as the kernel prints them.
+    fn row(local: &str, remote: &str, state: &str, inode: u64) -> String {
+        format!(
+            "   0: {local} {remote} {state} 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0000000000000000 100 0 0 10 0"
+        )
+    }
+
+    #[test]
+    fn pod_sockets_are_found_in_their_namespace_among_its_processes_only() {
+        let p = FakeProc::new();
+        // The agent (pid 1) in the host namespace, with nothing listening.
+        p.process(1, 1000, "amoskys", &[]);
+        std::os::unix::fs::symlink("1", p.0.path().join("self")).unwrap();
+        p.tcp(1, &[]);
+        // A pod's namespace: a wildcard listener on 8080 (inode 50) and an
+        // accepted connection from 10.0.0.9:40000 to 10.1.0.5:8080 (51),
+        // both held by pid 20. Pid 5, in another namespace, claims the
+        // same inode: only the pod's own processes may be its holder.
+        p.process(20, 2000, "web", &[50, 51]);
+        p.process(21, 2000, "sidecar", &[]);
+        p.tcp(
+            20,
+            &[
+                &row("00000000:1F90", "00000000:0000", "0A", 50),
+                &row("0500010A:1F90", "0900000A:9C40", "01", 51),
+            ],
+        );
+        p.process(5, 3000, "decoy", &[51]);
+        p.tcp(5, &[]);
+
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let conn = key(6, a("10.0.0.9:40000"), a("10.1.0.5:8080"));
+        // Another address on 8080: the pod's wildcard listener says nothing.
+        let other = key(6, a("10.0.0.9:40001"), a("10.1.0.7:8080"));
+        let mut r = Resolver::new(p.0.path(), Duration::from_millis(1), 10);
+        r.note(conn);
+        r.note(other);
+        let outcomes = r.resolve_due(Instant::now(), |_| true);
+        assert_eq!(outcomes, [Outcome::NotFound, Outcome::Found(Via::Socket)]);
+        let (web, via) = r.take(&conn).unwrap();
+        assert_eq!((web.pid, web.name.as_str(), via), (20, "web", Via::Socket));
+
+        // A process started after the namespaces were walked: found after
+        // one more walk, without waiting for the periodic one.
+        p.process(30, 2000, "late", &[52]);
+        p.tcp(20, &[&row("0500010A:1F91", "0900000A:9C41", "01", 52)]);
+        let late = key(6, a("10.1.0.5:8081"), a("10.0.0.9:40001"));
+        r.note(late);
+        let outcomes = r.resolve_due(Instant::now() + Duration::from_millis(5), |_| true);
+        assert_eq!(outcomes, [Outcome::Found(Via::Socket)]);
+        assert_eq!(r.take(&late).unwrap().0.name, "late");
     }
 
     #[test]
