@@ -84,7 +84,7 @@ for rules in off on; do
     echo "[rules on] $("$BIN" bench --bus https://127.0.0.1:17445 --tls-dir "$P/reader" --alert-latency)"
     seen=$(metric amoskys_bus_detect_events_total)
     nocel=$(metric amoskys_bus_detect_events_without_cel_total)
-    echo "[rules on] detector: evaluated=$seen no_cel_share=$(awk -v a="$nocel" -v b="$seen" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }') matches=$(metric_sum amoskys_bus_detect_matches_total) suppressed=$(metric_sum amoskys_bus_detect_suppressed_total)"
+    echo "[rules on] detector: evaluated=$seen no_cel_share=$(awk -v a="$nocel" -v b="$seen" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }') matches=$(metric_sum amoskys_bus_detect_matches_total) suppressed=$(metric_sum amoskys_bus_detect_suppressed_total) checkpoints=$(metric amoskys_bus_detect_checkpoint_seconds_count) checkpoint_mean_ms=$(awk -v s="$(metric amoskys_bus_detect_checkpoint_seconds_sum)" -v n="$(metric amoskys_bus_detect_checkpoint_seconds_count)" 'BEGIN { printf "%.1f", (n > 0 ? s * 1000 / n : 0) }') checkpoint_bytes=$(metric amoskys_bus_detect_checkpoint_bytes)"
     # First arrival of each new alert (a dedup key and its startsAt; a
     # window's update repeats both later).
     python3 - "$work/received" <<'PY'

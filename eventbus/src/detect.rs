@@ -46,6 +46,11 @@ const IDLE: Duration = Duration::from_millis(100);
 /// CEL runs a rule needs before its mean cost is judged against the budget.
 const BUDGET_MIN_RUNS: u64 = 100;
 
+/// A checkpoint that took this long keeps the next one at least this many
+/// times as far away: saving never takes more than about 2 % of the
+/// detector's time, however many windows are open.
+const CHECKPOINT_SPACING: u32 = 50;
+
 /// What is saved in the store: where to resume, and the engine's windows.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Checkpoint {
@@ -55,6 +60,15 @@ struct Checkpoint {
     /// survives a restart (absent in checkpoints from before it).
     #[serde(default)]
     activity: HashMap<String, RuleActivity>,
+}
+
+/// The same, borrowed for saving: the windows are encoded where they are
+/// rather than copied first.
+#[derive(Serialize)]
+struct CheckpointRef<'a> {
+    cursor: u64,
+    state: &'a DetectState,
+    activity: &'a HashMap<String, RuleActivity>,
 }
 
 /// Rule files in `dir`: `*.yaml` and `*.yml`, by name.
@@ -323,6 +337,7 @@ impl Detector {
 
     fn run(mut self) {
         let mut last_checkpoint = Instant::now();
+        let mut checkpoint_every = self.cfg.checkpoint_interval;
         let mut last_reload = Instant::now();
         let mut last_stats = Instant::now();
         while !self.state.stop.is_cancelled() {
@@ -334,9 +349,10 @@ impl Detector {
                 last_reload = Instant::now();
                 self.reload_if_changed();
             }
-            if last_checkpoint.elapsed() >= self.cfg.checkpoint_interval {
+            if last_checkpoint.elapsed() >= checkpoint_every {
                 last_checkpoint = Instant::now();
-                self.checkpoint();
+                let took = self.checkpoint();
+                checkpoint_every = self.cfg.checkpoint_interval.max(took * CHECKPOINT_SPACING);
             } else if last_stats.elapsed() >= STATS {
                 last_stats = Instant::now();
                 self.report_stats();
@@ -572,29 +588,43 @@ impl Detector {
     }
 
     /// Saves cursor and windows, and carries the engine's figures into the metrics.
-    fn checkpoint(&mut self) {
+    /// Saves the cursor and windows; returns how long it took.
+    fn checkpoint(&mut self) -> Duration {
+        let started = Instant::now();
         // Matches up to the cursor are recorded first, so the saved counts
         // and the saved cursor agree: a re-evaluation after a crash counts
         // only what the checkpoint did not.
         self.report_stats();
-        let cp = Checkpoint {
-            cursor: self.cursor,
-            state: self.engine.state().clone(),
-            activity: self
+        let encoded = {
+            let activity = self
                 .state
                 .rule_activity
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec(&CheckpointRef {
+                cursor: self.cursor,
+                state: self.engine.state(),
+                activity: &activity,
+            })
         };
-        match serde_json::to_vec(&cp) {
+        match encoded {
             Ok(bytes) => {
+                self.state
+                    .metrics
+                    .detect_checkpoint_bytes
+                    .set(bytes.len() as i64);
                 if let Err(e) = self.state.store.set_detect_state(self.cursor, &bytes) {
                     warn!(error = %e, "cannot save the detector's cursor; it will evaluate again from the last one saved");
                 }
             }
             Err(e) => warn!(error = %e, "cannot encode the detector's state"),
         }
+        let took = started.elapsed();
+        self.state
+            .metrics
+            .detect_checkpoint_seconds
+            .observe(took.as_secs_f64());
+        took
     }
 
     fn report_stats(&mut self) {

@@ -136,6 +136,8 @@ pub struct BusMetrics {
     pub detect_alert_seconds: Histogram,
     pub detect_lag_events: Gauge,
     pub detect_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub detect_checkpoint_seconds: Histogram,
+    pub detect_checkpoint_bytes: Gauge,
     pub sink_sent: Family<SinkLabel, Counter>,
     pub sink_rejected: Family<SinkLabel, Counter>,
     pub sink_errors: Family<SinkReasonLabel, Counter>,
@@ -208,6 +210,8 @@ impl BusMetrics {
             detect_alert_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             detect_lag_events: Gauge::default(),
             detect_lag_seconds: Gauge::default(),
+            detect_checkpoint_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            detect_checkpoint_bytes: Gauge::default(),
             sink_sent: Family::default(),
             sink_rejected: Family::default(),
             sink_errors: Family::default(),
@@ -557,6 +561,16 @@ impl BusMetrics {
             "detect_lag_seconds",
             "Age of the oldest stored event the detector has not evaluated",
             m.detect_lag_seconds.clone(),
+        );
+        registry.register(
+            "detect_checkpoint_seconds",
+            "Time to save the detector's cursor and windows (a slow save spaces the next ones out)",
+            m.detect_checkpoint_seconds.clone(),
+        );
+        registry.register(
+            "detect_checkpoint_bytes",
+            "Size of the detector's last saved checkpoint (cursor and open windows)",
+            m.detect_checkpoint_bytes.clone(),
         );
         registry.register(
             "alert_sink_sent",
