@@ -68,14 +68,14 @@ drain() {
 }
 
 echo "== full speed, $EVENTS events (batches of 512, 16 in flight per agent)"
-for rules in off on; do
+for rules in ${RULES_SET:-off on}; do
   start_bus "full-$rules" "$rules"
   echo "[rules $rules] $(load "full-$rules" "$EVENTS" --batch 512 --window 16)"
   stop_bus
 done
 
 echo "== $RATE events/s, $PACED events (batches of 10, Poisson arrivals)"
-for rules in off on; do
+for rules in ${RULES_SET:-off on}; do
   start_bus "paced-$rules" "$rules"
   : >"$work/received"
   echo "[rules $rules] $(load "paced-$rules" "$PACED" --rate "$RATE" --batch 10 --window 64)"

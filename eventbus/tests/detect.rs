@@ -265,6 +265,14 @@ async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
     let after = alerts(&bus, &env).await;
     assert_eq!(after.len(), 5, "{after:#?}");
     assert_eq!(after[4].1.source_agent, "n2");
+    // Saving the cursor and windows is timed and sized.
+    let text = eventually(Duration::from_secs(5), || async {
+        let text = http_get(bus.http_addr, "/metrics").await.1;
+        (metric(&text, "amoskys_bus_detect_checkpoint_seconds_count") >= 1.0).then_some(text)
+    })
+    .await
+    .expect("a checkpoint within its interval");
+    assert!(metric(&text, "amoskys_bus_detect_checkpoint_bytes") > 0.0);
     bus.shutdown().await.unwrap();
 }
 
