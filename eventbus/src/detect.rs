@@ -543,6 +543,7 @@ impl Detector {
                 })
                 .collect();
             self.write(alerts)?;
+            self.state.alerts_written.send_modify(|n| *n += 1);
             self.state.metrics.detect_alerts.inc_by(n);
             let now = now_ns();
             for t in sources {

@@ -217,6 +217,7 @@ pub async fn start(cfg: BusConfig) -> Result<RunningBus, BusError> {
         rule_activity: std::sync::Mutex::new(Default::default()),
         pushed_rules: std::sync::Mutex::new(None),
         rules_digest: std::sync::Mutex::new(String::new()),
+        alerts_written: tokio::sync::watch::Sender::new(0),
     });
 
     let dash = Dashboard::new(state.clone(), tls.clone());

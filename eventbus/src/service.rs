@@ -75,6 +75,9 @@ pub struct BusState {
     /// What each rule matched, by rule name, for Stats.
     pub rule_activity:
         std::sync::Mutex<std::collections::HashMap<String, amoskys_detect::RuleActivity>>,
+    /// Bumped each time the detector's alerts are durable: the alert sinks
+    /// wake on it instead of finding them on their next look.
+    pub alerts_written: tokio::sync::watch::Sender<u64>,
 }
 
 /// Where a Publish stream goes.

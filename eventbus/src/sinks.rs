@@ -34,7 +34,8 @@ use crate::writer::now_ns;
 
 /// What every detector's agent id starts with (`amoskys:detect/<shard>`).
 const DETECTOR_ID_PREFIX: &str = "amoskys:detect/";
-/// How often an idle sink looks for new alerts.
+/// How long an idle sink waits for the detector's next alerts before it
+/// looks at the store anyway.
 const IDLE: Duration = Duration::from_millis(50);
 /// Offsets looked through per read, so a store with few alerts is passed
 /// in steps whose cursor is saved.
@@ -116,7 +117,11 @@ async fn run(state: &Arc<BusState>, cfg: &AlertSinkConfig, base_url: &str, mut c
         }
     };
     info!(sink = cfg.kind.as_str(), url = %cfg.url, from = cursor, "alert sink started");
+    let mut written = state.alerts_written.subscribe();
     loop {
+        // Marked seen before the store is looked at, so alerts written
+        // after this look wake the wait below.
+        written.borrow_and_update();
         let first = state.store.first_offset();
         if cursor < first {
             // Only the size cap cuts into what a sink holds.
@@ -137,7 +142,9 @@ async fn run(state: &Arc<BusState>, cfg: &AlertSinkConfig, base_url: &str, mut c
             .get_or_create(&sink)
             .set(end.saturating_sub(cursor) as i64);
         if cursor >= end {
-            tokio::time::sleep(IDLE).await;
+            // Woken by the detector's next alerts; the timeout still moves
+            // the cursor over events without alerts.
+            let _ = tokio::time::timeout(IDLE, written.changed()).await;
             continue;
         }
         let to = (end - 1).min(cursor + SCAN - 1);
