@@ -94,14 +94,17 @@ pub struct OpenAlert {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A threshold window: (stored time, distinct value) of each match in it.
+pub type ThresholdWindow = VecDeque<(i64, String)>;
+
 /// The engine's state, saved by the bus with its cursor.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DetectState {
     /// Open dedup windows by fingerprint.
     pub open: BTreeMap<String, OpenAlert>,
-    /// Threshold windows by rule and key: (stored time, distinct value).
-    pub windows: BTreeMap<String, VecDeque<(i64, String)>>,
+    /// Threshold windows by rule and key.
+    pub windows: BTreeMap<String, ThresholdWindow>,
     /// The newest stored time seen.
     pub clock: i64,
 }
@@ -140,10 +143,33 @@ pub struct Engine {
     stats: HashMap<String, RuleStats>,
     force_alert: bool,
     last_sweep: i64,
+    /// Windows changed since the last [`Engine::take_changes`].
+    changed: Changed,
     /// Events that had a view (rules could see them).
     pub events_seen: u64,
     /// Of those, events for which no CEL ran at all.
     pub events_without_cel: u64,
+}
+
+/// Keys of the windows that changed (or closed) since they were last saved.
+#[derive(Debug, Default)]
+struct Changed {
+    open: HashSet<String>,
+    windows: HashSet<String>,
+}
+
+/// What changed in the state since the last save: each key with its window
+/// now, or `None` where it closed. Saving these (with the clock) instead of
+/// the whole state keeps a save proportional to what happened since the
+/// last one, not to every window open.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes<'a> {
+    /// Dedup windows by fingerprint.
+    pub open: Vec<(String, Option<&'a OpenAlert>)>,
+    /// Threshold windows by rule and key.
+    pub windows: Vec<(String, Option<&'a ThresholdWindow>)>,
+    /// The newest stored time seen.
+    pub clock: i64,
 }
 
 fn fingerprint(rule: &str, key: &[String]) -> String {
@@ -191,6 +217,7 @@ impl Engine {
             state,
             stats: HashMap::new(),
             force_alert: false,
+            changed: Changed::default(),
             events_seen: 0,
             events_without_cel: 0,
         }
@@ -215,6 +242,35 @@ impl Engine {
     /// The state to save with the cursor.
     pub fn state(&self) -> &DetectState {
         &self.state
+    }
+
+    /// Marks every window changed, so the next [`Engine::take_changes`]
+    /// holds the whole state (a state restored from a full save).
+    pub fn mark_all_changed(&mut self) {
+        self.changed.open = self.state.open.keys().cloned().collect();
+        self.changed.windows = self.state.windows.keys().cloned().collect();
+    }
+
+    /// The windows changed since the last call, and forgets them.
+    pub fn take_changes(&mut self) -> Changes<'_> {
+        /// Each key with its window now (None: closed), by key.
+        fn now<V>(keys: HashSet<String>, map: &BTreeMap<String, V>) -> Vec<(String, Option<&V>)> {
+            let mut out: Vec<_> = keys
+                .into_iter()
+                .map(|k| {
+                    let v = map.get(&k);
+                    (k, v)
+                })
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            out
+        }
+        let Changed { open, windows } = std::mem::take(&mut self.changed);
+        Changes {
+            open: now(open, &self.state.open),
+            windows: now(windows, &self.state.windows),
+            clock: self.state.clock,
+        }
     }
 
     /// Per-rule figures.
@@ -375,6 +431,7 @@ impl Engine {
                 suppress(self, out, "threshold_keys_full");
                 return;
             }
+            self.changed.windows.insert(key.clone());
             let win = self.state.windows.entry(key.clone()).or_default();
             while win.front().is_some_and(|(at, _)| *at <= t - th.window_ns) {
                 win.pop_front();
@@ -418,6 +475,7 @@ impl Engine {
             if let Some(o) = self.state.open.get_mut(fp) {
                 o.count += count;
                 o.last_seen = t;
+                self.changed.open.insert(fp.clone());
             }
             suppress(self, out, "dedup");
             return;
@@ -433,6 +491,7 @@ impl Engine {
                     if let Some(o) = self.state.open.get_mut(&fp) {
                         o.count += count;
                         o.last_seen = t;
+                        self.changed.open.insert(fp.clone());
                     }
                     suppress(self, out, "dedup");
                     return;
@@ -445,6 +504,7 @@ impl Engine {
                 return;
             };
             if self.state.open.len() < MAX_OPEN {
+                self.changed.open.insert(fp.clone());
                 self.state.open.insert(
                     fp.clone(),
                     OpenAlert {
@@ -532,6 +592,7 @@ impl Engine {
         let Some(o) = self.state.open.remove(fp) else {
             return;
         };
+        self.changed.open.insert(fp.to_string());
         if o.count <= 1 {
             return;
         }
@@ -609,12 +670,17 @@ impl Engine {
                     .map(|th| (r.name.as_str(), th.window_ns))
             })
             .collect();
+        let changed = &mut self.changed.windows;
         self.state.windows.retain(|key, win| {
             let rule = key.split('\0').next().unwrap_or_default();
-            match windows.get(rule) {
+            let keep = match windows.get(rule) {
                 Some(w) => win.back().is_some_and(|(at, _)| *at > now - w),
                 None => false,
+            };
+            if !keep {
+                changed.insert(key.clone());
             }
+            keep
         });
     }
 }
@@ -762,6 +828,73 @@ mod tests {
         first.extend(rest);
         assert_eq!(first, all);
         assert!(alerts(&all).len() >= 4);
+    }
+
+    #[test]
+    fn changes_applied_in_turn_rebuild_the_state_exactly() {
+        let env = env();
+        let mut rules = Vec::new();
+        for (file, text) in crate::starter::STARTER_RULES {
+            for doc in parse_rule_file(file, text).unwrap() {
+                rules.push(Arc::new(compile(&doc, &env).unwrap()));
+            }
+        }
+        let mut eng = Engine::new(
+            Arc::new(RuleSet::new(rules, env)),
+            0,
+            DetectState::default(),
+        );
+        let mut mix = crate::sample::NodeMix::new(11);
+        let mut saved = DetectState::default();
+        let apply = |saved: &mut DetectState, c: Changes<'_>| {
+            for (k, v) in c.open {
+                match v {
+                    Some(o) => saved.open.insert(k, o.clone()),
+                    None => saved.open.remove(&k),
+                };
+            }
+            for (k, v) in c.windows {
+                match v {
+                    Some(w) => saved.windows.insert(k, w.clone()),
+                    None => saved.windows.remove(&k),
+                };
+            }
+            saved.clock = c.clock;
+        };
+        let (mut opened, mut closed) = (0, 0);
+        // 800 s of stored time at 100 events/s: dedup windows (10 min for
+        // shells) and threshold windows open, count up, close and are swept.
+        for i in 0..80_000u64 {
+            let (payload, r) = mix.next_payload();
+            let e = Event {
+                agent_id: format!("a{}", r % 3),
+                node: format!("n{}", r % 3),
+                collector: "x".into(),
+                offset: i + 1,
+                stored_at: i as i64 * 10_000_000,
+                payload: Some(payload),
+                ..Default::default()
+            };
+            eng.evaluate(&e);
+            if i % 7_919 == 0 {
+                let c = eng.take_changes();
+                opened += c.open.iter().filter(|x| x.1.is_some()).count();
+                closed += c.open.iter().filter(|x| x.1.is_none()).count()
+                    + c.windows.iter().filter(|x| x.1.is_none()).count();
+                apply(&mut saved, c);
+                assert_eq!(&saved, eng.state(), "after event {i}");
+            }
+        }
+        apply(&mut saved, eng.take_changes());
+        assert_eq!(&saved, eng.state());
+        assert!(opened > 0 && closed > 0, "{opened} {closed}");
+        assert!(eng.take_changes().open.is_empty(), "taken once");
+        // A state restored whole is saved whole next time.
+        let mut again = Engine::new(eng.rules().clone(), 0, saved.clone());
+        again.mark_all_changed();
+        let mut rebuilt = DetectState::default();
+        apply(&mut rebuilt, again.take_changes());
+        assert_eq!(rebuilt, saved);
     }
 
     #[test]

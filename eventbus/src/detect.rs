@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use amoskys_detect::engine::Changes;
 use amoskys_detect::{
     CompiledRule, Decision, DetectState, Engine, RuleActivity, RuleSet, RuleStatus, TestOutcome,
     compile, detector_agent_id, parse_rule_file, run_tests,
@@ -51,7 +52,10 @@ const BUDGET_MIN_RUNS: u64 = 100;
 /// detector's time, however many windows are open.
 const CHECKPOINT_SPACING: u32 = 50;
 
-/// What is saved in the store: where to resume, and the engine's windows.
+/// What is saved in the store under one key: where to resume, the clock,
+/// and each rule's counts. The windows are saved beside it, one key each,
+/// and only those that changed since the last save (`Store::save_detect`);
+/// checkpoints from before that held every window in `state`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Checkpoint {
     cursor: u64,
@@ -60,15 +64,143 @@ struct Checkpoint {
     /// survives a restart (absent in checkpoints from before it).
     #[serde(default)]
     activity: HashMap<String, RuleActivity>,
+    /// The windows are in their own keys (absent in older checkpoints).
+    #[serde(default)]
+    windows_apart: bool,
 }
 
-/// The same, borrowed for saving: the windows are encoded where they are
-/// rather than copied first.
+/// The head as saved: borrowed, so nothing is copied to be encoded.
 #[derive(Serialize)]
 struct CheckpointRef<'a> {
     cursor: u64,
     state: &'a DetectState,
     activity: &'a HashMap<String, RuleActivity>,
+    windows_apart: bool,
+}
+
+/// Store keys of the windows: a dedup window by its fingerprint, a
+/// threshold window by its rule and key.
+const OPEN_KEY: u8 = b'o';
+const WINDOW_KEY: u8 = b'w';
+
+fn window_key(kind: u8, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(kind);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// A save: the head (cursor, clock, counts; `windows_apart`) and each
+/// changed window's key with its value, `None` to delete it (closed, or a
+/// stale key from before).
+type Save = (Vec<u8>, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+fn encode_save(
+    cursor: u64,
+    changes: &Changes<'_>,
+    stale: Vec<Vec<u8>>,
+    activity: &HashMap<String, RuleActivity>,
+) -> Result<Save, serde_json::Error> {
+    let mut windows: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+        stale.into_iter().map(|k| (k, None)).collect();
+    for (k, v) in &changes.open {
+        windows.push((
+            window_key(OPEN_KEY, k),
+            v.map(serde_json::to_vec).transpose()?,
+        ));
+    }
+    for (k, v) in &changes.windows {
+        windows.push((
+            window_key(WINDOW_KEY, k),
+            v.map(serde_json::to_vec).transpose()?,
+        ));
+    }
+    let head = serde_json::to_vec(&CheckpointRef {
+        cursor,
+        state: &DetectState {
+            clock: changes.clock,
+            ..Default::default()
+        },
+        activity,
+        windows_apart: true,
+    })?;
+    Ok((head, windows))
+}
+
+/// Where a detector resumes: the saved checkpoint with its windows
+/// restored, and saved window keys to delete at the next save.
+struct Resume {
+    /// Nothing was saved: the detector's first start, at the store's end
+    /// (rules apply from when they are turned on; `amoskys rules test
+    /// --bus` looks back).
+    fresh: bool,
+    checkpoint: Checkpoint,
+    stale: Vec<Vec<u8>>,
+}
+
+fn resume(store: &crate::store::Store) -> Resume {
+    let saved = match store.detect_state() {
+        Ok(Some(bytes)) => match serde_json::from_slice::<Checkpoint>(&bytes) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // Unreadable state: resume from the oldest stored event
+                // rather than skip any; alerts already written are
+                // dropped by the writer as duplicates.
+                warn!(error = %e, "the detector's saved state is unreadable; evaluating the store from its start");
+                Some(Checkpoint::default())
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            warn!(error = %e, "cannot read the detector's saved state; evaluating the store from its start");
+            Some(Checkpoint::default())
+        }
+    };
+    let fresh = saved.is_none();
+    let mut checkpoint = saved.unwrap_or(Checkpoint {
+        cursor: store.next_offset(),
+        windows_apart: true,
+        ..Default::default()
+    });
+    // Saved windows: in their own keys, or (older checkpoints) all in the
+    // head, in which case any keys left over are stale.
+    let stored = store.detect_windows().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the detector's saved windows; they start empty");
+        Vec::new()
+    });
+    let stale = if checkpoint.windows_apart {
+        restore_windows(&mut checkpoint.state, stored)
+    } else {
+        stored.into_iter().map(|(k, _)| k).collect()
+    };
+    Resume {
+        fresh,
+        checkpoint,
+        stale,
+    }
+}
+
+/// Puts the saved windows into `state`; the keys of any that cannot be read
+/// are returned, to be deleted at the next save.
+fn restore_windows(state: &mut DetectState, saved: Vec<crate::store::SavedWindow>) -> Vec<Vec<u8>> {
+    let mut bad = Vec::new();
+    for (k, v) in saved {
+        let key = std::str::from_utf8(k.get(1..).unwrap_or_default()).map(str::to_string);
+        let ok = match (k.first(), key) {
+            (Some(&OPEN_KEY), Ok(key)) => serde_json::from_slice(&v)
+                .map(|o| state.open.insert(key, o))
+                .is_ok(),
+            (Some(&WINDOW_KEY), Ok(key)) => serde_json::from_slice(&v)
+                .map(|w| state.windows.insert(key, w))
+                .is_ok(),
+            _ => false,
+        };
+        if !ok {
+            warn!(key = %String::from_utf8_lossy(&k), "a saved detector window is unreadable; it is dropped");
+            bad.push(k);
+        }
+    }
+    bad
 }
 
 /// Rule files in `dir`: `*.yaml` and `*.yml`, by name.
@@ -238,6 +370,8 @@ struct Detector {
     /// Digest of the rule set last handed over by the operator, as last seen.
     pushed_seen: Option<String>,
     reported: Reported,
+    /// Saved window keys to delete at the next save (stale or unreadable).
+    stale: Vec<Vec<u8>>,
     /// Stored time of the newest evaluated event.
     newest: i64,
     agent_id: String,
@@ -250,36 +384,17 @@ impl Detector {
         rt: tokio::runtime::Handle,
         live: broadcast::Receiver<Arc<Vec<Event>>>,
     ) -> Self {
-        let saved = match state.store.detect_state() {
-            Ok(Some(bytes)) => match serde_json::from_slice::<Checkpoint>(&bytes) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    // Unreadable state: resume from the oldest stored event
-                    // rather than skip any; alerts already written are
-                    // dropped by the writer as duplicates.
-                    warn!(error = %e, "the detector's saved state is unreadable; evaluating the store from its start");
-                    Some(Checkpoint::default())
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
-                warn!(error = %e, "cannot read the detector's saved state; evaluating the store from its start");
-                Some(Checkpoint::default())
-            }
-        };
-        // A detector's first start begins with what is stored from now on:
-        // rules apply from when they are turned on (`amoskys rules test
-        // --bus` looks back).
-        let fresh = saved.is_none();
-        let Checkpoint {
-            cursor,
-            state: s,
-            activity,
-        } = saved.unwrap_or(Checkpoint {
-            cursor: state.store.next_offset(),
-            state: DetectState::default(),
-            activity: HashMap::new(),
-        });
+        let Resume {
+            fresh,
+            checkpoint:
+                Checkpoint {
+                    cursor,
+                    state: s,
+                    activity,
+                    windows_apart,
+                },
+            stale,
+        } = resume(&state.store);
         *state
             .rule_activity
             .lock()
@@ -289,8 +404,14 @@ impl Detector {
             .store
             .hold_retention(crate::store::Hold::Detect, cursor);
         let shard = state.shards.index;
+        let mut engine = Engine::new(Arc::new(RuleSet::default()), shard, s);
+        if !windows_apart {
+            // The first save writes every window to its own key.
+            engine.mark_all_changed();
+        }
         let mut me = Self {
-            engine: Engine::new(Arc::new(RuleSet::default()), shard, s),
+            engine,
+            stale,
             stamp: stamp(&cfg.rules_dir),
             pushed_seen: None,
             state,
@@ -589,36 +710,50 @@ impl Detector {
     }
 
     /// Saves cursor and windows, and carries the engine's figures into the metrics.
-    /// Saves the cursor and windows; returns how long it took.
+    /// Saves the cursor and the windows changed since the last save;
+    /// returns how long it took.
     fn checkpoint(&mut self) -> Duration {
         let started = Instant::now();
         // Matches up to the cursor are recorded first, so the saved counts
         // and the saved cursor agree: a re-evaluation after a crash counts
         // only what the checkpoint did not.
         self.report_stats();
+        let stale = std::mem::take(&mut self.stale);
         let encoded = {
             let activity = self
                 .state
                 .rule_activity
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            serde_json::to_vec(&CheckpointRef {
-                cursor: self.cursor,
-                state: self.engine.state(),
-                activity: &activity,
-            })
+            encode_save(
+                self.cursor,
+                &self.engine.take_changes(),
+                stale.clone(),
+                &activity,
+            )
         };
-        match encoded {
-            Ok(bytes) => {
+        let saved = match encoded {
+            Ok((head, windows)) => {
+                let bytes = head.len()
+                    + windows
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>();
+                self.state.metrics.detect_checkpoint_bytes.set(bytes as i64);
                 self.state
-                    .metrics
-                    .detect_checkpoint_bytes
-                    .set(bytes.len() as i64);
-                if let Err(e) = self.state.store.set_detect_state(self.cursor, &bytes) {
-                    warn!(error = %e, "cannot save the detector's cursor; it will evaluate again from the last one saved");
-                }
+                    .store
+                    .save_detect(self.cursor, &head, &windows)
+                    .map_err(|e| e.to_string())
+                    .map(|()| windows)
             }
-            Err(e) => warn!(error = %e, "cannot encode the detector's state"),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = saved {
+            warn!(error = %e, "cannot save the detector's cursor; it will evaluate again from the last one saved");
+            // What was not saved is saved next time: every open window, and
+            // the deletions (closed windows are looked up again by key).
+            self.stale = stale;
+            self.engine.mark_all_changed();
         }
         let took = started.elapsed();
         self.state
@@ -685,6 +820,88 @@ struct Stop;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+
+    fn some_state() -> DetectState {
+        let mut s = DetectState {
+            clock: 77,
+            ..Default::default()
+        };
+        s.open.insert(
+            "00ab".into(),
+            amoskys_detect::engine::OpenAlert {
+                rule: "shell".into(),
+                count: 3,
+                until: 1_000,
+                ..Default::default()
+            },
+        );
+        s.windows.insert(
+            "port-scan\u{0}10.0.0.1".into(),
+            VecDeque::from([(5, "22".to_string()), (6, "23".to_string())]),
+        );
+        s
+    }
+
+    #[test]
+    fn older_checkpoints_are_read_whole_and_their_windows_moved_to_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        // A key left over from a newer version, then a head as older
+        // versions saved it: every window inside.
+        store
+            .save_detect(1, b"{}", &[(b"wleftover".to_vec(), Some(b"[]".to_vec()))])
+            .unwrap();
+        let old = serde_json::json!({"cursor": 5, "state": some_state(), "activity": {}});
+        store
+            .set_detect_state(5, &serde_json::to_vec(&old).unwrap())
+            .unwrap();
+
+        let r = resume(&store);
+        assert!(!r.fresh && !r.checkpoint.windows_apart);
+        assert_eq!(r.checkpoint.cursor, 5);
+        assert_eq!(r.checkpoint.state, some_state());
+        assert_eq!(r.stale, vec![b"wleftover".to_vec()]);
+
+        // The first save writes every window to its own key and drops the
+        // stale one; the next start reads them back.
+        let mut engine = Engine::new(Arc::new(RuleSet::default()), 0, r.checkpoint.state);
+        engine.mark_all_changed();
+        let (head, windows) =
+            encode_save(5, &engine.take_changes(), r.stale, &HashMap::new()).unwrap();
+        store.save_detect(5, &head, &windows).unwrap();
+        let r = resume(&store);
+        assert!(r.checkpoint.windows_apart && r.stale.is_empty());
+        assert_eq!(r.checkpoint.state, some_state());
+        assert_eq!(store.detect_windows().unwrap().len(), 2);
+
+        // A window that closes is deleted; one unreadable is dropped and
+        // deleted at the next save.
+        let mut state = some_state();
+        state.open.clear();
+        let changes = Changes {
+            open: vec![("00ab".into(), None)],
+            windows: vec![],
+            clock: 90,
+        };
+        let (head, mut windows) = encode_save(6, &changes, Vec::new(), &HashMap::new()).unwrap();
+        windows.push((b"wbroken".to_vec(), Some(b"not json".to_vec())));
+        store.save_detect(6, &head, &windows).unwrap();
+        let r = resume(&store);
+        assert_eq!(r.checkpoint.state.open.len(), 0);
+        assert_eq!(r.checkpoint.state.windows, state.windows);
+        assert_eq!(r.checkpoint.state.clock, 90);
+        assert_eq!(r.stale, vec![b"wbroken".to_vec()]);
+    }
+
+    #[test]
+    fn a_store_with_nothing_saved_starts_fresh_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let r = resume(&store);
+        assert!(r.fresh && r.checkpoint.windows_apart && r.stale.is_empty());
+        assert_eq!(r.checkpoint.cursor, store.next_offset());
+    }
 
     #[test]
     fn rules_that_fail_to_compile_or_test_are_reported_and_not_loaded() {

@@ -244,10 +244,25 @@ async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
     bus.shutdown().await.unwrap();
 
     // After a restart nothing is evaluated twice and nothing is lost:
-    // the cursor resumes, and a new shell after it alerts.
+    // the cursor resumes, and a new shell after it alerts; the open dedup
+    // windows came back too, so the same shell again is a repeat.
     let bus = amoskys_eventbus::start(config(&env, &starter_rules()))
         .await
         .unwrap();
+    publish(
+        &bus,
+        &env,
+        "n1",
+        vec![start_process(
+            "n1",
+            100,
+            "bash",
+            "/bin/bash",
+            "c0ffee",
+            &["bash"],
+        )],
+    )
+    .await;
     publish(
         &bus,
         &env,
@@ -265,6 +280,15 @@ async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
     let after = alerts(&bus, &env).await;
     assert_eq!(after.len(), 5, "{after:#?}");
     assert_eq!(after[4].1.source_agent, "n2");
+    let text = http_get(bus.http_addr, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &text,
+            "amoskys_bus_detect_suppressed_total{rule=\"shell-in-container\",reason=\"dedup\"}"
+        ),
+        1.0,
+        "the repeat after the restart is counted in the window saved before it"
+    );
     // Saving the cursor and windows is timed and sized.
     let text = eventually(Duration::from_secs(5), || async {
         let text = http_get(bus.http_addr, "/metrics").await.1;

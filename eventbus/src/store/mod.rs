@@ -44,6 +44,13 @@ const KEY_FORMAT: &[u8] = b"format";
 /// The next offset the NATS export has not had acked.
 const KEY_EXPORT_NATS: &[u8] = b"export_cursor.nats";
 const KEY_DETECT: &[u8] = b"detect.state";
+/// The detector's windows, one key each after this prefix (see
+/// [`Store::save_detect`]); sorts after `detect.state` and before any other
+/// meta key that starts with `detect`.
+const DETECT_WINDOWS: &[u8] = b"detect.w/";
+
+/// A detector window as saved: its key and its encoded value.
+pub type SavedWindow = (Vec<u8>, Vec<u8>);
 /// The layout this build writes: record blocks.
 const FORMAT: u64 = 2;
 
@@ -855,9 +862,53 @@ impl Store {
         db.get_cf(meta, KEY_DETECT).map_err(|e| self.rocks(e))
     }
 
-    /// Saves the detector's state and holds age retention at `cursor`. Not
-    /// synced: a state lost in a crash makes the detector evaluate again
-    /// events whose alerts the writer then drops as already stored.
+    /// The detector's saved windows: (key after the prefix, value).
+    pub fn detect_windows(&self) -> Result<Vec<SavedWindow>, StoreError> {
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        let mut out = Vec::new();
+        for item in db.iterator_cf(meta, IteratorMode::From(DETECT_WINDOWS, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let Some(key) = k.strip_prefix(DETECT_WINDOWS) else {
+                break;
+            };
+            out.push((key.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Saves the detector's head (cursor, counts) and the windows that
+    /// changed since the last save (`None`: closed), in one atomic write,
+    /// and holds age retention at `cursor`. Not synced: a save lost in a
+    /// crash makes the detector evaluate again events whose alerts the
+    /// writer then drops as already stored.
+    pub fn save_detect(
+        &self,
+        cursor: u64,
+        head: &[u8],
+        windows: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        self.hold_retention(Hold::Detect, cursor);
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        let mut wb = WriteBatch::default();
+        let mut key = Vec::new();
+        for (k, v) in windows {
+            key.clear();
+            key.extend_from_slice(DETECT_WINDOWS);
+            key.extend_from_slice(k);
+            match v {
+                Some(v) => wb.put_cf(meta, &key, v),
+                None => wb.delete_cf(meta, &key),
+            }
+        }
+        wb.put_cf(meta, KEY_DETECT, head);
+        db.write(wb).map_err(|e| self.rocks(e))
+    }
+
+    /// Saves a detector head as checkpoints before windows had their own
+    /// keys were saved (tests of reading them).
+    #[cfg(test)]
     pub fn set_detect_state(&self, cursor: u64, state: &[u8]) -> Result<(), StoreError> {
         self.hold_retention(Hold::Detect, cursor);
         let db = self.db()?;
