@@ -17,6 +17,8 @@
 //! of its inline tests is not loaded (logged with the position, counted),
 //! and the others keep working.
 
+mod saver;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -372,6 +374,9 @@ struct Detector {
     reported: Reported,
     /// Saved window keys to delete at the next save (stale or unreadable).
     stale: Vec<Vec<u8>>,
+    /// Writes the checkpoints; None if its thread could not start (then
+    /// they are written here).
+    saver: Option<saver::Saver>,
     /// Stored time of the newest evaluated event.
     newest: i64,
     agent_id: String,
@@ -409,9 +414,13 @@ impl Detector {
             // The first save writes every window to its own key.
             engine.mark_all_changed();
         }
+        let saver = saver::Saver::start(state.store.clone(), state.metrics.clone())
+            .map_err(|e| warn!(error = %e, "cannot start the checkpoint thread; the detector saves them itself"))
+            .ok();
         let mut me = Self {
             engine,
             stale,
+            saver,
             stamp: stamp(&cfg.rules_dir),
             pushed_seen: None,
             state,
@@ -429,6 +438,9 @@ impl Detector {
             // The starting point is durable at once: a crash before the
             // first regular save must not move it to a later "now".
             me.checkpoint();
+            if let Some(s) = &me.saver {
+                s.wait_idle();
+            }
         }
         info!(
             from = cursor,
@@ -483,6 +495,8 @@ impl Detector {
             }
         }
         self.checkpoint();
+        // Written before the bus goes on stopping.
+        drop(self.saver.take());
         info!(cursor = self.cursor, "detector stopped");
     }
 
@@ -709,15 +723,22 @@ impl Detector {
         m.detect_lag_seconds.set(age);
     }
 
-    /// Saves cursor and windows, and carries the engine's figures into the metrics.
-    /// Saves the cursor and the windows changed since the last save;
-    /// returns how long it took.
+    /// Saves the cursor and the windows changed since the last save (on
+    /// the saver's thread); returns how long the last save took, encoding
+    /// and writing, which spaces the next ones.
     fn checkpoint(&mut self) -> Duration {
         let started = Instant::now();
         // Matches up to the cursor are recorded first, so the saved counts
         // and the saved cursor agree: a re-evaluation after a crash counts
         // only what the checkpoint did not.
         self.report_stats();
+        let mut whole = false;
+        if let Some(undeleted) = self.saver.as_ref().and_then(saver::Saver::take_undeleted) {
+            // A save failed: this one carries every window.
+            self.stale.extend(undeleted);
+            self.engine.mark_all_changed();
+            whole = true;
+        }
         let stale = std::mem::take(&mut self.stale);
         let encoded = {
             let activity = self
@@ -732,35 +753,56 @@ impl Detector {
                 &activity,
             )
         };
-        let saved = match encoded {
-            Ok((head, windows)) => {
-                let bytes = head.len()
-                    + windows
-                        .iter()
-                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                        .sum::<usize>();
-                self.state.metrics.detect_checkpoint_bytes.set(bytes as i64);
-                self.state
-                    .store
-                    .save_detect(self.cursor, &head, &windows)
-                    .map_err(|e| e.to_string())
-                    .map(|()| windows)
+        let (head, windows) = match encoded {
+            Ok(e) => e,
+            Err(e) => {
+                // Not reachable with these types; said, not hidden.
+                warn!(error = %e, "cannot encode the detector's state; it is saved whole next time");
+                self.stale = stale;
+                self.engine.mark_all_changed();
+                return started.elapsed();
             }
-            Err(e) => Err(e.to_string()),
         };
-        if let Err(e) = saved {
-            warn!(error = %e, "cannot save the detector's cursor; it will evaluate again from the last one saved");
-            // What was not saved is saved next time: every open window, and
-            // the deletions (closed windows are looked up again by key).
-            self.stale = stale;
-            self.engine.mark_all_changed();
+        let bytes = head.len()
+            + windows
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
+        self.state.metrics.detect_checkpoint_bytes.set(bytes as i64);
+        let job = saver::Job {
+            cursor: self.cursor,
+            head,
+            windows,
+            whole,
+            encode: started.elapsed(),
+        };
+        match &self.saver {
+            Some(s) => {
+                if !s.submit(job) {
+                    // Refused after a failure: whole next time.
+                    self.stale.extend(s.take_undeleted().unwrap_or_default());
+                    self.engine.mark_all_changed();
+                }
+                s.last()
+            }
+            None => {
+                if let Err(e) = self
+                    .state
+                    .store
+                    .save_detect(job.cursor, &job.head, &job.windows)
+                {
+                    warn!(error = %e, "cannot save the detector's cursor; it will evaluate again from the last one saved");
+                    self.stale = stale;
+                    self.engine.mark_all_changed();
+                }
+                let took = started.elapsed();
+                self.state
+                    .metrics
+                    .detect_checkpoint_seconds
+                    .observe(took.as_secs_f64());
+                took
+            }
         }
-        let took = started.elapsed();
-        self.state
-            .metrics
-            .detect_checkpoint_seconds
-            .observe(took.as_secs_f64());
-        took
     }
 
     fn report_stats(&mut self) {
