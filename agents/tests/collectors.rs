@@ -266,7 +266,8 @@ async fn live_flows_name_the_process_that_owns_each_socket() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The server is this process; the client is a bash holding its
-    // connection open a while, as a real client would.
+    // connection open a while, as a real client would (builtins only, and
+    // the sleep does not inherit the socket: bash is its only holder).
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().unwrap();
         let mut got = [0u8; 5];
@@ -279,7 +280,7 @@ async fn live_flows_name_the_process_that_owns_each_socket() {
     let mut client = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{port}; printf hello >&3; head -c 7 <&3 >/dev/null; sleep 1; true"
+            "exec 3<>/dev/tcp/127.0.0.1/{port}; printf hello >&3; read -r -N 7 reply <&3; sleep 1 3>&-; true"
         ))
         .spawn()
         .unwrap();
