@@ -50,7 +50,7 @@ start_bus() { # label, rules on|off, config file
     --config "$3" "${rules[@]}" 2>>"$work/bus.log" &
   bus_pid=$!
   pids+=("$bus_pid")
-  ready_ms $HTTP >/dev/null
+  ready_ms $HTTP "$bus_pid" >/dev/null || { tail -5 "$work/bus.log" >&2; exit 1; }
 }
 stop_bus() { kill -TERM "$bus_pid"; wait "$bus_pid" 2>/dev/null || true; }
 load() { # label, events, extra bench flags...

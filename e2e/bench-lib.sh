@@ -29,9 +29,21 @@ wait_port() {
 }
 
 # Milliseconds from now until the bus's /readyz on 127.0.0.1:$1 answers 200.
+# Fails, saying why, if the bus process $2 (when given) exits first, or
+# after 10 minutes: a bus that refused its config must not hang the run.
 ready_ms() {
   local t0; t0=$(date +%s%N)
-  until curl -sf -o /dev/null "http://127.0.0.1:$1/readyz"; do sleep 0.005; done
+  until curl -sf -o /dev/null "http://127.0.0.1:$1/readyz"; do
+    if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then
+      echo "the bus (pid $2) exited before it was ready; see its log" >&2
+      return 1
+    fi
+    if [ $(( ($(date +%s%N) - t0) / 1000000000 )) -ge 600 ]; then
+      echo "the bus on port $1 was not ready after 600 s" >&2
+      return 1
+    fi
+    sleep 0.005
+  done
   echo $(( ($(date +%s%N) - t0) / 1000000 ))
 }
 
