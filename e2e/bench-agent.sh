@@ -25,7 +25,6 @@ bench_workdir
 export AMOSKYS_LOG=${AMOSKYS_LOG:-info}
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"
-metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 

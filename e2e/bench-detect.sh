@@ -27,9 +27,6 @@ bench_workdir
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"
 HTTP=19467
-metrics() { curl -sf "http://127.0.0.1:$HTTP/metrics"; }
-metric() { metrics | awk -v s="$1" '$1 == s { print $2 }'; }
-metric_sum() { metrics | awk -v s="$1" 'index($1, s) == 1 { t += $2 } END { print t + 0 }'; }
 
 python3 e2e/alert-receiver.py 19468 "$work/received" &
 pids+=($!)
@@ -62,8 +59,8 @@ load() { # label, events, extra bench flags...
 # Waits until the detector has evaluated everything stored and the sink has
 # passed everything the detector wrote.
 drain() {
-  until [ "$(metric amoskys_bus_detect_lag_events)" = 0 ] \
-    && [ "$(metric_sum amoskys_bus_alert_sink_backlog_events)" = 0 ]; do
+  until [ "$(metric $HTTP amoskys_bus_detect_lag_events)" = 0 ] \
+    && [ "$(metric_sum $HTTP amoskys_bus_alert_sink_backlog_events)" = 0 ]; do
     sleep 0.1
   done
 }
@@ -86,9 +83,9 @@ for rules in ${RULES_SET:-off on}; do
   if [ "$rules" = on ]; then
     drain
     echo "[rules on] $("$BIN" bench --bus https://127.0.0.1:17445 --tls-dir "$P/reader" --alert-latency)"
-    seen=$(metric amoskys_bus_detect_events_total)
-    nocel=$(metric amoskys_bus_detect_events_without_cel_total)
-    echo "[rules on] detector: evaluated=$seen no_cel_share=$(awk -v a="$nocel" -v b="$seen" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }') matches=$(metric_sum amoskys_bus_detect_matches_total) suppressed=$(metric_sum amoskys_bus_detect_suppressed_total) checkpoints=$(metric amoskys_bus_detect_checkpoint_seconds_count) checkpoint_mean_ms=$(awk -v s="$(metric amoskys_bus_detect_checkpoint_seconds_sum)" -v n="$(metric amoskys_bus_detect_checkpoint_seconds_count)" 'BEGIN { printf "%.1f", (n > 0 ? s * 1000 / n : 0) }') checkpoint_bytes=$(metric amoskys_bus_detect_checkpoint_bytes)"
+    seen=$(metric $HTTP amoskys_bus_detect_events_total)
+    nocel=$(metric $HTTP amoskys_bus_detect_events_without_cel_total)
+    echo "[rules on] detector: evaluated=$seen no_cel_share=$(awk -v a="$nocel" -v b="$seen" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }') matches=$(metric_sum $HTTP amoskys_bus_detect_matches_total) suppressed=$(metric_sum $HTTP amoskys_bus_detect_suppressed_total) checkpoints=$(metric $HTTP amoskys_bus_detect_checkpoint_seconds_count) checkpoint_mean_ms=$(awk -v s="$(metric $HTTP amoskys_bus_detect_checkpoint_seconds_sum)" -v n="$(metric $HTTP amoskys_bus_detect_checkpoint_seconds_count)" 'BEGIN { printf "%.1f", (n > 0 ? s * 1000 / n : 0) }') checkpoint_bytes=$(metric $HTTP amoskys_bus_detect_checkpoint_bytes)"
     # First arrival of each new alert (a dedup key and its startsAt; a
     # window's update repeats both later).
     python3 - "$work/received" <<'PY'

@@ -15,7 +15,7 @@ bench_workdir
 "$BIN" pki init --out "$work/pki" >/dev/null
 P="$work/pki"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-metric() { curl -sf "http://127.0.0.1:19465/metrics" | awk -v s="$1" '$1 == s { print $2 }'; }
+HTTP=19465
 
 cat >"$work/nats.conf" <<CONF
 listen: 127.0.0.1:14223
@@ -31,22 +31,22 @@ run() { # label, then extra bus config
   local dir="$work/bus-$1"
   printf '%s' "$2" >"$work/bus-$1.yaml"
   fresh_dir "$dir"
-  "$BIN" bus --listen 127.0.0.1:17444 --http 127.0.0.1:19465 --data-dir "$dir" --tls-dir "$P/bus" \
+  "$BIN" bus --listen 127.0.0.1:17444 --http 127.0.0.1:$HTTP --data-dir "$dir" --tls-dir "$P/bus" \
     --config "$work/bus-$1.yaml" 2>>"$work/bus.log" &
   local pid=$!; pids+=("$pid")
-  ready_ms 19465 >/dev/null
+  ready_ms $HTTP >/dev/null
   local t0 line
   t0=$(now_ms)
   line=$("$BIN" bench --bus https://127.0.0.1:17444 --tls-dir "$P/agent" --events "$EVENTS" \
     --agents 4 --batch 100 --window 64 --agent-prefix "$1" | tail -1)
   echo "[$1] $line"
   if [ -n "$2" ]; then
-    until [ "$(metric amoskys_bus_export_lag_events)" = 0 ] \
-      && [ "$(metric amoskys_bus_export_acked_total)" -ge "$EVENTS" ] 2>/dev/null; do
+    until [ "$(metric $HTTP amoskys_bus_export_lag_events)" = 0 ] \
+      && [ "$(metric $HTTP amoskys_bus_export_acked_total)" -ge "$EVENTS" ] 2>/dev/null; do
       sleep 0.05
     done
     local ms=$(( $(now_ms) - t0 ))
-    echo "[$1] export: $(metric amoskys_bus_export_acked_total) events acked by JetStream in $ms ms from the load's start ($(( $(metric amoskys_bus_export_acked_total | cut -d. -f1) * 1000 / (ms > 0 ? ms : 1) )) events/s), errors=$(curl -sf http://127.0.0.1:19465/metrics | awk '/^amoskys_bus_export_errors_total/ { s += $2 } END { print s + 0 }')"
+    echo "[$1] export: $(metric $HTTP amoskys_bus_export_acked_total) events acked by JetStream in $ms ms from the load's start ($(( $(metric $HTTP amoskys_bus_export_acked_total | cut -d. -f1) * 1000 / (ms > 0 ? ms : 1) )) events/s), errors=$(metric_sum $HTTP amoskys_bus_export_errors_total)"
   fi
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }

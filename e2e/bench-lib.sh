@@ -18,6 +18,16 @@ bench_bin() {
   BIN="$CARGO_TARGET_DIR/release/amoskys"
 }
 
+# The value of one series on the /metrics of 127.0.0.1:$1 (empty if absent).
+metric() { # http-port series
+  curl -sf "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s { print $2 }'
+}
+
+# The sum of every series whose name starts with $2 (all its label sets).
+metric_sum() { # http-port prefix
+  curl -sf "http://127.0.0.1:$1/metrics" | awk -v s="$2" 'index($1, s) == 1 { t += $2 } END { print t + 0 }'
+}
+
 # Waits up to 20 s for a TCP port on 127.0.0.1 to accept connections.
 wait_port() {
   for _ in $(seq 1 400); do

@@ -57,9 +57,6 @@ set_map() { # map shards
     mv "$work/shard-$i/map.tmp" "$work/shard-$i/map.yaml"
   done
 }
-metric() { # http-port series
-  curl -sf "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s { print $2 }'
-}
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 # Waits until every shard runs map `epoch` and holds exactly the agents the
 # hash gives it under `active`; prints the milliseconds it took.

@@ -32,11 +32,7 @@ fn the_units_pass_systemd_analyze_verify_silently() {
         .args(&units)
         .output()
         .expect("systemd-analyze (Debian's systemd package)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = amoskys_testkit::output_text(&out);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 
     // The hardening the docs promise is in the units.
@@ -113,9 +109,8 @@ fn cargo_deb_packages_the_binary_units_configs_rules_and_docs() {
         .unwrap();
     assert!(
         out.status.success(),
-        "cargo deb: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "cargo deb: {}",
+        amoskys_testkit::output_text(&out)
     );
     let list = Command::new("dpkg-deb")
         .arg("-c")

@@ -159,11 +159,7 @@ pub fn cli(args: &[&str]) -> (bool, String) {
         .env("AMOSKYS_LOG", "warn")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = amoskys_testkit::output_text(&out);
     (out.status.success(), text)
 }
 

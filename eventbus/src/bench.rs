@@ -498,12 +498,7 @@ async fn run_agent(
         let window = window.clone();
         let mut work = Workload::new(agent, base, n, opts.batch, opts.event_bytes, rate)
             // Each agent its own draws, the same in every run.
-            .with_mix(
-                opts.mix,
-                agent.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-                }),
-            );
+            .with_mix(opts.mix, amoskys_client::shard::agent_hash(agent));
         tokio::spawn(async move {
             while work.due().await {
                 let Ok(permit) = window.acquire().await else {

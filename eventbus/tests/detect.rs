@@ -71,6 +71,24 @@ async fn alerts(bus: &amoskys_eventbus::RunningBus, env: &Env) -> Vec<(Event, Al
     amoskys_testkit::alerts(&mut client(bus, &env.pki("reader")).await).await
 }
 
+/// The alerts once there are at least `n`, read again after `settle` so
+/// that a late duplicate would show.
+async fn settled_alerts(
+    bus: &amoskys_eventbus::RunningBus,
+    env: &Env,
+    n: usize,
+    settle: Duration,
+) -> Vec<(Event, Alert)> {
+    eventually(Duration::from_secs(10), || async {
+        let a = alerts(bus, env).await;
+        (a.len() >= n).then_some(a)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{n} alerts within 10 s"));
+    tokio::time::sleep(settle).await;
+    alerts(bus, env).await
+}
+
 async fn publish(bus: &amoskys_eventbus::RunningBus, env: &Env, agent: &str, events: Vec<Event>) {
     let mut c = client(bus, &env.pki("agent")).await;
     let mut p = c.publisher(hello(agent), 8).await.unwrap();
@@ -153,15 +171,7 @@ async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
     }
     publish(&bus, &env, "n1", events).await;
 
-    eventually(Duration::from_secs(10), || async {
-        let a = alerts(&bus, &env).await;
-        (a.len() >= 4).then_some(a)
-    })
-    .await
-    .expect("alerts within 10 s");
-    // Let a late duplicate show if there were one.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = alerts(&bus, &env).await;
+    let got = settled_alerts(&bus, &env, 4, Duration::from_millis(500)).await;
     let mut rules: Vec<&str> = got.iter().map(|(_, a)| a.rule.as_str()).collect();
     rules.sort();
     assert_eq!(
@@ -270,14 +280,7 @@ async fn starter_rules_alert_once_with_the_source_and_count_repeats() {
         vec![start_process("n2", 1, "zsh", "/bin/zsh", "beef", &["zsh"])],
     )
     .await;
-    eventually(Duration::from_secs(10), || async {
-        let a = alerts(&bus, &env).await;
-        (a.len() >= 5).then_some(a)
-    })
-    .await
-    .expect("the new shell's alert");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = alerts(&bus, &env).await;
+    let after = settled_alerts(&bus, &env, 5, Duration::from_millis(300)).await;
     assert_eq!(after.len(), 5, "{after:#?}");
     assert_eq!(after[4].1.source_agent, "n2");
     let text = http_get(bus.http_addr, "/metrics").await.1;
@@ -394,14 +397,7 @@ async fn namespaced_rules_never_see_other_namespaces() {
         vec![in_pod(1, "bank"), in_pod(2, "shop"), in_pod(3, "bank")],
     )
     .await;
-    eventually(Duration::from_secs(10), || async {
-        let a = alerts(&bus, &env).await;
-        (!a.is_empty()).then_some(a)
-    })
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let a = alerts(&bus, &env).await;
+    let a = settled_alerts(&bus, &env, 1, Duration::from_millis(300)).await;
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].1.rule, "shop/curl");
     assert_eq!(a[0].1.summary, "curl in shop/shop-web");
@@ -620,14 +616,7 @@ async fn a_rule_set_handed_over_runs_until_the_directory_holds_it() {
         ],
     )
     .await;
-    eventually(Duration::from_secs(10), || async {
-        let a = alerts(&bus, &env).await;
-        (!a.is_empty()).then_some(a)
-    })
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let a = alerts(&bus, &env).await;
+    let a = settled_alerts(&bus, &env, 1, Duration::from_millis(300)).await;
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].1.rule, "wget");
 

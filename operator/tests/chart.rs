@@ -76,11 +76,7 @@ fn validate_strictly(docs: &[Value]) -> BTreeSet<String> {
         .arg(&file)
         .output()
         .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = amoskys_testkit::output_text(&out);
     assert!(
         out.status.success(),
         "kubernetes-validate failed:\n{report}"
@@ -475,9 +471,8 @@ fn the_chart_passes_helm_lint_and_helm_sdkpy_lint() {
         .unwrap();
     assert!(
         out.status.success(),
-        "helm lint: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "helm lint: {}",
+        amoskys_testkit::output_text(&out)
     );
     let python = helm_venv().join("bin/python");
     let out = Command::new(&python)
@@ -487,9 +482,8 @@ fn the_chart_passes_helm_lint_and_helm_sdkpy_lint() {
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", python.display()));
     assert!(
         out.status.success(),
-        "helm-sdkpy lint: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "helm-sdkpy lint: {}",
+        amoskys_testkit::output_text(&out)
     );
 }
 

@@ -29,11 +29,7 @@ fn run_promtool(args: &[&str]) -> String {
         .current_dir(repo("config/prometheus"))
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = amoskys_testkit::output_text(&out);
     assert!(out.status.success(), "promtool {args:?}:\n{text}");
     text
 }

@@ -151,6 +151,15 @@ where
     }
 }
 
+/// A finished command's stdout followed by its stderr, for messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The value of one metric line (name with labels, exactly as exposed); 0
 /// when the line is absent, as Prometheus reads a counter not yet created.
 pub fn metric(text: &str, name: &str) -> f64 {

@@ -128,14 +128,19 @@ impl Pipeline {
     /// Hands finished flows to the sink; false when the agent is stopping.
     fn flush(&mut self, ctx: &Ctx) -> bool {
         self.metrics.flow_active.set(self.table.len() as i64);
-        for e in std::mem::take(&mut self.out) {
+        // Taken out and put back, so its capacity is kept across flushes.
+        let mut out = std::mem::take(&mut self.out);
+        let mut open = true;
+        for e in out.drain(..) {
             self.metrics.flow_exported.inc();
             let owner = self.owners.as_mut().and_then(|o| o.take(&e.0));
             if !ctx.sink.emit_blocking(to_draft(&e, &self.interface, owner)) {
-                return false;
+                open = false;
+                break;
             }
         }
-        true
+        self.out = out;
+        open
     }
 }
 
